@@ -1,0 +1,1 @@
+"""rlsynth offline_rl package."""

@@ -1,0 +1,1 @@
+"""rlsynth pipeline package."""

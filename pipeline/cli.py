@@ -1,0 +1,341 @@
+"""The ``rlsynth`` command line.
+
+Every error a user can cause ends as one ``error: ...`` line on stderr and a non-zero exit (1 for
+rlsynth errors, 2 for usage errors); ``RLSYNTH_DEBUG=1`` shows the traceback of unexpected failures.
+Every command that reports takes ``--json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from datasets.errors import RlsynthError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _echo_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def _warn(lines: Any) -> None:
+    for line in lines:
+        click.echo(f"warning: {line}", err=True)
+
+
+def catalog_option(f: F) -> F:
+    return click.option(
+        "--catalog", "catalog_uri", default=None, metavar="URI",
+        help="Catalog location (path or pyarrow filesystem URI); default $RLSYNTH_CATALOG or ~/.rlsynth/catalog.",
+    )(f)
+
+
+def json_option(f: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")(f)
+
+
+def _catalog(ctx: click.Context, uri: str | None) -> Any:
+    from datasets.catalog import Catalog
+
+    return Catalog(uri or (ctx.obj or {}).get("catalog_uri"))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@catalog_option
+@click.version_option(package_name="rlsynth")
+@click.pass_context
+def cli(ctx: click.Context, catalog_uri: str | None) -> None:
+    """rlsynth: offline-RL data synthesis with versioned datasets."""
+    ctx.ensure_object(dict)
+    ctx.obj["catalog_uri"] = catalog_uri
+
+
+@cli.group()
+def datasets() -> None:
+    """Import, build, inspect, verify and export dataset versions."""
+
+
+def summary(man: dict[str, Any]) -> dict[str, Any]:
+    """The ``datasets show`` record (DESIGN.md contract keys first)."""
+    return {
+        "name": man["name"],
+        "version": man["version"],
+        "ref": f"{man['name']}@{man['version']}",
+        "episodes": man["counts"]["episodes"],
+        "transitions": man["counts"]["transitions"],
+        "content_hash": man["content_hash"],
+        "env_id": man["env_id"],
+        "lineage": man["lineage"],
+        "stats": man["stats"],
+        "counts": man["counts"],
+        "created": man["created"],
+        "tags": man["tags"],
+        "files": man.get("files", {}),
+        "fidelity": man.get("fidelity"),
+    }
+
+
+def _parse_tags(tags: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for t in tags:
+        k, sep, v = t.partition("=")
+        if not sep or not k:
+            raise click.BadParameter(f"'{t}' is not KEY=VALUE", param_hint="--tag")
+        out[k] = v
+    return out
+
+
+@datasets.command("import")
+@click.argument("source")
+@click.option("--name", required=True, help="Catalog name of the new version.")
+@click.option("--env", "env_id", default=None, help="Environment id (overrides an HDF5 file's env_id attribute).")
+@click.option("--download", is_flag=True, help="minari: fetch from Minari's remote when not found locally.")
+@click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="Tag the version (repeatable).")
+@catalog_option
+@json_option
+@click.pass_context
+def import_cmd(ctx: click.Context, source: str, name: str, env_id: str | None, download: bool,
+               tags: tuple[str, ...], catalog_uri: str | None, as_json: bool) -> None:
+    """Import SOURCE (minari:<id>, a D4RL-layout .hdf5 file, or NAME@N) as a new version of NAME."""
+    from datasets.catalog import check_name
+    from datasets.sources import load_source, source_lineage
+
+    check_name(name)
+    tag_map = _parse_tags(tags)
+    cat = _catalog(ctx, catalog_uri)
+    ds = load_source(source, cat, env_id=env_id, download=download)
+    _warn(ds.notes)
+    ref = cat.write(name, ds, lineage={"sources": [source_lineage(source, ds, cat)], "notes": list(ds.notes)},
+                    tags=tag_map)
+    _report_version(cat, ref, as_json, "imported")
+
+
+def _report_version(cat: Any, ref: Any, as_json: bool, verb: str) -> None:
+    s = summary(cat.manifest(ref))
+    if as_json:
+        _echo_json(s)
+    else:
+        click.echo(f"{verb} {ref}: {s['episodes']} episodes, {s['transitions']} transitions, "
+                   f"env {s['env_id']}, {s['content_hash'][:19]}")
+
+
+@datasets.command("make")
+@click.argument("recipe", type=click.Choice(["random", "sac-medium-replay", "sac-medium"]))
+@click.option("--env", "env_id", required=True, help="Gymnasium environment id, e.g. Hopper-v5.")
+@click.option("--name", required=True, help="Catalog name of the new version.")
+@click.option("--steps", type=click.IntRange(min=1), default=100_000, show_default=True,
+              help="SAC recipes: online training steps.")
+@click.option("--transitions", type=click.IntRange(min=1), default=100_000, show_default=True,
+              help="random / sac-medium: transitions to record.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--target-return", type=float, default=None, help="SAC recipes: stop once the last 5 episodes "
+              "average this return.")
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=5000, show_default=True,
+              help="SAC recipes: random steps before learning (capped at steps/5).")
+@click.option("--minari-id", default=None, help="Id of the local Minari dataset written beside the version "
+              "(default rlsynth/NAME-vN).")
+@click.option("--no-minari", is_flag=True, help="Do not write the local Minari dataset.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@catalog_option
+@json_option
+@click.pass_context
+def make_cmd(ctx: click.Context, recipe: str, env_id: str, name: str, steps: int, transitions: int, seed: int,
+             target_return: float | None, warmup_steps: int, minari_id: str | None, no_minari: bool, quiet: bool,
+             catalog_uri: str | None, as_json: bool) -> None:
+    """Build a D4RL-style dataset locally with RECIPE and commit it (and a local Minari dataset)."""
+    from dataclasses import asdict
+
+    from datasets.catalog import check_name
+    from datasets.minari_io import check_minari_id, minari_root, write_minari
+    from datasets.recipes import RecipeConfig, build, save_agent
+
+    check_name(name)
+    cat = _catalog(ctx, catalog_uri)
+    cfg = RecipeConfig(recipe=recipe, env_id=env_id, steps=steps, transitions=transitions, seed=seed,
+                       target_return=target_return, warmup_steps=warmup_steps, progress=not quiet)
+    next_version = (cat.versions(name)[-1] + 1) if cat.versions(name) else 1
+    mid = None if no_minari else check_minari_id(minari_id or f"rlsynth/{name}-v{next_version}")
+    if mid is not None and (minari_root() / mid).exists():
+        raise RlsynthError(f"Minari dataset '{mid}' already exists; pass --minari-id or --no-minari")
+    result = build(cfg)
+    lineage = {"recipe": {**asdict(cfg), "details": result.details}, "seeds": {"recipe": seed}}
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {}
+        if result.agent is not None:
+            files["agent.d3"] = save_agent(result.agent, Path(tmp) / "agent.d3")
+        ref = cat.write(name, result.dataset, lineage=lineage, tags={"recipe": recipe}, files=files)
+    minari_path = write_minari(cat.read(ref), mid) if mid is not None else None
+    s = summary(cat.manifest(ref))
+    s["minari_id"] = mid
+    s["minari_path"] = str(minari_path) if minari_path else None
+    if as_json:
+        _echo_json(s)
+    else:
+        click.echo(f"made {ref}: {s['episodes']} episodes, {s['transitions']} transitions, env {env_id}")
+        if mid:
+            click.echo(f"minari dataset {mid} at {minari_path}")
+        if "agent.d3" in s["files"]:
+            click.echo(f"agent stored with the version as agent.d3 (rlsynth datasets export-file {ref} agent.d3)")
+
+
+@datasets.command("list")
+@catalog_option
+@json_option
+@click.pass_context
+def list_cmd(ctx: click.Context, catalog_uri: str | None, as_json: bool) -> None:
+    """List every version in the catalog."""
+    cat = _catalog(ctx, catalog_uri)
+    rows = [summary(m) for m in cat.list()]
+    if as_json:
+        _echo_json(rows)
+        return
+    if not rows:
+        click.echo(f"catalog {cat.uri} is empty")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"catalog {cat.uri}")
+    for col in ("version", "env", "episodes", "transitions", "created", "content hash"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["ref"], str(r["env_id"]), str(r["episodes"]), str(r["transitions"]), r["created"],
+                      r["content_hash"][:19])
+    Console().print(table)
+
+
+@datasets.command("show")
+@click.argument("ref")
+@catalog_option
+@json_option
+@click.pass_context
+def show_cmd(ctx: click.Context, ref: str, catalog_uri: str | None, as_json: bool) -> None:
+    """Show one version (NAME for the latest, or NAME@N)."""
+    cat = _catalog(ctx, catalog_uri)
+    s = summary(cat.manifest(ref))
+    if as_json:
+        _echo_json(s)
+        return
+    st = s["stats"]
+    click.echo(f"{s['ref']}  env {s['env_id']}  created {s['created']}")
+    click.echo(f"  {s['episodes']} episodes ({s['counts']['terminated_episodes']} terminated, "
+               f"{s['counts']['truncated_episodes']} truncated), {s['transitions']} transitions")
+    click.echo(f"  episode return mean {st['episode_return']['mean']:.2f} ± {st['episode_return']['std']:.2f} "
+               f"[{st['episode_return']['min']:.2f}, {st['episode_return']['max']:.2f}]")
+    click.echo(f"  content hash {s['content_hash']}")
+    for src in s["lineage"].get("sources") or []:
+        click.echo(f"  source {src.get('source')} ({src.get('content_hash', '')[:19]})")
+    if s["lineage"].get("recipe"):
+        click.echo(f"  recipe {s['lineage']['recipe']['recipe']} seed {s['lineage']['recipe']['seed']}")
+    if s["tags"]:
+        click.echo("  tags " + ", ".join(f"{k}={v}" for k, v in s["tags"].items()))
+    if s["files"]:
+        click.echo("  files " + ", ".join(s["files"]))
+
+
+@datasets.command("verify")
+@click.argument("ref")
+@catalog_option
+@json_option
+@click.pass_context
+def verify_cmd(ctx: click.Context, ref: str, catalog_uri: str | None, as_json: bool) -> None:
+    """Re-hash every file of a version and recompute its content hash; exit 1 if anything differs."""
+    cat = _catalog(ctx, catalog_uri)
+    res = cat.verify(ref)
+    if as_json:
+        _echo_json(res)
+    elif res["ok"]:
+        click.echo(f"{res['name']}@{res['version']}: ok ({res['content_hash']})")
+    else:
+        click.echo(f"{res['name']}@{res['version']}: DAMAGED", err=True)
+        for p in res["problems"]:
+            click.echo(f"  {p}", err=True)
+    if not res["ok"]:
+        sys.exit(1)
+
+
+@datasets.command("export")
+@click.argument("ref")
+@click.option("--format", "fmt", type=click.Choice(["minari", "hdf5"]), required=True)
+@click.option("--out", required=True, help="minari: dataset id namespace/name-vN; hdf5: the file to write.")
+@catalog_option
+@json_option
+@click.pass_context
+def export_cmd(ctx: click.Context, ref: str, fmt: str, out: str, catalog_uri: str | None, as_json: bool) -> None:
+    """Export a version as a Minari dataset or a D4RL-layout HDF5 file (never overwrites)."""
+    from datasets.hdf5 import write_hdf5
+    from datasets.minari_io import check_minari_id, write_minari
+
+    cat = _catalog(ctx, catalog_uri)
+    r = cat.resolve(ref)
+    if fmt == "minari":
+        check_minari_id(out)
+        path = write_minari(cat.read(r), out)
+    else:
+        path = write_hdf5(cat.read(r), out)
+    if as_json:
+        _echo_json({"ref": str(r), "format": fmt, "out": out, "path": str(path)})
+    else:
+        click.echo(f"exported {r} as {fmt} to {path}")
+
+
+@datasets.command("export-file")
+@click.argument("ref")
+@click.argument("file_name")
+@click.option("--out", default=None, help="Where to write it (default: FILE_NAME in the current folder).")
+@catalog_option
+@click.pass_context
+def export_file_cmd(ctx: click.Context, ref: str, file_name: str, out: str | None, catalog_uri: str | None) -> None:
+    """Copy an artifact stored with a version (e.g. a recipe's agent.d3) out of the catalog."""
+    from datasets.atomic import publish_file
+
+    cat = _catalog(ctx, catalog_uri)
+    data = cat.file_bytes(ref, file_name)
+    target = Path(out or file_name)
+    fd, tmp = tempfile.mkstemp(dir=target.parent.resolve(), prefix=f".{target.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        publish_file(tmp, target)
+    finally:
+        os.unlink(tmp)
+    click.echo(f"wrote {target}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: runs the CLI and turns every failure into one line and an exit code."""
+    try:
+        cli.main(args=argv, prog_name="rlsynth", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.exceptions.Exit as e:
+        return int(e.exit_code)
+    except RlsynthError as e:
+        click.echo(f"error: {e}", err=True)
+        return 1
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        return 130
+    except Exception as e:
+        if os.environ.get("RLSYNTH_DEBUG"):
+            traceback.print_exc()
+        click.echo(f"error: unexpected {type(e).__name__}: {e} (set RLSYNTH_DEBUG=1 for the traceback)", err=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
