@@ -412,6 +412,7 @@ class Transaction:
         cat = self.catalog()
         with open(src, "rb") as f:
             data = f.read()
+        cat.fs.create_dir(f"{self.staging_dir(cat)}/files", recursive=True)
         with cat.fs.open_output_stream(f"{self.staging_dir(cat)}/files/{file_name}") as out:
             out.write(data)
 
