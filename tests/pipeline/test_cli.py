@@ -1,0 +1,114 @@
+"""The real ``rlsynth`` command in a subprocess, tiny budgets: the DESIGN.md contracts and exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+SHOW_KEYS = {"name", "version", "episodes", "transitions", "content_hash", "env_id", "lineage", "stats"}
+
+
+def rlsynth(*args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def as_json(proc: subprocess.CompletedProcess[str]) -> Any:
+    return json.loads(proc.stdout)
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "RLSYNTH_CATALOG": str(tmp_path / "cat"), "MINARI_DATASETS_PATH": str(tmp_path / "m")}
+
+
+def test_make_list_show_verify_export_import(tmp_path: Path, env: dict[str, str]) -> None:
+    made = as_json(rlsynth("datasets", "make", "random", "--env", "Hopper-v5", "--name", "hop/rand",
+                           "--transitions", "300", "--seed", "1", "--quiet", "--json", env=env))
+    assert SHOW_KEYS <= made.keys() and made["transitions"] == 300 and made["version"] == 1
+    assert made["minari_id"] == "rlsynth/hop/rand-v1"
+    assert made["lineage"]["recipe"]["recipe"] == "random" and made["lineage"]["recipe"]["seed"] == 1
+
+    listed = as_json(rlsynth("datasets", "list", "--json", env=env))
+    assert [r["ref"] for r in listed] == ["hop/rand@1"] and SHOW_KEYS <= listed[0].keys()
+    shown = as_json(rlsynth("datasets", "show", "hop/rand", "--json", env=env))
+    assert shown["content_hash"] == made["content_hash"] and shown["env_id"] == "Hopper-v5"
+    verified = as_json(rlsynth("datasets", "verify", "hop/rand@1", "--json", env=env))
+    assert verified["ok"] is True and verified["content_hash"] == made["content_hash"]
+
+    h5 = tmp_path / "out.hdf5"
+    rlsynth("datasets", "export", "hop/rand@1", "--format", "hdf5", "--out", str(h5), env=env)
+    rlsynth("datasets", "export", "hop/rand@1", "--format", "minari", "--out", "mine/rand-v3", env=env)
+    from_h5 = as_json(rlsynth("datasets", "import", str(h5), "--name", "from-h5", "--json", env=env))
+    from_minari = as_json(rlsynth("datasets", "import", "minari:mine/rand-v3", "--name", "from-minari",
+                                  "--tag", "origin=minari", "--json", env=env))
+    assert from_h5["content_hash"] == from_minari["content_hash"] == made["content_hash"]
+    assert from_minari["tags"] == {"origin": "minari"}
+    src = from_h5["lineage"]["sources"][0]
+    assert src["kind"] == "hdf5" and len(src["sha256"]) == 64 and src["content_hash"] == made["content_hash"]
+    again = as_json(rlsynth("datasets", "import", "hop/rand@1", "--name", "hop/rand", "--json", env=env))
+    assert again["version"] == 2 and again["lineage"]["sources"][0]["ref"] == "hop/rand@1"
+
+    human = rlsynth("datasets", "show", "hop/rand@1", env=env).stdout
+    assert "300 transitions" in human and "content hash sha256:" in human
+
+
+def _error_line(proc: subprocess.CompletedProcess[str]) -> str:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    return lines[-1]
+
+
+def test_errors_are_one_line_and_non_zero(tmp_path: Path, env: dict[str, str]) -> None:
+    assert "no dataset named 'nope'" in _error_line(rlsynth("datasets", "show", "nope", env=env, check=False))
+    assert "invalid dataset name" in _error_line(
+        rlsynth("datasets", "import", "x.hdf5", "--name", "../up", env=env, check=False))
+    assert "no such file" in _error_line(
+        rlsynth("datasets", "import", str(tmp_path / "none.hdf5"), "--name", "x", env=env, check=False))
+    assert "cannot be made" in _error_line(
+        rlsynth("datasets", "make", "random", "--env", "Nope-v0", "--name", "x", "--quiet", env=env, check=False))
+    usage = rlsynth("datasets", "make", "expert", "--env", "Hopper-v5", "--name", "x", env=env, check=False)
+    assert usage.returncode == 2 and "Invalid value for '{random|sac-medium-replay|sac-medium}'" in usage.stderr
+    assert not (tmp_path / "cat").exists() or not any(p.is_file() for p in (tmp_path / "cat").rglob("*"))
+
+
+def test_export_never_overwrites_and_verify_fails_on_damage(tmp_path: Path, env: dict[str, str]) -> None:
+    rlsynth("datasets", "make", "random", "--env", "Hopper-v5", "--name", "t", "--transitions", "50", "--quiet",
+            "--no-minari", env=env)
+    target = tmp_path / "exists.hdf5"
+    target.write_bytes(b"keep")
+    proc = rlsynth("datasets", "export", "t", "--format", "hdf5", "--out", str(target), env=env, check=False)
+    assert "already exists" in _error_line(proc) and target.read_bytes() == b"keep"
+    bad_id = rlsynth("datasets", "export", "t", "--format", "minari", "--out", "noversion", env=env, check=False)
+    assert "invalid Minari dataset id" in _error_line(bad_id)
+    part = next((tmp_path / "cat").rglob("part-*.parquet"))
+    data = bytearray(part.read_bytes())
+    data[100] ^= 0xFF
+    part.write_bytes(bytes(data))
+    proc = rlsynth("datasets", "verify", "t", "--json", env=env, check=False)
+    assert proc.returncode == 1 and as_json(proc)["ok"] is False
+    assert "checksum mismatch" in _error_line(rlsynth("datasets", "export", "t", "--format", "hdf5", "--out",
+                                                      str(tmp_path / "new.hdf5"), env=env, check=False))
+    assert not (tmp_path / "new.hdf5").exists()
+
+
+def test_sac_recipe_stores_its_agent(tmp_path: Path, env: dict[str, str]) -> None:
+    made = as_json(rlsynth("datasets", "make", "sac-medium", "--env", "Hopper-v5", "--name", "med", "--steps",
+                           "150", "--warmup-steps", "50", "--transitions", "60", "--quiet", "--json", env=env))
+    assert "agent.d3" in made["files"] and made["transitions"] == 60
+    out = tmp_path / "agent.d3"
+    rlsynth("datasets", "export-file", "med", "agent.d3", "--out", str(out), env=env)
+    from offline_rl.d3rlpy_setup import import_d3rlpy
+
+    agent = import_d3rlpy().load_learnable(str(out))
+    assert agent.predict(__import__("numpy").zeros((1, 11), "float32")).shape == (1, 3)
