@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from datasets import cache
 from datasets.errors import CatalogError, RlsynthError
 from datasets.parquet import FORMAT_VERSION, arrow_schema, from_table, info_from_schema, to_table
 from datasets.types import Dataset, DatasetInfo, Transitions
@@ -137,7 +138,10 @@ def column_stats(t: Transitions) -> dict[str, Any]:
     def summary(a: np.ndarray) -> dict[str, list[float]]:
         a = a.reshape(len(a), -1).astype(np.float64)
         return {
-            "mean": a.mean(0).tolist(), "std": a.std(0).tolist(), "min": a.min(0).tolist(), "max": a.max(0).tolist()
+            "mean": a.mean(0).tolist(),
+            "std": a.std(0).tolist(),
+            "min": a.min(0).tolist(),
+            "max": a.max(0).tolist(),
         }
 
     bounds = t.episode_bounds()
@@ -148,10 +152,16 @@ def column_stats(t: Transitions) -> dict[str, Any]:
         "actions": summary(t.actions),
         "rewards": {k: v[0] for k, v in summary(t.rewards).items()},
         "episode_return": {
-            "mean": float(returns.mean()), "std": float(returns.std()),
-            "min": float(returns.min()), "max": float(returns.max()),
+            "mean": float(returns.mean()),
+            "std": float(returns.std()),
+            "min": float(returns.min()),
+            "max": float(returns.max()),
         },
-        "episode_length": {"mean": float(lengths.mean()), "min": int(lengths.min()), "max": int(lengths.max())},
+        "episode_length": {
+            "mean": float(lengths.mean()),
+            "min": int(lengths.min()),
+            "max": int(lengths.max()),
+        },
     }
 
 
@@ -185,7 +195,7 @@ class Catalog:
             self.fs, self.root = _filesystem(raw)
         else:
             path = Path(raw).expanduser().resolve()
-            self.fs = pafs.LocalFileSystem()
+            self.fs = pafs.LocalFileSystem(use_mmap=True)
             self.root = path.as_posix()
             self.uri = self.root
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
@@ -220,6 +230,7 @@ class Catalog:
         return [n for n, visible in self._version_dirs(name) if visible]
 
     def resolve(self, ref: str | VersionRef) -> VersionRef:
+        version: int | None
         if isinstance(ref, VersionRef):
             name, version = ref.name, ref.version
         else:
@@ -230,7 +241,9 @@ class Catalog:
         if version is None:
             return VersionRef(name, versions[-1])
         if version not in versions:
-            raise CatalogError(f"'{name}@{version}' does not exist (versions: {', '.join(map(str, versions))})")
+            raise CatalogError(
+                f"'{name}@{version}' does not exist (versions: {', '.join(map(str, versions))})"
+            )
         return VersionRef(name, version)
 
     def manifest(self, ref: str | VersionRef) -> dict[str, Any]:
@@ -252,28 +265,33 @@ class Catalog:
         for fi in self.fs.get_file_info(sel):
             if fi.base_name != MANIFEST or not fi.path.startswith(prefix):
                 continue
-            parts = fi.path[len(prefix):].split("/")
+            parts = fi.path[len(prefix) :].split("/")
             m = VERSION_RE.match(parts[-2]) if len(parts) >= 3 else None
             name = "/".join(parts[:-2])
             if m and NAME_RE.match(name):
                 refs.append(VersionRef(name, int(m.group(1))))
         return [self.manifest(r) for r in sorted(refs)]
 
-    def _read_checked(self, path: str, expected_sha: str, label: str) -> bytes:
+    def _read_checked(self, path: str, expected_sha: str, label: str) -> pa.Buffer:
+        """A whole file as an Arrow buffer (memory-mapped on a local disk), checked against its SHA-256."""
         try:
-            with self.fs.open_input_stream(path) as f:
-                data = f.read()
+            with self.fs.open_input_file(path) as f:
+                data = f.read_buffer()
         except OSError as e:
             raise CatalogError(f"{label}: cannot be read ({e})") from None
-        if _sha256_bytes(data) != expected_sha:
+        if _sha256_bytes(memoryview(data)) != expected_sha:
             raise CatalogError(f"{label}: checksum mismatch (the file was altered or damaged)")
-        return bytes(data)
+        return data
 
-    def read(self, ref: str | VersionRef) -> Dataset:
-        """Load a version, checking every part against its recorded SHA-256 as it is read."""
+    def read(self, ref: str | VersionRef, *, use_cache: bool = True) -> Dataset:
+        """Load a version. Parts are checked against their recorded SHA-256 as they are read; the decoded
+        columns then go to the local cache (see :mod:`datasets.cache`), whose later reads are CRC-checked."""
         r = self.resolve(ref)
         man = self.manifest(r)
         info = DatasetInfo.from_json(man["info"])
+        cached = cache.load(man["content_hash"]) if use_cache else None
+        if cached is not None:
+            return Dataset(info=info, transitions=cached, source=str(r))
         vdir = self._version_dir(r)
         tables = []
         for p in man["parts"]:
@@ -283,6 +301,8 @@ class Catalog:
             except (pa.ArrowException, OSError) as e:
                 raise CatalogError(f"{r} part {p['path']}: not valid Parquet ({e})") from None
         t = from_table(pa.concat_tables(tables), str(r))
+        if use_cache:
+            cache.store(man["content_hash"], t)
         return Dataset(info=info, transitions=t, source=str(r))
 
     def file_bytes(self, ref: str | VersionRef, file_name: str) -> bytes:
@@ -291,8 +311,9 @@ class Catalog:
         files = self.manifest(r).get("files", {})
         if file_name not in files:
             raise CatalogError(f"{r} has no file '{file_name}' (files: {', '.join(files) or 'none'})")
-        return self._read_checked(f"{self._version_dir(r)}/files/{file_name}", files[file_name]["sha256"],
-                                  f"{r} file {file_name}")
+        return self._read_checked(
+            f"{self._version_dir(r)}/files/{file_name}", files[file_name]["sha256"], f"{r} file {file_name}"
+        ).to_pybytes()
 
     def verify(self, ref: str | VersionRef) -> dict[str, Any]:
         """Re-hash every file and recompute the content hash; never raises for damaged data."""
@@ -323,8 +344,12 @@ class Catalog:
         if not problems and rows != man["counts"]["transitions"]:
             problems.append(f"{rows} rows where the manifest records {man['counts']['transitions']}")
         return {
-            "name": r.name, "version": r.version, "ok": not problems,
-            "content_hash": recomputed, "expected_content_hash": man["content_hash"], "problems": problems,
+            "name": r.name,
+            "version": r.version,
+            "ok": not problems,
+            "content_hash": recomputed,
+            "expected_content_hash": man["content_hash"],
+            "problems": problems,
         }
 
     # -- writing -------------------------------------------------------------------------------------
@@ -458,7 +483,11 @@ class Transaction:
         return self._publish_generic(cat, manifest)
 
     def _build_manifest(
-        self, cat: Catalog, parts: Sequence[tuple[int, str]], lineage: Mapping[str, Any], tags: Mapping[str, Any]
+        self,
+        cat: Catalog,
+        parts: Sequence[tuple[int, str]],
+        lineage: Mapping[str, Any],
+        tags: Mapping[str, Any],
     ) -> dict[str, Any]:
         sdir = self.staging_dir(cat)
         hasher = ContentHasher(self.info)
@@ -468,10 +497,13 @@ class Transaction:
                 data = f.read()
             table = pq.read_table(pa.BufferReader(data))
             if info_from_schema(table.schema, fname) != self.info:
-                raise CatalogError(f"{self.name}: part {fname} was written for other spaces; nothing committed")
+                raise CatalogError(
+                    f"{self.name}: part {fname} was written for other spaces; nothing committed"
+                )
             tables.append(table)
-            part_meta.append({"path": fname, "rows": table.num_rows, "bytes": len(data),
-                              "sha256": _sha256_bytes(data)})
+            part_meta.append(
+                {"path": fname, "rows": table.num_rows, "bytes": len(data), "sha256": _sha256_bytes(data)}
+            )
         t = from_table(pa.concat_tables(tables), self.name)
         validate_transitions(t, self.info, f"{self.name} (all parts)")
         hasher.update(t)
@@ -481,8 +513,15 @@ class Transaction:
                 data = f.read()
             files[fi.base_name] = {"sha256": _sha256_bytes(data), "bytes": len(data)}
         n_eps = len(t.episode_bounds()) - 1
-        full_lineage = {"sources": [], "generator": None, "guidance": None, "agent": None, "seeds": None,
-                        "code_version": code_version(), **dict(lineage)}
+        full_lineage = {
+            "sources": [],
+            "generator": None,
+            "guidance": None,
+            "agent": None,
+            "seeds": None,
+            "code_version": code_version(),
+            **dict(lineage),
+        }
         return {
             "name": self.name,
             "version": None,

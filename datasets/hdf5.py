@@ -28,7 +28,9 @@ def _read_array(f: object, key: str, where: str) -> np.ndarray:
     assert isinstance(f, h5py.File)
     node = f.get(key)
     if node is None:
-        raise ValidationError(f"missing (a D4RL-layout file needs {', '.join(REQUIRED)})", where=where, field=key)
+        raise ValidationError(
+            f"missing (a D4RL-layout file needs {', '.join(REQUIRED)})", where=where, field=key
+        )
     if not isinstance(node, h5py.Dataset):
         raise ValidationError("is a group, expected an array", where=where, field=key)
     try:
@@ -69,12 +71,14 @@ def _info_for(env_id: str | None, obs_dim: int, act_dim: int, where: str) -> tup
     if info.observation_space.dim != obs_dim:
         raise ValidationError(
             f"width {obs_dim} does not match {env_id}'s observation space ({info.observation_space.dim})",
-            where=where, field="observations",
+            where=where,
+            field="observations",
         )
     if info.action_space.dim != act_dim:
         raise ValidationError(
             f"width {act_dim} does not match {env_id}'s action space ({info.action_space.dim})",
-            where=where, field="actions",
+            where=where,
+            field="actions",
         )
     return info, []
 
@@ -119,7 +123,8 @@ def read_hdf5(path: str | os.PathLike[str], env_id: str | None = None) -> Datase
     if has_next and fields["next_observations"].shape[1] != obs.shape[1]:
         raise ValidationError(
             f"width {fields['next_observations'].shape[1]} differs from observations' {obs.shape[1]}",
-            where=where, field="next_observations",
+            where=where,
+            field="next_observations",
         )
     info, notes = _info_for(env_id or file_env, obs.shape[1], act.shape[1], where)
     ends = term | tout
@@ -134,7 +139,9 @@ def read_hdf5(path: str | os.PathLike[str], env_id: str | None = None) -> Datase
         t = _flat(obs, act, rew, fields["next_observations"], term, tout)
     else:
         t, dropped = _flat_without_next(obs, act, rew, term, tout)
-        notes.append(f"{where}: no next_observations; the last step of each episode ({dropped} rows) is dropped")
+        notes.append(
+            f"{where}: no next_observations; the last step of each episode ({dropped} rows) is dropped"
+        )
     validate_transitions(t, info, where)
     return Dataset(info=info, transitions=t, source=where, notes=tuple(notes))
 
@@ -149,17 +156,25 @@ def _ids_and_steps(ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ep, step
 
 
-def _flat(obs: np.ndarray, act: np.ndarray, rew: np.ndarray, nxt: np.ndarray, term: np.ndarray,
-          tout: np.ndarray) -> Transitions:
+def _flat(
+    obs: np.ndarray, act: np.ndarray, rew: np.ndarray, nxt: np.ndarray, term: np.ndarray, tout: np.ndarray
+) -> Transitions:
     ep, step = _ids_and_steps(term | tout)
     return Transitions(
-        episode_id=ep, step=step, observations=obs, actions=act, rewards=rew,
-        next_observations=nxt, terminals=term, timeouts=tout,
+        episode_id=ep,
+        step=step,
+        observations=obs,
+        actions=act,
+        rewards=rew,
+        next_observations=nxt,
+        terminals=term,
+        timeouts=tout,
     )
 
 
-def _flat_without_next(obs: np.ndarray, act: np.ndarray, rew: np.ndarray, term: np.ndarray,
-                       tout: np.ndarray) -> tuple[Transitions, int]:
+def _flat_without_next(
+    obs: np.ndarray, act: np.ndarray, rew: np.ndarray, term: np.ndarray, tout: np.ndarray
+) -> tuple[Transitions, int]:
     """Successor of row t is row t+1 inside an episode; an episode's last row has none and is dropped.
 
     The row before a dropped end row becomes its episode's last step and ends truncated: its successor
@@ -177,8 +192,14 @@ def _flat_without_next(obs: np.ndarray, act: np.ndarray, rew: np.ndarray, term: 
     kept_ep = ep[keep]
     dense = np.concatenate([[0], np.cumsum(np.diff(kept_ep) != 0)]).astype(np.int64)[: kept_ep.size]
     t = Transitions(
-        episode_id=dense, step=step[keep], observations=obs[keep], actions=act[keep], rewards=rew[keep],
-        next_observations=nxt[keep], terminals=np.zeros(int(keep.sum()), bool), timeouts=new_tout[keep],
+        episode_id=dense,
+        step=step[keep],
+        observations=obs[keep],
+        actions=act[keep],
+        rewards=rew[keep],
+        next_observations=nxt[keep],
+        terminals=np.zeros(int(keep.sum()), bool),
+        timeouts=new_tout[keep],
     )
     return t, int(n - keep.sum())
 

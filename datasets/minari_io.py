@@ -56,8 +56,9 @@ def _minari_path(path: Path) -> Iterator[None]:
 def _float32(a: Any, field: str, where: str, index: int) -> np.ndarray:
     arr = np.asarray(a)
     if not np.issubdtype(arr.dtype, np.floating):
-        raise ValidationError(f"dtype {arr.dtype}, expected floating point", where=where, field=field,
-                              episode=index)
+        raise ValidationError(
+            f"dtype {arr.dtype}, expected floating point", where=where, field=field, episode=index
+        )
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
@@ -87,14 +88,14 @@ def read_minari(dataset_id: str, download: bool = False) -> Dataset:
         ref_max_score=_opt_float(meta.get("ref_max_score")),
     )
     episodes = []
-    for i, e in enumerate(ds.iterate_episodes()):
+    for i, ep in enumerate(ds.iterate_episodes()):
         episodes.append(
             Episode(
-                observations=_float32(e.observations, "observations", where, i),
-                actions=_float32(e.actions, "actions", where, i),
-                rewards=_float32(e.rewards, "rewards", where, i),
-                terminations=np.asarray(e.terminations, dtype=bool),
-                truncations=np.asarray(e.truncations, dtype=bool),
+                observations=_float32(ep.observations, "observations", where, i),
+                actions=_float32(ep.actions, "actions", where, i),
+                rewards=_float32(ep.rewards, "rewards", where, i),
+                terminations=np.asarray(ep.terminations, dtype=bool),
+                truncations=np.asarray(ep.truncations, dtype=bool),
             )
         )
     validate_episodes(episodes, info, where)
@@ -105,8 +106,9 @@ def _opt_float(v: Any) -> float | None:
     return None if v is None else float(v)
 
 
-def write_minari(dataset: Dataset, dataset_id: str, *, description: str | None = None,
-                 data_format: str | None = None) -> Path:
+def write_minari(
+    dataset: Dataset, dataset_id: str, *, description: str | None = None, data_format: str | None = None
+) -> Path:
     """Create Minari dataset ``dataset_id`` under ``$MINARI_DATASETS_PATH``; refuse an existing id."""
     import minari
     from minari.data_collector import EpisodeBuffer
@@ -160,7 +162,9 @@ def write_minari(dataset: Dataset, dataset_id: str, *, description: str | None =
         try:
             os.rename(staging / dataset_id, final)
         except OSError as e:
-            raise ExportError(f"Minari dataset '{dataset_id}' could not be published at {final}: {e}") from None
+            raise ExportError(
+                f"Minari dataset '{dataset_id}' could not be published at {final}: {e}"
+            ) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return final

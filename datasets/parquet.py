@@ -30,7 +30,10 @@ def arrow_schema(info: DatasetInfo) -> pa.Schema:
         pa.field("terminals", pa.bool_(), nullable=False),
         pa.field("timeouts", pa.bool_(), nullable=False),
     ]
-    meta = {INFO_KEY: json.dumps(info.to_json(), sort_keys=True).encode(), FORMAT_KEY: FORMAT_VERSION.encode()}
+    meta = {
+        INFO_KEY: json.dumps(info.to_json(), sort_keys=True).encode(),
+        FORMAT_KEY: FORMAT_VERSION.encode(),
+    }
     return pa.schema(fields, metadata=meta)
 
 
@@ -70,7 +73,9 @@ def from_table(table: pa.Table, where: str) -> Transitions:
     """Columns to numpy (zero-copy where Arrow allows). Raises :class:`CatalogError` on a foreign schema."""
     missing = [c for c in Transitions.columns() if c not in table.column_names]
     if missing:
-        raise CatalogError(f"{where}: not an rlsynth transitions table (missing columns {', '.join(missing)})")
+        raise CatalogError(
+            f"{where}: not an rlsynth transitions table (missing columns {', '.join(missing)})"
+        )
     cols = {name: _numpy(table.column(name), where, name) for name in Transitions.columns()}
     return Transitions(**cols)
 

@@ -1,8 +1,9 @@
 """Recipes that build D4RL-style datasets locally, with no network.
 
 * ``random``             uniform random actions for ``transitions`` steps;
-* ``sac-medium-replay``  every environment step of an online d3rlpy SAC run (random warm-up included), up to
-                         ``steps`` steps or until the mean return of the last episodes reaches ``target_return``;
+* ``sac-medium-replay``  every environment step of an online d3rlpy SAC run (random warm-up included), up
+                         to ``steps`` steps or until the mean return of the last 5 episodes reaches
+                         ``target_return``;
 * ``sac-medium``         the same SAC run, then ``transitions`` steps of rollouts of its final (stochastic)
                          policy; the agent is returned so it can be stored beside the dataset.
 
@@ -120,10 +121,20 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, disable=not enabled, unit="step", dynamic_ncols=True, mininterval=1.0)
 
 
-def _run(env: Any, policy: Policy, n_steps: int, seed: int, rec: _Recorder, desc: str, progress: bool,
-         on_step: Callable[[int, np.ndarray, np.ndarray, float, np.ndarray, bool, bool], None] | None = None,
-         stop: Callable[[], bool] | None = None) -> int:
-    """Step ``env`` under ``policy`` for up to ``n_steps`` steps, recording every step; returns steps taken."""
+def _run(
+    env: Any,
+    policy: Policy,
+    n_steps: int,
+    seed: int,
+    rec: _Recorder,
+    desc: str,
+    progress: bool,
+    on_step: Callable[[int, np.ndarray, np.ndarray, float, np.ndarray, bool, bool], None] | None = None,
+    stop: Callable[[], bool] | None = None,
+) -> int:
+    """Step ``env`` under ``policy`` for up to ``n_steps`` steps, recording every step.
+
+    Returns the number of steps taken."""
     obs, _ = env.reset(seed=seed)
     rec.start(np.asarray(obs, np.float32))
     bar = _progress(n_steps, desc, progress)
@@ -134,8 +145,15 @@ def _run(env: Any, policy: Policy, n_steps: int, seed: int, rec: _Recorder, desc
             next_obs, reward, terminated, truncated, _ = env.step(action)
             rec.step(action, float(reward), np.asarray(next_obs, np.float32))
             if on_step is not None:
-                on_step(i, np.asarray(obs, np.float32), action, float(reward), np.asarray(next_obs, np.float32),
-                        bool(terminated), bool(truncated))
+                on_step(
+                    i,
+                    np.asarray(obs, np.float32),
+                    action,
+                    float(reward),
+                    np.asarray(next_obs, np.float32),
+                    bool(terminated),
+                    bool(truncated),
+                )
             taken = i + 1
             bar.update(1)
             if terminated or truncated:
@@ -177,7 +195,15 @@ def build(cfg: RecipeConfig) -> RecipeResult:
         if cfg.recipe == "random":
             env.action_space.seed(cfg.seed)
             rec = _Recorder()
-            _run(env, lambda _o: env.action_space.sample(), cfg.transitions, cfg.seed, rec, "random", cfg.progress)
+            _run(
+                env,
+                lambda _o: env.action_space.sample(),
+                cfg.transitions,
+                cfg.seed,
+                rec,
+                "random",
+                cfg.progress,
+            )
             return RecipeResult(_dataset(rec, info, cfg), details=_summary(rec))
         sac, replay = _train_sac(env, info, cfg)
         if cfg.recipe == "sac-medium-replay":
@@ -230,8 +256,15 @@ def _train_sac(env: Any, info: DatasetInfo, cfg: RecipeConfig) -> tuple[Any, _Re
             return np.asarray(env.action_space.sample(), np.float32)
         return np.asarray(sac.sample_action(obs[None])[0], np.float32)
 
-    def on_step(i: int, obs: np.ndarray, action: np.ndarray, reward: float, next_obs: np.ndarray, term: bool,
-                trunc: bool) -> None:
+    def on_step(
+        i: int,
+        obs: np.ndarray,
+        action: np.ndarray,
+        reward: float,
+        next_obs: np.ndarray,
+        term: bool,
+        trunc: bool,
+    ) -> None:
         taken[0] = i + 1
         buffer.append(obs, action, reward)
         if term:
@@ -269,6 +302,10 @@ def budget_note(cfg: RecipeConfig) -> str:
     """A one-line description of a recipe's budget, for lineage and messages."""
     if cfg.recipe == "random":
         return f"random policy, {cfg.transitions} transitions"
-    tgt = "" if cfg.target_return is None or math.isnan(cfg.target_return) else f", target return {cfg.target_return}"
+    tgt = (
+        ""
+        if cfg.target_return is None or math.isnan(cfg.target_return)
+        else f", target return {cfg.target_return}"
+    )
     extra = f", then {cfg.transitions} rollout transitions" if cfg.recipe == "sac-medium" else ""
     return f"SAC {cfg.steps} steps{tgt}{extra}"

@@ -22,11 +22,12 @@ def _is_hdf5(spec: str) -> bool:
     return spec.startswith("hdf5:") or spec.endswith((".hdf5", ".h5"))
 
 
-def load_source(spec: str, catalog: Catalog | None = None, *, env_id: str | None = None,
-                download: bool = False) -> Dataset:
+def load_source(
+    spec: str, catalog: Catalog | None = None, *, env_id: str | None = None, download: bool = False
+) -> Dataset:
     """Read ``spec`` into a validated :class:`Dataset`. ``env_id`` overrides an HDF5 file's own."""
     if spec.startswith("minari:"):
-        ds = read_minari(spec[len("minari:"):], download=download)
+        ds = read_minari(spec[len("minari:") :], download=download)
     elif _is_hdf5(spec):
         ds = read_hdf5(spec.removeprefix("hdf5:"), env_id=env_id)
     else:

@@ -70,8 +70,8 @@ class BoxSpace:
             "type": "box",
             "shape": list(self.shape),
             "dtype": "float32",
-            "low": [_bound_to_json(v) for v in self.low.reshape(-1)],
-            "high": [_bound_to_json(v) for v in self.high.reshape(-1)],
+            "low": [_bound_to_json(float(v)) for v in self.low.reshape(-1)],
+            "high": [_bound_to_json(float(v)) for v in self.high.reshape(-1)],
         }
 
     @classmethod

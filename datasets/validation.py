@@ -19,7 +19,7 @@ from datasets.types import DatasetInfo, Episode, Transitions
 ACTION_BOUND_TOLERANCE = 1e-4
 
 
-def _first_bad(mask: np.ndarray) -> int:
+def _first_bad(mask: np.ndarray | np.bool_) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
@@ -37,11 +37,16 @@ def validate_episode_structure(ep: Episode, info: DatasetInfo, where: str, index
     if ep.observations.ndim != 2:
         raise ValidationError(
             f"expected shape (T+1, {obs_dim}), got {ep.observations.shape}",
-            where=where, field="observations", episode=index,
+            where=where,
+            field="observations",
+            episode=index,
         )
     if ep.actions.ndim != 2:
         raise ValidationError(
-            f"expected shape (T, {act_dim}), got {ep.actions.shape}", where=where, field="actions", episode=index
+            f"expected shape (T, {act_dim}), got {ep.actions.shape}",
+            where=where,
+            field="actions",
+            episode=index,
         )
     t = ep.actions.shape[0]
     if t < 1:
@@ -49,31 +54,38 @@ def validate_episode_structure(ep: Episode, info: DatasetInfo, where: str, index
     if ep.observations.shape[0] != t + 1:
         raise ValidationError(
             f"{ep.observations.shape[0]} observations for {t} actions; an episode needs T+1 observations",
-            where=where, field="observations", episode=index,
+            where=where,
+            field="observations",
+            episode=index,
         )
     for name in ("rewards", "terminations", "truncations"):
         a = getattr(ep, name)
         if a.shape != (t,):
-            raise ValidationError(f"expected shape ({t},), got {a.shape}", where=where, field=name, episode=index)
+            raise ValidationError(
+                f"expected shape ({t},), got {a.shape}", where=where, field=name, episode=index
+            )
     checks = (
         ("observations", ep.observations, np.float32, obs_dim),
         ("actions", ep.actions, np.float32, act_dim),
     )
     for name, a, dtype, dim in checks:
         if a.dtype != dtype:
-            raise ValidationError(f"dtype {a.dtype}, expected {np.dtype(dtype)}", where=where, field=name,
-                                  episode=index)
+            raise ValidationError(
+                f"dtype {a.dtype}, expected {np.dtype(dtype)}", where=where, field=name, episode=index
+            )
         if a.shape[1] != dim:
             raise ValidationError(
                 f"width {a.shape[1]} does not match the space's {dim}", where=where, field=name, episode=index
             )
     if ep.rewards.dtype != np.float32:
-        raise ValidationError(f"dtype {ep.rewards.dtype}, expected float32", where=where, field="rewards",
-                              episode=index)
+        raise ValidationError(
+            f"dtype {ep.rewards.dtype}, expected float32", where=where, field="rewards", episode=index
+        )
     for name in ("terminations", "truncations"):
         if getattr(ep, name).dtype != np.bool_:
-            raise ValidationError(f"dtype {getattr(ep, name).dtype}, expected bool", where=where, field=name,
-                                  episode=index)
+            raise ValidationError(
+                f"dtype {getattr(ep, name).dtype}, expected bool", where=where, field=name, episode=index
+            )
 
 
 def validate_episodes(episodes: Sequence[Episode], info: DatasetInfo, where: str) -> None:
@@ -104,15 +116,17 @@ def validate_transitions(t: Transitions, info: DatasetInfo, where: str) -> None:
     starts[1:] = ep[1:] != ep[:-1]
     ids_at_starts = ep[starts]
     if np.unique(ids_at_starts).size != ids_at_starts.size:
-        seen: set[int] = set()
-        dup = next(e for e in ids_at_starts.tolist() if e in seen or seen.add(e))
+        uniq, counts = np.unique(ids_at_starts, return_counts=True)
+        dup = int(uniq[counts > 1][0])
         raise ValidationError("episode rows are not contiguous", where=where, field="episode_id", episode=dup)
     expected_step = np.arange(n) - np.maximum.accumulate(np.where(starts, np.arange(n), 0))
     if not np.array_equal(t.step, expected_step):
         i = _first_bad(t.step != expected_step)
         raise ValidationError(
             f"step {int(t.step[i])} where {int(expected_step[i])} was expected",
-            where=where, field="step", episode=int(ep[i]),
+            where=where,
+            field="step",
+            episode=int(ep[i]),
         )
     ends = np.ones(n, bool)
     ends[:-1] = starts[1:]
@@ -122,7 +136,9 @@ def validate_transitions(t: Transitions, info: DatasetInfo, where: str) -> None:
         i = _first_bad(early)
         name = "terminals" if t.terminals[i] else "timeouts"
         raise ValidationError(
-            f"end flag at step {int(t.step[i])} before the episode's last step", where=where, field=name,
+            f"end flag at step {int(t.step[i])} before the episode's last step",
+            where=where,
+            field=name,
             episode=int(ep[i]),
         )
     unended = ends & ~flagged
@@ -130,15 +146,20 @@ def validate_transitions(t: Transitions, info: DatasetInfo, where: str) -> None:
         i = _first_bad(unended)
         raise ValidationError(
             "episode's last step has neither a terminal nor a timeout flag",
-            where=where, field="terminals", episode=int(ep[i]),
+            where=where,
+            field="terminals",
+            episode=int(ep[i]),
         )
     inside = ~ends[:-1]
     gap = inside & np.any(t.next_observations[:-1] != t.observations[1:], axis=1)
     if gap.any():
         i = _first_bad(gap)
         raise ValidationError(
-            f"next_observations at step {int(t.step[i])} differs from the observation at step {int(t.step[i]) + 1}",
-            where=where, field="next_observations", episode=int(ep[i]),
+            f"next_observations at step {int(t.step[i])} differs from the observation at step "
+            f"{int(t.step[i]) + 1}",
+            where=where,
+            field="next_observations",
+            episode=int(ep[i]),
         )
 
 
@@ -169,7 +190,10 @@ def _check_finite(t: Transitions, where: str) -> None:
             rows = bad.reshape(len(t), -1).any(axis=1)
             i = _first_bad(rows)
             raise ValidationError(
-                f"non-finite value at step {int(t.step[i])}", where=where, field=name, episode=int(t.episode_id[i])
+                f"non-finite value at step {int(t.step[i])}",
+                where=where,
+                field=name,
+                episode=int(t.episode_id[i]),
             )
 
 
@@ -183,7 +207,10 @@ def _check_action_bounds(t: Transitions, info: DatasetInfo, where: str) -> None:
         i = _first_bad(rows)
         j = _first_bad(bad[i])
         raise ValidationError(
-            f"action[{j}] = {float(t.actions[i, j]):.6g} at step {int(t.step[i])} is outside the action space "
+            f"action[{j}] = {float(t.actions[i, j]):.6g} at step {int(t.step[i])} is outside the "
+            "action space "
             f"[{float(low[j]):.6g}, {float(high[j]):.6g}]",
-            where=where, field="actions", episode=int(t.episode_id[i]),
+            where=where,
+            field="actions",
+            episode=int(t.episode_id[i]),
         )

@@ -34,8 +34,12 @@ def _warn(lines: Any) -> None:
 
 def catalog_option(f: F) -> F:
     return click.option(
-        "--catalog", "catalog_uri", default=None, metavar="URI",
-        help="Catalog location (path or pyarrow filesystem URI); default $RLSYNTH_CATALOG or ~/.rlsynth/catalog.",
+        "--catalog",
+        "catalog_uri",
+        default=None,
+        metavar="URI",
+        help="Catalog location (path or pyarrow filesystem URI); "
+        "default $RLSYNTH_CATALOG or ~/.rlsynth/catalog.",
     )(f)
 
 
@@ -97,14 +101,24 @@ def _parse_tags(tags: tuple[str, ...]) -> dict[str, str]:
 @datasets.command("import")
 @click.argument("source")
 @click.option("--name", required=True, help="Catalog name of the new version.")
-@click.option("--env", "env_id", default=None, help="Environment id (overrides an HDF5 file's env_id attribute).")
+@click.option(
+    "--env", "env_id", default=None, help="Environment id (overrides an HDF5 file's env_id attribute)."
+)
 @click.option("--download", is_flag=True, help="minari: fetch from Minari's remote when not found locally.")
 @click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="Tag the version (repeatable).")
 @catalog_option
 @json_option
 @click.pass_context
-def import_cmd(ctx: click.Context, source: str, name: str, env_id: str | None, download: bool,
-               tags: tuple[str, ...], catalog_uri: str | None, as_json: bool) -> None:
+def import_cmd(
+    ctx: click.Context,
+    source: str,
+    name: str,
+    env_id: str | None,
+    download: bool,
+    tags: tuple[str, ...],
+    catalog_uri: str | None,
+    as_json: bool,
+) -> None:
     """Import SOURCE (minari:<id>, a D4RL-layout .hdf5 file, or NAME@N) as a new version of NAME."""
     from datasets.catalog import check_name
     from datasets.sources import load_source, source_lineage
@@ -114,8 +128,12 @@ def import_cmd(ctx: click.Context, source: str, name: str, env_id: str | None, d
     cat = _catalog(ctx, catalog_uri)
     ds = load_source(source, cat, env_id=env_id, download=download)
     _warn(ds.notes)
-    ref = cat.write(name, ds, lineage={"sources": [source_lineage(source, ds, cat)], "notes": list(ds.notes)},
-                    tags=tag_map)
+    ref = cat.write(
+        name,
+        ds,
+        lineage={"sources": [source_lineage(source, ds, cat)], "notes": list(ds.notes)},
+        tags=tag_map,
+    )
     _report_version(cat, ref, as_json, "imported")
 
 
@@ -124,33 +142,70 @@ def _report_version(cat: Any, ref: Any, as_json: bool, verb: str) -> None:
     if as_json:
         _echo_json(s)
     else:
-        click.echo(f"{verb} {ref}: {s['episodes']} episodes, {s['transitions']} transitions, "
-                   f"env {s['env_id']}, {s['content_hash'][:19]}")
+        click.echo(
+            f"{verb} {ref}: {s['episodes']} episodes, {s['transitions']} transitions, "
+            f"env {s['env_id']}, {s['content_hash'][:19]}"
+        )
 
 
 @datasets.command("make")
 @click.argument("recipe", type=click.Choice(["random", "sac-medium-replay", "sac-medium"]))
 @click.option("--env", "env_id", required=True, help="Gymnasium environment id, e.g. Hopper-v5.")
 @click.option("--name", required=True, help="Catalog name of the new version.")
-@click.option("--steps", type=click.IntRange(min=1), default=100_000, show_default=True,
-              help="SAC recipes: online training steps.")
-@click.option("--transitions", type=click.IntRange(min=1), default=100_000, show_default=True,
-              help="random / sac-medium: transitions to record.")
+@click.option(
+    "--steps",
+    type=click.IntRange(min=1),
+    default=100_000,
+    show_default=True,
+    help="SAC recipes: online training steps.",
+)
+@click.option(
+    "--transitions",
+    type=click.IntRange(min=1),
+    default=100_000,
+    show_default=True,
+    help="random / sac-medium: transitions to record.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--target-return", type=float, default=None, help="SAC recipes: stop once the last 5 episodes "
-              "average this return.")
-@click.option("--warmup-steps", type=click.IntRange(min=0), default=5000, show_default=True,
-              help="SAC recipes: random steps before learning (capped at steps/5).")
-@click.option("--minari-id", default=None, help="Id of the local Minari dataset written beside the version "
-              "(default rlsynth/NAME-vN).")
+@click.option(
+    "--target-return",
+    type=float,
+    default=None,
+    help="SAC recipes: stop once the last 5 episodes average this return.",
+)
+@click.option(
+    "--warmup-steps",
+    type=click.IntRange(min=0),
+    default=5000,
+    show_default=True,
+    help="SAC recipes: random steps before learning (capped at steps/5).",
+)
+@click.option(
+    "--minari-id",
+    default=None,
+    help="Id of the local Minari dataset written beside the version (default rlsynth/NAME-vN).",
+)
 @click.option("--no-minari", is_flag=True, help="Do not write the local Minari dataset.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @catalog_option
 @json_option
 @click.pass_context
-def make_cmd(ctx: click.Context, recipe: str, env_id: str, name: str, steps: int, transitions: int, seed: int,
-             target_return: float | None, warmup_steps: int, minari_id: str | None, no_minari: bool, quiet: bool,
-             catalog_uri: str | None, as_json: bool) -> None:
+def make_cmd(
+    ctx: click.Context,
+    recipe: str,
+    env_id: str,
+    name: str,
+    steps: int,
+    transitions: int,
+    seed: int,
+    target_return: float | None,
+    warmup_steps: int,
+    minari_id: str | None,
+    no_minari: bool,
+    quiet: bool,
+    catalog_uri: str | None,
+    as_json: bool,
+) -> None:
     """Build a D4RL-style dataset locally with RECIPE and commit it (and a local Minari dataset)."""
     from dataclasses import asdict
 
@@ -160,8 +215,16 @@ def make_cmd(ctx: click.Context, recipe: str, env_id: str, name: str, steps: int
 
     check_name(name)
     cat = _catalog(ctx, catalog_uri)
-    cfg = RecipeConfig(recipe=recipe, env_id=env_id, steps=steps, transitions=transitions, seed=seed,
-                       target_return=target_return, warmup_steps=warmup_steps, progress=not quiet)
+    cfg = RecipeConfig(
+        recipe=recipe,
+        env_id=env_id,
+        steps=steps,
+        transitions=transitions,
+        seed=seed,
+        target_return=target_return,
+        warmup_steps=warmup_steps,
+        progress=not quiet,
+    )
     next_version = (cat.versions(name)[-1] + 1) if cat.versions(name) else 1
     mid = None if no_minari else check_minari_id(minari_id or f"rlsynth/{name}-v{next_version}")
     if mid is not None and (minari_root() / mid).exists():
@@ -184,7 +247,9 @@ def make_cmd(ctx: click.Context, recipe: str, env_id: str, name: str, steps: int
         if mid:
             click.echo(f"minari dataset {mid} at {minari_path}")
         if "agent.d3" in s["files"]:
-            click.echo(f"agent stored with the version as agent.d3 (rlsynth datasets export-file {ref} agent.d3)")
+            click.echo(
+                f"agent stored with the version as agent.d3 (rlsynth datasets export-file {ref} agent.d3)"
+            )
 
 
 @datasets.command("list")
@@ -208,8 +273,14 @@ def list_cmd(ctx: click.Context, catalog_uri: str | None, as_json: bool) -> None
     for col in ("version", "env", "episodes", "transitions", "created", "content hash"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["ref"], str(r["env_id"]), str(r["episodes"]), str(r["transitions"]), r["created"],
-                      r["content_hash"][:19])
+        table.add_row(
+            r["ref"],
+            str(r["env_id"]),
+            str(r["episodes"]),
+            str(r["transitions"]),
+            r["created"],
+            r["content_hash"][:19],
+        )
     Console().print(table)
 
 
@@ -227,10 +298,14 @@ def show_cmd(ctx: click.Context, ref: str, catalog_uri: str | None, as_json: boo
         return
     st = s["stats"]
     click.echo(f"{s['ref']}  env {s['env_id']}  created {s['created']}")
-    click.echo(f"  {s['episodes']} episodes ({s['counts']['terminated_episodes']} terminated, "
-               f"{s['counts']['truncated_episodes']} truncated), {s['transitions']} transitions")
-    click.echo(f"  episode return mean {st['episode_return']['mean']:.2f} ± {st['episode_return']['std']:.2f} "
-               f"[{st['episode_return']['min']:.2f}, {st['episode_return']['max']:.2f}]")
+    click.echo(
+        f"  {s['episodes']} episodes ({s['counts']['terminated_episodes']} terminated, "
+        f"{s['counts']['truncated_episodes']} truncated), {s['transitions']} transitions"
+    )
+    click.echo(
+        f"  episode return mean {st['episode_return']['mean']:.2f} ± {st['episode_return']['std']:.2f} "
+        f"[{st['episode_return']['min']:.2f}, {st['episode_return']['max']:.2f}]"
+    )
     click.echo(f"  content hash {s['content_hash']}")
     for src in s["lineage"].get("sources") or []:
         click.echo(f"  source {src.get('source')} ({src.get('content_hash', '')[:19]})")
@@ -270,13 +345,18 @@ def verify_cmd(ctx: click.Context, ref: str, catalog_uri: str | None, as_json: b
 @catalog_option
 @json_option
 @click.pass_context
-def export_cmd(ctx: click.Context, ref: str, fmt: str, out: str, catalog_uri: str | None, as_json: bool) -> None:
+def export_cmd(
+    ctx: click.Context, ref: str, fmt: str, out: str, catalog_uri: str | None, as_json: bool
+) -> None:
     """Export a version as a Minari dataset or a D4RL-layout HDF5 file (never overwrites)."""
+    from datasets.errors import ExportError
     from datasets.hdf5 import write_hdf5
     from datasets.minari_io import check_minari_id, write_minari
 
     cat = _catalog(ctx, catalog_uri)
     r = cat.resolve(ref)
+    if fmt == "hdf5" and Path(out).exists():
+        raise ExportError(f"{out}: already exists; exports never overwrite")
     if fmt == "minari":
         check_minari_id(out)
         path = write_minari(cat.read(r), out)
@@ -294,7 +374,9 @@ def export_cmd(ctx: click.Context, ref: str, fmt: str, out: str, catalog_uri: st
 @click.option("--out", default=None, help="Where to write it (default: FILE_NAME in the current folder).")
 @catalog_option
 @click.pass_context
-def export_file_cmd(ctx: click.Context, ref: str, file_name: str, out: str | None, catalog_uri: str | None) -> None:
+def export_file_cmd(
+    ctx: click.Context, ref: str, file_name: str, out: str | None, catalog_uri: str | None
+) -> None:
     """Copy an artifact stored with a version (e.g. a recipe's agent.d3) out of the catalog."""
     from datasets.atomic import publish_file
 
@@ -332,7 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if os.environ.get("RLSYNTH_DEBUG"):
             traceback.print_exc()
-        click.echo(f"error: unexpected {type(e).__name__}: {e} (set RLSYNTH_DEBUG=1 for the traceback)", err=True)
+        click.echo(
+            f"error: unexpected {type(e).__name__}: {e} (set RLSYNTH_DEBUG=1 for the traceback)", err=True
+        )
         return 1
     return 0
 

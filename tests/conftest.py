@@ -24,6 +24,7 @@ def catalog(tmp_path: Path) -> Catalog:
 
 @pytest.fixture(autouse=True)
 def isolated_roots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No test touches ~/.rlsynth or ~/.minari."""
+    """No test touches ~/.rlsynth, ~/.minari or ~/.cache."""
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
     monkeypatch.setenv("RLSYNTH_CATALOG", str(tmp_path / "default-catalog"))
+    monkeypatch.setenv("RLSYNTH_CACHE", str(tmp_path / "cache"))

@@ -10,13 +10,14 @@ from datasets.envs import env_info
 from datasets.types import Dataset, DatasetInfo, Episode, episodes_to_transitions
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def hopper_info() -> DatasetInfo:
     return env_info("Hopper-v5")
 
 
-def make_episode(rng: np.random.Generator, length: int, terminated: bool, obs_dim: int = 11,
-                 act_dim: int = 3) -> Episode:
+def make_episode(
+    rng: np.random.Generator, length: int, terminated: bool, obs_dim: int = 11, act_dim: int = 3
+) -> Episode:
     last = np.zeros(length, bool)
     last[-1] = True
     none = np.zeros(length, bool)
@@ -37,8 +38,16 @@ def make_dataset(seed: int = 0, lengths: tuple[int, ...] = (5, 9, 3, 12), source
 
 
 def assert_same_transitions(a: Dataset, b: Dataset) -> None:
-    for col in ("episode_id", "step", "observations", "actions", "rewards", "next_observations", "terminals",
-                "timeouts"):
+    for col in (
+        "episode_id",
+        "step",
+        "observations",
+        "actions",
+        "rewards",
+        "next_observations",
+        "terminals",
+        "timeouts",
+    ):
         x, y = getattr(a.transitions, col), getattr(b.transitions, col)
         assert x.dtype == y.dtype, col
         np.testing.assert_array_equal(x, y, err_msg=col)

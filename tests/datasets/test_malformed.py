@@ -21,7 +21,6 @@ from datasets.validation import validate_episodes
 from pipeline.cli import main
 
 
-
 def good_arrays() -> dict[str, Any]:
     """A valid Hopper-shaped D4RL layout: 3 episodes of 10 steps (terminal, timeout, terminal)."""
     t = make_dataset(lengths=(10, 10, 10)).transitions
@@ -86,26 +85,52 @@ def _terminal_mid_episode_and_no_next(a: dict[str, Any]) -> None:
 HDF5_CASES: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("missing actions", _drop("actions"), "field 'actions': missing"),
     ("missing timeouts", _drop("timeouts"), "field 'timeouts': missing"),
-    ("observations 1-D", _set("observations", lambda x: x[:, 0]), "field 'observations': expected 2 dimension"),
-    ("actions short", _set("actions", lambda x: x[:-1]), "field 'actions': 29 rows where observations has 30"),
+    (
+        "observations 1-D",
+        _set("observations", lambda x: x[:, 0]),
+        "field 'observations': expected 2 dimension",
+    ),
+    (
+        "actions short",
+        _set("actions", lambda x: x[:-1]),
+        "field 'actions': 29 rows where observations has 30",
+    ),
     ("rewards long", _set("rewards", lambda x: np.r_[x, 0]), "field 'rewards': 31 rows"),
     ("terminal value 2", _set("terminals", lambda x: x.astype(np.int8) * 2), "values other than 0 and 1"),
     ("terminals 2-D", _set("terminals", lambda x: np.stack([x, x], 1)), "field 'terminals': expected 1 dim"),
     ("NaN observation", _set("observations", _nan_at(12, 3)), "field 'observations', episode 1: non-finite"),
-    ("inf reward", _set("rewards", _value_at(25, np.inf)), "field 'rewards', episode 2: non-finite value at step 5"),
+    (
+        "inf reward",
+        _set("rewards", _value_at(25, np.inf)),
+        "field 'rewards', episode 2: non-finite value at step 5",
+    ),
     ("integer actions", _set("actions", lambda x: x.astype(np.int32)), "field 'actions': dtype int32"),
-    ("action width", _set("actions", lambda x: x[:, :2]), "field 'actions': width 2 does not match Hopper-v5"),
-    ("observation width", lambda a: a.update(observations=a["observations"][:, :10],
-                                             next_observations=a["next_observations"][:, :10]),
-     "field 'observations': width 10 does not match Hopper-v5"),
+    (
+        "action width",
+        _set("actions", lambda x: x[:, :2]),
+        "field 'actions': width 2 does not match Hopper-v5",
+    ),
+    (
+        "observation width",
+        lambda a: a.update(
+            observations=a["observations"][:, :10], next_observations=a["next_observations"][:, :10]
+        ),
+        "field 'observations': width 10 does not match Hopper-v5",
+    ),
     ("next_obs width", _set("next_observations", lambda x: x[:, :9]), "field 'next_observations': width 9"),
-    ("next_obs discontinuity", _break_continuity,
-     "field 'next_observations', episode 1: next_observations at step 4 differs"),
+    (
+        "next_obs discontinuity",
+        _break_continuity,
+        "field 'next_observations', episode 1: next_observations at step 4 differs",
+    ),
     ("action out of bounds", _set("actions", _value_at(3, 5.0)), "field 'actions', episode 0: action[0] = 5"),
     ("rewards is a group", _set("rewards", lambda x: "group"), "field 'rewards': is a group"),
     ("empty file", lambda a: a.update({k: v[:0] for k, v in a.items()}), "holds no transitions"),
-    ("end flag mid-episode", _terminal_mid_episode_and_no_next,
-     "field 'next_observations', episode 1: next_observations at step"),
+    (
+        "end flag mid-episode",
+        _terminal_mid_episode_and_no_next,
+        "field 'next_observations', episode 1: next_observations at step",
+    ),
 ]
 
 
@@ -120,13 +145,20 @@ def _no_files(root: Path) -> bool:
 
 def test_the_good_file_imports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write_file(tmp_path / "good.hdf5", good_arrays())
-    code, err = _run(["datasets", "import", str(path), "--name", "good", "--catalog", str(tmp_path / "c")], capsys)
+    code, err = _run(
+        ["datasets", "import", str(path), "--name", "good", "--catalog", str(tmp_path / "c")], capsys
+    )
     assert code == 0, err
 
 
 @pytest.mark.parametrize(("case", "edit", "message"), HDF5_CASES, ids=[c[0] for c in HDF5_CASES])
-def test_malformed_hdf5_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str,
-                                   edit: Callable[[dict[str, Any]], None], message: str) -> None:
+def test_malformed_hdf5_is_refused(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    case: str,
+    edit: Callable[[dict[str, Any]], None],
+    message: str,
+) -> None:
     arrays = good_arrays()
     edit(arrays)
     path = write_file(tmp_path / "bad.hdf5", arrays)
@@ -142,7 +174,9 @@ def test_malformed_hdf5_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture
 
 def test_unknown_env_attribute_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write_file(tmp_path / "bad.hdf5", good_arrays(), env_id="NoSuchEnv-v9")
-    code, err = _run(["datasets", "import", str(path), "--name", "bad", "--catalog", str(tmp_path / "c")], capsys)
+    code, err = _run(
+        ["datasets", "import", str(path), "--name", "bad", "--catalog", str(tmp_path / "c")], capsys
+    )
     assert code == 1 and "environment 'NoSuchEnv-v9' cannot be made" in err
     assert _no_files(tmp_path / "c")
 
@@ -150,20 +184,25 @@ def test_unknown_env_attribute_is_refused(tmp_path: Path, capsys: pytest.Capture
 @pytest.mark.parametrize(
     ("content", "message"), [(b"not an hdf5 file at all", "not a readable HDF5 file"), (None, "no such file")]
 )
-def test_unreadable_files_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes | None,
-                                      message: str) -> None:
+def test_unreadable_files_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes | None, message: str
+) -> None:
     path = tmp_path / "x.hdf5"
     if content is not None:
         path.write_bytes(content)
-    code, err = _run(["datasets", "import", str(path), "--name", "bad", "--catalog", str(tmp_path / "c")], capsys)
+    code, err = _run(
+        ["datasets", "import", str(path), "--name", "bad", "--catalog", str(tmp_path / "c")], capsys
+    )
     assert code == 1 and message in err and "Traceback" not in err
     assert _no_files(tmp_path / "c")
 
 
 def _episode_case(fn: Callable[[Episode], dict[str, Any]]) -> Callable[[Episode], Episode]:
     def make(e: Episode) -> Episode:
-        fields = {k: getattr(e, k).copy() for k in ("observations", "actions", "rewards", "terminations",
-                                                   "truncations")}
+        fields = {
+            k: getattr(e, k).copy()
+            for k in ("observations", "actions", "rewards", "terminations", "truncations")
+        }
         fields.update(fn(e))
         return Episode(**fields)
 
@@ -171,23 +210,49 @@ def _episode_case(fn: Callable[[Episode], dict[str, Any]]) -> Callable[[Episode]
 
 
 EPISODE_CASES: list[tuple[str, Callable[[Episode], Episode], str]] = [
-    ("T observations", _episode_case(lambda e: {"observations": e.observations[:-1].copy()}),
-     "field 'observations', episode 1: 5 observations for 5 actions"),
-    ("float64 observations", _episode_case(lambda e: {"observations": e.observations.astype(np.float64)}),
-     "field 'observations', episode 1: dtype float64"),
-    ("int rewards", _episode_case(lambda e: {"rewards": e.rewards.astype(np.int64)}),
-     "field 'rewards', episode 1: dtype int64"),
-    ("no end flag", _episode_case(lambda e: {"truncations": np.zeros(5, bool), "terminations": np.zeros(5, bool)}),
-     "field 'terminals', episode 1: episode's last step has neither"),
-    ("flag before the end", _episode_case(lambda e: {"terminations": np.array([0, 1, 0, 0, 0], bool)}),
-     "field 'terminals', episode 1: end flag at step 1 before the episode's last step"),
-    ("empty episode", _episode_case(lambda e: {"observations": e.observations[:1].copy(),
-                                               "actions": e.actions[:0].copy(), "rewards": e.rewards[:0].copy(),
-                                               "terminations": e.terminations[:0].copy(),
-                                               "truncations": e.truncations[:0].copy()}),
-     "field 'actions', episode 1: episode has no steps"),
-    ("rewards shape", _episode_case(lambda e: {"rewards": e.rewards[:, None].copy()}),
-     "field 'rewards', episode 1: expected shape (5,)"),
+    (
+        "T observations",
+        _episode_case(lambda e: {"observations": e.observations[:-1].copy()}),
+        "field 'observations', episode 1: 5 observations for 5 actions",
+    ),
+    (
+        "float64 observations",
+        _episode_case(lambda e: {"observations": e.observations.astype(np.float64)}),
+        "field 'observations', episode 1: dtype float64",
+    ),
+    (
+        "int rewards",
+        _episode_case(lambda e: {"rewards": e.rewards.astype(np.int64)}),
+        "field 'rewards', episode 1: dtype int64",
+    ),
+    (
+        "no end flag",
+        _episode_case(lambda e: {"truncations": np.zeros(5, bool), "terminations": np.zeros(5, bool)}),
+        "field 'terminals', episode 1: episode's last step has neither",
+    ),
+    (
+        "flag before the end",
+        _episode_case(lambda e: {"terminations": np.array([0, 1, 0, 0, 0], bool)}),
+        "field 'terminals', episode 1: end flag at step 1 before the episode's last step",
+    ),
+    (
+        "empty episode",
+        _episode_case(
+            lambda e: {
+                "observations": e.observations[:1].copy(),
+                "actions": e.actions[:0].copy(),
+                "rewards": e.rewards[:0].copy(),
+                "terminations": e.terminations[:0].copy(),
+                "truncations": e.truncations[:0].copy(),
+            }
+        ),
+        "field 'actions', episode 1: episode has no steps",
+    ),
+    (
+        "rewards shape",
+        _episode_case(lambda e: {"rewards": e.rewards[:, None].copy()}),
+        "field 'rewards', episode 1: expected shape (5,)",
+    ),
 ]
 
 

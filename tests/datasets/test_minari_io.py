@@ -34,8 +34,10 @@ def test_export_then_minari_load_dataset_gives_identical_episodes() -> None:
 
 def test_reference_scores_travel() -> None:
     ds = make_dataset()
-    ds = Dataset(info=ds.info.__class__(**{**ds.info.__dict__, "ref_min_score": -20.0, "ref_max_score": 3000.0}),
-                 transitions=ds.transitions)
+    ds = Dataset(
+        info=ds.info.__class__(**{**ds.info.__dict__, "ref_min_score": -20.0, "ref_max_score": 3000.0}),
+        transitions=ds.transitions,
+    )
     write_minari(ds, "rlsynth/ref-v0")
     back = read_minari("rlsynth/ref-v0")
     assert (back.info.ref_min_score, back.info.ref_max_score) == (-20.0, 3000.0)

@@ -39,11 +39,23 @@ def test_recorded_transitions_obey_the_simulator() -> None:
 
 
 def test_sac_recipes_record_every_step_and_return_the_agent() -> None:
-    replay = build(RecipeConfig("sac-medium-replay", "Hopper-v5", steps=300, warmup_steps=100, batch_size=32,
-                                progress=False))
+    replay = build(
+        RecipeConfig(
+            "sac-medium-replay", "Hopper-v5", steps=300, warmup_steps=100, batch_size=32, progress=False
+        )
+    )
     assert replay.dataset.n_transitions == 300 and replay.agent is not None
-    medium = build(RecipeConfig("sac-medium", "Hopper-v5", steps=200, transitions=120, warmup_steps=50,
-                                batch_size=32, progress=False))
+    medium = build(
+        RecipeConfig(
+            "sac-medium",
+            "Hopper-v5",
+            steps=200,
+            transitions=120,
+            warmup_steps=50,
+            batch_size=32,
+            progress=False,
+        )
+    )
     assert medium.dataset.n_transitions == 120
     assert medium.details["training"]["transitions"] == 200
     acts = medium.dataset.transitions.actions
@@ -51,8 +63,17 @@ def test_sac_recipes_record_every_step_and_return_the_agent() -> None:
 
 
 def test_target_return_stops_training_early() -> None:
-    res = build(RecipeConfig("sac-medium-replay", "Hopper-v5", steps=2000, warmup_steps=400, batch_size=16,
-                             target_return=-1e9, progress=False))
+    res = build(
+        RecipeConfig(
+            "sac-medium-replay",
+            "Hopper-v5",
+            steps=2000,
+            warmup_steps=400,
+            batch_size=16,
+            target_return=-1e9,
+            progress=False,
+        )
+    )
     # Five episodes must finish before the rolling mean exists; random Hopper episodes last ~20 steps.
     # It stops right after the fifth, so no episode is cut by the budget.
     assert res.details["episodes"] == 5 and res.dataset.n_transitions < 400
@@ -61,10 +82,18 @@ def test_target_return_stops_training_early() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"recipe": "expert"}, "unknown recipe 'expert'"), ({"transitions": 0}, "transitions must be positive"),
-     ({"env_id": "NoSuchEnv-v1"}, "cannot be made")],
+    [
+        ({"recipe": "expert"}, "unknown recipe 'expert'"),
+        ({"transitions": 0}, "transitions must be positive"),
+        ({"env_id": "NoSuchEnv-v1"}, "cannot be made"),
+    ],
 )
 def test_bad_recipe_configs_are_clear_errors(kwargs: dict[str, object], message: str) -> None:
-    base: dict[str, object] = {"recipe": "random", "env_id": "Hopper-v5", "transitions": 10, "progress": False}
+    base: dict[str, object] = {
+        "recipe": "random",
+        "env_id": "Hopper-v5",
+        "transitions": 10,
+        "progress": False,
+    }
     with pytest.raises(RlsynthError, match=message):
         build(RecipeConfig(**{**base, **kwargs}))  # type: ignore[arg-type]

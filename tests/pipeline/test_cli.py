@@ -15,8 +15,9 @@ SHOW_KEYS = {"name", "version", "episodes", "transitions", "content_hash", "env_
 
 
 def rlsynth(*args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, env=env, timeout=300
+    )
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -28,18 +29,38 @@ def as_json(proc: subprocess.CompletedProcess[str]) -> Any:
 
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
-    return {**os.environ, "RLSYNTH_CATALOG": str(tmp_path / "cat"), "MINARI_DATASETS_PATH": str(tmp_path / "m")}
+    return {
+        **os.environ,
+        "RLSYNTH_CATALOG": str(tmp_path / "cat"),
+        "MINARI_DATASETS_PATH": str(tmp_path / "m"),
+    }
 
 
 def test_make_list_show_verify_export_import(tmp_path: Path, env: dict[str, str]) -> None:
-    made = as_json(rlsynth("datasets", "make", "random", "--env", "Hopper-v5", "--name", "hop/rand",
-                           "--transitions", "300", "--seed", "1", "--quiet", "--json", env=env))
-    assert SHOW_KEYS <= made.keys() and made["transitions"] == 300 and made["version"] == 1
+    made = as_json(
+        rlsynth(
+            "datasets",
+            "make",
+            "random",
+            "--env",
+            "Hopper-v5",
+            "--name",
+            "hop/rand",
+            "--transitions",
+            "300",
+            "--seed",
+            "1",
+            "--quiet",
+            "--json",
+            env=env,
+        )
+    )
+    assert made.keys() >= SHOW_KEYS and made["transitions"] == 300 and made["version"] == 1
     assert made["minari_id"] == "rlsynth/hop/rand-v1"
     assert made["lineage"]["recipe"]["recipe"] == "random" and made["lineage"]["recipe"]["seed"] == 1
 
     listed = as_json(rlsynth("datasets", "list", "--json", env=env))
-    assert [r["ref"] for r in listed] == ["hop/rand@1"] and SHOW_KEYS <= listed[0].keys()
+    assert [r["ref"] for r in listed] == ["hop/rand@1"] and listed[0].keys() >= SHOW_KEYS
     shown = as_json(rlsynth("datasets", "show", "hop/rand", "--json", env=env))
     assert shown["content_hash"] == made["content_hash"] and shown["env_id"] == "Hopper-v5"
     verified = as_json(rlsynth("datasets", "verify", "hop/rand@1", "--json", env=env))
@@ -49,8 +70,19 @@ def test_make_list_show_verify_export_import(tmp_path: Path, env: dict[str, str]
     rlsynth("datasets", "export", "hop/rand@1", "--format", "hdf5", "--out", str(h5), env=env)
     rlsynth("datasets", "export", "hop/rand@1", "--format", "minari", "--out", "mine/rand-v3", env=env)
     from_h5 = as_json(rlsynth("datasets", "import", str(h5), "--name", "from-h5", "--json", env=env))
-    from_minari = as_json(rlsynth("datasets", "import", "minari:mine/rand-v3", "--name", "from-minari",
-                                  "--tag", "origin=minari", "--json", env=env))
+    from_minari = as_json(
+        rlsynth(
+            "datasets",
+            "import",
+            "minari:mine/rand-v3",
+            "--name",
+            "from-minari",
+            "--tag",
+            "origin=minari",
+            "--json",
+            env=env,
+        )
+    )
     assert from_h5["content_hash"] == from_minari["content_hash"] == made["content_hash"]
     assert from_minari["tags"] == {"origin": "minari"}
     src = from_h5["lineage"]["sources"][0]
@@ -72,24 +104,45 @@ def _error_line(proc: subprocess.CompletedProcess[str]) -> str:
 def test_errors_are_one_line_and_non_zero(tmp_path: Path, env: dict[str, str]) -> None:
     assert "no dataset named 'nope'" in _error_line(rlsynth("datasets", "show", "nope", env=env, check=False))
     assert "invalid dataset name" in _error_line(
-        rlsynth("datasets", "import", "x.hdf5", "--name", "../up", env=env, check=False))
+        rlsynth("datasets", "import", "x.hdf5", "--name", "../up", env=env, check=False)
+    )
     assert "no such file" in _error_line(
-        rlsynth("datasets", "import", str(tmp_path / "none.hdf5"), "--name", "x", env=env, check=False))
+        rlsynth("datasets", "import", str(tmp_path / "none.hdf5"), "--name", "x", env=env, check=False)
+    )
     assert "cannot be made" in _error_line(
-        rlsynth("datasets", "make", "random", "--env", "Nope-v0", "--name", "x", "--quiet", env=env, check=False))
+        rlsynth(
+            "datasets", "make", "random", "--env", "Nope-v0", "--name", "x", "--quiet", env=env, check=False
+        )
+    )
     usage = rlsynth("datasets", "make", "expert", "--env", "Hopper-v5", "--name", "x", env=env, check=False)
-    assert usage.returncode == 2 and "Invalid value for '{random|sac-medium-replay|sac-medium}'" in usage.stderr
+    assert (
+        usage.returncode == 2 and "Invalid value for '{random|sac-medium-replay|sac-medium}'" in usage.stderr
+    )
     assert not (tmp_path / "cat").exists() or not any(p.is_file() for p in (tmp_path / "cat").rglob("*"))
 
 
 def test_export_never_overwrites_and_verify_fails_on_damage(tmp_path: Path, env: dict[str, str]) -> None:
-    rlsynth("datasets", "make", "random", "--env", "Hopper-v5", "--name", "t", "--transitions", "50", "--quiet",
-            "--no-minari", env=env)
+    rlsynth(
+        "datasets",
+        "make",
+        "random",
+        "--env",
+        "Hopper-v5",
+        "--name",
+        "t",
+        "--transitions",
+        "50",
+        "--quiet",
+        "--no-minari",
+        env=env,
+    )
     target = tmp_path / "exists.hdf5"
     target.write_bytes(b"keep")
     proc = rlsynth("datasets", "export", "t", "--format", "hdf5", "--out", str(target), env=env, check=False)
     assert "already exists" in _error_line(proc) and target.read_bytes() == b"keep"
-    bad_id = rlsynth("datasets", "export", "t", "--format", "minari", "--out", "noversion", env=env, check=False)
+    bad_id = rlsynth(
+        "datasets", "export", "t", "--format", "minari", "--out", "noversion", env=env, check=False
+    )
     assert "invalid Minari dataset id" in _error_line(bad_id)
     part = next((tmp_path / "cat").rglob("part-*.parquet"))
     data = bytearray(part.read_bytes())
@@ -97,14 +150,45 @@ def test_export_never_overwrites_and_verify_fails_on_damage(tmp_path: Path, env:
     part.write_bytes(bytes(data))
     proc = rlsynth("datasets", "verify", "t", "--json", env=env, check=False)
     assert proc.returncode == 1 and as_json(proc)["ok"] is False
-    assert "checksum mismatch" in _error_line(rlsynth("datasets", "export", "t", "--format", "hdf5", "--out",
-                                                      str(tmp_path / "new.hdf5"), env=env, check=False))
+    # The first export cached the (checked) decoded version; without the cache the damage stops the read.
+    no_cache = {**env, "RLSYNTH_CACHE": "off"}
+    assert "checksum mismatch" in _error_line(
+        rlsynth(
+            "datasets",
+            "export",
+            "t",
+            "--format",
+            "hdf5",
+            "--out",
+            str(tmp_path / "new.hdf5"),
+            env=no_cache,
+            check=False,
+        )
+    )
     assert not (tmp_path / "new.hdf5").exists()
 
 
 def test_sac_recipe_stores_its_agent(tmp_path: Path, env: dict[str, str]) -> None:
-    made = as_json(rlsynth("datasets", "make", "sac-medium", "--env", "Hopper-v5", "--name", "med", "--steps",
-                           "150", "--warmup-steps", "50", "--transitions", "60", "--quiet", "--json", env=env))
+    made = as_json(
+        rlsynth(
+            "datasets",
+            "make",
+            "sac-medium",
+            "--env",
+            "Hopper-v5",
+            "--name",
+            "med",
+            "--steps",
+            "150",
+            "--warmup-steps",
+            "50",
+            "--transitions",
+            "60",
+            "--quiet",
+            "--json",
+            env=env,
+        )
+    )
     assert "agent.d3" in made["files"] and made["transitions"] == 60
     out = tmp_path / "agent.d3"
     rlsynth("datasets", "export-file", "med", "agent.d3", "--out", str(out), env=env)
