@@ -51,7 +51,15 @@ MANIFEST = "manifest.json"
 PART_RE = re.compile(r"^part-(\d{5})\.parquet$")
 VERSION_RE = re.compile(r"^_v([1-9]\d*)$")
 FILE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-HASH_CHUNK = 1 << 22
+ANNOTATION_KEYS = frozenset({"fidelity"})
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 @dataclass(frozen=True, order=True)
@@ -352,6 +360,27 @@ class Catalog:
             "problems": problems,
         }
 
+    def annotate(self, ref: str | VersionRef, key: str, value: Any) -> dict[str, Any]:
+        """Record an evaluation result (``fidelity``) in a version's manifest, atomically.
+
+        Only annotation keys may change: the data, its hashes and its lineage stay as committed, and
+        ``verify`` still checks the same content hash.
+        """
+        if key not in ANNOTATION_KEYS:
+            raise CatalogError(
+                f"'{key}' is not an annotation (annotations: {', '.join(sorted(ANNOTATION_KEYS))})"
+            )
+        r = self.resolve(ref)
+        man = self.manifest(r)
+        man[key] = value
+        folder = self._version_dir(r)
+        data = json.dumps(man, indent=2, sort_keys=True, default=_json_default).encode()
+        tmp = f"{folder}/{MANIFEST}.{uuid.uuid4().hex}.tmp"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        self.fs.move(tmp, f"{folder}/{MANIFEST}")
+        return man
+
     # -- writing -------------------------------------------------------------------------------------
     def begin(self, name: str, info: DatasetInfo) -> Transaction:
         """Open a commit of a new version of ``name``; nothing is visible until :meth:`Transaction.commit`."""
@@ -545,7 +574,7 @@ class Transaction:
         }
 
     def _write_manifest(self, cat: Catalog, folder: str, manifest: dict[str, Any]) -> None:
-        data = json.dumps(manifest, indent=2, sort_keys=True).encode()
+        data = json.dumps(manifest, indent=2, sort_keys=True, default=_json_default).encode()
         tmp = f"{folder}/{MANIFEST}.{uuid.uuid4().hex}.tmp"
         with cat.fs.open_output_stream(tmp) as f:
             f.write(data)

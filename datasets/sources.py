@@ -46,14 +46,14 @@ def source_lineage(spec: str, ds: Dataset, catalog: Catalog | None = None) -> di
         entry["kind"] = "minari"
     elif _is_hdf5(spec):
         path = Path(spec.removeprefix("hdf5:"))
-        entry.update(kind="hdf5", path=str(path.resolve()), sha256=_file_sha256(path))
+        entry.update(kind="hdf5", path=str(path.resolve()), sha256=file_sha256(path))
     else:
         man = (catalog or Catalog()).manifest(spec)
         entry.update(kind="catalog", ref=f"{man['name']}@{man['version']}")
     return entry
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):

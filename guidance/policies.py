@@ -57,7 +57,7 @@ class GaussianPolicy:
         return normal_log_prob(act, self.mean_fn(obs), self.std.expand_as(act))
 
     def mean_action(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.mean_fn(obs)  # type: ignore[no-any-return]
+        return self.mean_fn(obs)
 
 
 class D3rlpyPolicy:
@@ -115,7 +115,7 @@ class D3rlpyPolicy:
         mu = self._output(obs).squashed_mu
         if self.act_scaler is not None:
             mu = self.act_scaler.reverse_transform(mu)
-        return mu  # type: ignore[no-any-return]
+        return mu
 
 
 def load_policy(path: str | os.PathLike[str], deterministic_std: float = DETERMINISTIC_STD) -> D3rlpyPolicy:

@@ -57,8 +57,10 @@ def load_agent(path: str | os.PathLike[str], device: str = "cpu:0") -> Any:
         config = d3rlpy.base.LearnableConfigWithShape.deserialize(obj["config"])
         algo = config.create(device)
     except Exception as e:  # d3rlpy raises assorted errors for configs it cannot rebuild.
-        raise AgentError(f"{p}: agent config cannot be rebuilt by d3rlpy {d3rlpy.__version__} "
-                         f"(saved with {obj['version']}): {type(e).__name__}: {e}") from None
+        raise AgentError(
+            f"{p}: agent config cannot be rebuilt by d3rlpy {d3rlpy.__version__} "
+            f"(saved with {obj['version']}): {type(e).__name__}: {e}"
+        ) from None
     try:
         state = torch.load(io.BytesIO(obj["torch"]), map_location="cpu", weights_only=True)
         buf = io.BytesIO()

@@ -338,6 +338,114 @@ def verify_cmd(ctx: click.Context, ref: str, catalog_uri: str | None, as_json: b
         sys.exit(1)
 
 
+@datasets.command("evaluate")
+@click.argument("ref")
+@click.option("--env", "env_id", default=None, help="Environment of the oracle (default: the dataset's).")
+@click.option(
+    "--policy",
+    "policy_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="d3rlpy agent (.d3): report the log-likelihood of the actions under it.",
+)
+@click.option(
+    "--reference",
+    default=None,
+    help="NAME@N whose std normalises errors and that novelty and "
+    "coverage are measured against (default: the dataset itself; no novelty then).",
+)
+@click.option("--sample", type=click.IntRange(min=1), default=None, help="Evaluate this many rows (seeded).")
+@click.option(
+    "--windows",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Open-loop windows per horizon.",
+)
+@click.option("--horizons", default="1,8,32", show_default=True, help="Comma-separated open-loop horizons.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--plot", "plot_path", default=None, help="PNG to draw (default: <name>-v<N>-fidelity.png here)."
+)
+@click.option("--no-store", is_flag=True, help="Do not record the result in the version's manifest.")
+@catalog_option
+@json_option
+@click.pass_context
+def evaluate_cmd(
+    ctx: click.Context,
+    ref: str,
+    env_id: str | None,
+    policy_path: str | None,
+    reference: str | None,
+    sample: int | None,
+    windows: int,
+    horizons: str,
+    seed: int,
+    plot_path: str | None,
+    no_store: bool,
+    catalog_uri: str | None,
+    as_json: bool,
+) -> None:
+    """Judge a version against the true simulator: one-step and multi-step dynamics error, terminal
+    agreement, policy log-likelihood, novelty and coverage. The result goes into the manifest."""
+    from datasets.fidelity import EvalConfig, evaluate, plot
+    from datasets.sources import file_sha256
+
+    try:
+        hs = tuple(sorted({int(h) for h in horizons.split(",")}))
+    except ValueError:
+        raise click.BadParameter(
+            f"'{horizons}' is not a comma-separated list of integers", param_hint="--horizons"
+        ) from None
+    if not hs or min(hs) < 1:
+        raise click.BadParameter("horizons must be positive", param_hint="--horizons")
+    cat = _catalog(ctx, catalog_uri)
+    r = cat.resolve(ref)
+    policy = None
+    if policy_path is not None:
+        from guidance.policies import load_policy
+
+        policy = load_policy(policy_path)
+    ds = cat.read(r)
+    ref_ds = cat.read(reference) if reference else None
+    cfg = EvalConfig(sample=sample, horizons=hs, windows=windows, seed=seed)
+    result = evaluate(ds, env_id=env_id, reference=ref_ds, policy=policy, config=cfg)
+    if policy_path is not None:
+        result["policy"] = {
+            "path": str(Path(policy_path).resolve()),
+            "sha256": file_sha256(Path(policy_path)),
+            "kind": policy.kind if policy is not None else None,
+        }
+    out_png = Path(plot_path or f"{r.name.replace('/', '-')}-v{r.version}-fidelity.png")
+    result["plot"] = str(plot(result, out_png).resolve())
+    if not no_store:
+        cat.annotate(r, "fidelity", result)
+    if as_json:
+        _echo_json(result)
+        return
+    one = result["one_step"]
+    click.echo(
+        f"{r} on {result['env_id']}: {result['evaluated_rows']} of {result['total_rows']} rows"
+        + (" (sampled)" if result["sampled"] else "")
+    )
+    click.echo(
+        f"  one-step normalised obs MSE {one['obs_mse_normalised']:.3g} over {one['rows']} restorable rows "
+        f"({one['unrecoverable_rows']} unrecoverable; all rows {one['obs_mse_normalised_all_rows']:.3g})"
+    )
+    click.echo(f"  reward MAE {one['reward_mae']:.3g}, terminal agreement {one['terminal_agreement']:.4f}")
+    for h, v in result["horizons"].items():
+        val = "n/a" if v["obs_mse_normalised"] is None else f"{v['obs_mse_normalised']:.3g}"
+        click.echo(f"  horizon {h}: normalised obs MSE {val} ({v['windows']} windows)")
+    if result["policy_log_likelihood"]:
+        click.echo(f"  policy log-likelihood {result['policy_log_likelihood']['mean']:.3f} per row")
+    if result["novelty"]:
+        click.echo(
+            f"  novelty {result['novelty']['mean']:.3f} (reference spacing "
+            f"{result['reference_spacing']['mean']:.3f}), coverage {result['coverage']:.3f}"
+        )
+    click.echo(f"  plot {result['plot']}")
+
+
 @datasets.command("export")
 @click.argument("ref")
 @click.option("--format", "fmt", type=click.Choice(["minari", "hdf5"]), required=True)

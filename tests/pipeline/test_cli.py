@@ -196,3 +196,62 @@ def test_sac_recipe_stores_its_agent(tmp_path: Path, env: dict[str, str]) -> Non
 
     agent = import_d3rlpy().load_learnable(str(out))
     assert agent.predict(__import__("numpy").zeros((1, 11), "float32")).shape == (1, 3)
+
+
+def test_evaluate_records_fidelity_without_touching_the_data(tmp_path: Path, env: dict[str, str]) -> None:
+    made = as_json(
+        rlsynth(
+            "datasets",
+            "make",
+            "random",
+            "--env",
+            "HalfCheetah-v5",
+            "--name",
+            "hc",
+            "--transitions",
+            "120",
+            "--quiet",
+            "--no-minari",
+            "--json",
+            env=env,
+        )
+    )
+    png = tmp_path / "fid.png"
+    res = as_json(
+        rlsynth(
+            "datasets",
+            "evaluate",
+            "hc",
+            "--horizons",
+            "1,4",
+            "--windows",
+            "8",
+            "--plot",
+            str(png),
+            "--reference",
+            "hc@1",
+            "--json",
+            env=env,
+        )
+    )
+    one = res["one_step"]
+    assert {
+        "obs_mse",
+        "obs_mse_normalised",
+        "reward_mae",
+        "terminal_agreement",
+        "rows",
+        "unrecoverable_rows",
+        "obs_mse_normalised_all_rows",
+    } <= one.keys()
+    assert one["obs_mse_normalised"] <= 1e-8 and one["terminal_agreement"] == 1.0
+    assert set(res["horizons"]) == {"1", "4"} and "policy_log_likelihood" in res and "novelty" in res
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    shown = as_json(rlsynth("datasets", "show", "hc", "--json", env=env))
+    assert shown["fidelity"]["one_step"] == one
+    verified = as_json(rlsynth("datasets", "verify", "hc", "--json", env=env))
+    assert verified["ok"] and verified["content_hash"] == made["content_hash"]
+    bad = rlsynth("datasets", "evaluate", "hc", "--horizons", "x", env=env, check=False)
+    assert bad.returncode == 2 and "--horizons" in bad.stderr
+    no_oracle = rlsynth("datasets", "evaluate", "hc", "--env", "Reacher-v5", env=env, check=False)
+    assert "no simulator oracle for 'Reacher-v5'" in _error_line(no_oracle)

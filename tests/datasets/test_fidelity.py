@@ -1,0 +1,161 @@
+"""The simulator oracle: real data scores ~0, known perturbations score their size, clipped rows count."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from datasets.envs import env_info, make_env
+from datasets.errors import RlsynthError
+from datasets.fidelity import EvalConfig, MujocoOracle, NoOracleError, evaluate, plot, window_starts
+from datasets.recipes import RecipeConfig, build
+from datasets.types import Dataset, Episode, Transitions, episodes_to_transitions
+from guidance.policies import GaussianPolicy
+
+FAST = EvalConfig(horizons=(1, 4), windows=16)
+
+
+@functools.cache
+def real(env_id: str, n: int = 300, seed: int = 0) -> Dataset:
+    return build(RecipeConfig("random", env_id, transitions=n, seed=seed, progress=False)).dataset
+
+
+def hopper_with_clipped_rows() -> Dataset:
+    """Real Hopper steps starting from states whose velocities exceed the ±10 observation clip."""
+    env = make_env("Hopper-v5")
+    u = env.unwrapped
+    rng = np.random.default_rng(0)
+    eps = []
+    for k in range(3):
+        env.reset(seed=k)
+        qvel = u.data.qvel.copy()
+        qvel[3 + k] = 11.0  # a joint spinning fast: observed as exactly 10
+        u.set_state(u.data.qpos.copy(), qvel)
+        obs = [np.float32(u._get_obs())]
+        acts, rews, terms = [], [], []
+        for _ in range(15):
+            a = rng.uniform(-1, 1, 3).astype(np.float32)
+            o, r, term, _, _ = u.step(a)
+            obs.append(np.float32(o))
+            acts.append(a)
+            rews.append(r)
+            terms.append(term)
+            if term:
+                break
+        flags = np.zeros(len(acts), bool)
+        flags[-1] = True
+        eps.append(
+            Episode(
+                np.array(obs),
+                np.array(acts),
+                np.array(rews, np.float32),
+                flags if terms[-1] else np.zeros(len(acts), bool),
+                np.zeros(len(acts), bool) if terms[-1] else flags,
+            )
+        )
+    return Dataset(
+        env_info("Hopper-v5"), episodes_to_transitions([*real("Hopper-v5").episodes(), *eps]), "clipped"
+    )
+
+
+@pytest.mark.parametrize("env_id", ["HalfCheetah-v5", "Hopper-v5"])
+def test_real_transitions_score_zero(env_id: str) -> None:
+    r = evaluate(real(env_id), config=FAST)
+    one = r["one_step"]
+    assert one["rows"] + one["unrecoverable_rows"] == 300 and not r["sampled"]
+    assert one["obs_mse_normalised"] <= 1e-8
+    assert one["reward_mae"] <= 1e-4
+    assert one["terminal_agreement"] == 1.0
+    assert r["horizons"]["4"]["obs_mse_normalised"] <= 1e-6 and r["horizons"]["4"]["windows"] == 16
+
+
+def test_rows_at_the_velocity_bound_are_counted_not_hidden() -> None:
+    ds = hopper_with_clipped_rows()
+    oracle = MujocoOracle("Hopper-v5")
+    assert list(oracle.vel_bound) == [10.0] * 6  # found by probing, not hard-coded
+    oracle.close()
+    r = evaluate(ds, config=FAST)
+    one = r["one_step"]
+    assert one["unrecoverable_rows"] >= 3 and one["rows"] >= 300
+    assert one["obs_mse_normalised"] <= 1e-8
+    assert one["obs_mse_normalised_all_rows"] > 1e-6  # the clipped rows really cannot be restored
+    assert one["terminal_agreement"] == 1.0
+
+
+def test_a_perturbed_copy_scores_the_perturbation() -> None:
+    ds = real("HalfCheetah-v5")
+    t = ds.transitions
+    std = t.observations.astype(np.float64).std(0)
+    noise = np.random.default_rng(1).normal(size=t.next_observations.shape) * 0.1 * std
+    cols = {c: getattr(t, c) for c in Transitions.columns()}
+    cols["next_observations"] = (t.next_observations + noise).astype(np.float32)
+    bad = Dataset(ds.info, Transitions(**cols), "perturbed")
+    r = evaluate(bad, reference=ds, config=FAST)
+    expected = float(
+        (((cols["next_observations"].astype(np.float64) - t.next_observations) / std) ** 2).mean()
+    )
+    assert r["one_step"]["obs_mse_normalised"] == pytest.approx(expected, rel=1e-5)
+    assert r["one_step"]["obs_mse_normalised"] == pytest.approx(0.01, rel=0.1)
+
+
+def test_sampling_is_stated_and_seeded() -> None:
+    cfg = EvalConfig(sample=50, horizons=(1,), windows=8, seed=3)
+    a, b = evaluate(real("HalfCheetah-v5"), config=cfg), evaluate(real("HalfCheetah-v5"), config=cfg)
+    assert a["sampled"] and a["evaluated_rows"] == 50 and a["total_rows"] == 300
+    assert a["one_step"] == b["one_step"]
+
+
+@pytest.mark.parametrize("env_id", ["Reacher-v5", "CartPole-v1"])
+def test_env_without_oracle_is_a_clear_error(env_id: str) -> None:
+    with pytest.raises(NoOracleError, match=f"no simulator oracle for '{env_id}'"):
+        MujocoOracle(env_id)
+
+
+def test_unknown_env_and_wrong_width_are_clear_errors() -> None:
+    with pytest.raises(RlsynthError, match="cannot be made"):
+        evaluate(real("HalfCheetah-v5"), env_id="Nope-v0")
+    with pytest.raises(RlsynthError, match="do not fit 'Hopper-v5'"):
+        evaluate(real("HalfCheetah-v5"), env_id="Hopper-v5")
+
+
+def test_policy_log_likelihood_is_the_closed_form() -> None:
+    ds = real("HalfCheetah-v5")
+    t = ds.transitions
+    w = torch.linspace(-0.5, 0.5, 17 * 6).reshape(17, 6)
+    pol = GaussianPolicy(mean_fn=lambda o: torch.tanh(o @ w), std=torch.full((6,), 0.3))
+    r = evaluate(ds, policy=pol, config=FAST)
+    mu = np.tanh(t.observations.astype(np.float64) @ w.numpy().astype(np.float64))
+    z = (t.actions - mu) / 0.3
+    expected = float((-0.5 * z**2 - np.log(0.3) - 0.5 * np.log(2 * np.pi)).sum(1).mean())
+    assert r["policy_log_likelihood"]["mean"] == pytest.approx(expected, rel=1e-5)
+    assert r["policy_log_likelihood"]["per_action_dim"] == pytest.approx(expected / 6, rel=1e-5)
+
+
+def test_novelty_and_coverage_against_a_reference() -> None:
+    ref = real("HalfCheetah-v5", n=400, seed=0)
+    same_dist = real("HalfCheetah-v5", n=400, seed=5)
+    r = evaluate(same_dist, reference=ref, config=FAST)
+    t = ref.transitions
+    cols = {c: getattr(t, c) for c in Transitions.columns()}
+    shift = 5 * np.concatenate([t.observations, t.actions], 1).std(0)
+    cols["observations"] = (t.observations + shift[:17]).astype(np.float32)
+    far = evaluate(Dataset(ref.info, Transitions(**cols), "shifted"), reference=ref, config=FAST)
+    assert far["novelty"]["mean"] > 2 * r["novelty"]["mean"]
+    assert far["coverage"] < r["coverage"]
+    assert 0.0 <= far["coverage"] <= r["coverage"] <= 1.0
+
+
+def test_window_starts_never_cross_episodes() -> None:
+    t = hopper_with_clipped_rows().transitions
+    for h in (1, 3, 10):
+        for i in window_starts(t, h):
+            assert t.episode_id[i] == t.episode_id[i + h - 1]
+
+
+def test_plot_writes_a_png(tmp_path: Path) -> None:
+    out = plot(evaluate(real("HalfCheetah-v5"), config=FAST), tmp_path / "f.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
