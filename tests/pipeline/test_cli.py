@@ -255,3 +255,144 @@ def test_evaluate_records_fidelity_without_touching_the_data(tmp_path: Path, env
     assert bad.returncode == 2 and "--horizons" in bad.stderr
     no_oracle = rlsynth("datasets", "evaluate", "hc", "--env", "Reacher-v5", env=env, check=False)
     assert "no simulator oracle for 'Reacher-v5'" in _error_line(no_oracle)
+
+
+def test_world_model_train_sample_evaluate(tmp_path: Path, env: dict[str, str]) -> None:
+    rlsynth(
+        "datasets",
+        "make",
+        "random",
+        "--env",
+        "HalfCheetah-v5",
+        "--name",
+        "hc",
+        "--transitions",
+        "400",
+        "--quiet",
+        "--no-minari",
+        env=env,
+    )
+    out = tmp_path / "wm"
+    trained = as_json(
+        rlsynth(
+            "generator",
+            "train",
+            "--data",
+            "hc@1",
+            "--kind",
+            "world-model",
+            "--out",
+            str(out),
+            "--steps",
+            "60",
+            "--quiet",
+            "--json",
+            env=env,
+        )
+    )
+    assert trained["steps"] == 60 and trained["resumed_from"] == 0
+    again = as_json(
+        rlsynth(
+            "generator",
+            "train",
+            "--data",
+            "hc@1",
+            "--kind",
+            "world-model",
+            "--out",
+            str(out),
+            "--steps",
+            "60",
+            "--quiet",
+            "--json",
+            env=env,
+        )
+    )
+    assert again["resumed_from"] == 60  # finished runs are not redone
+    made = as_json(
+        rlsynth(
+            "generator",
+            "sample",
+            str(out),
+            "--n-transitions",
+            "150",
+            "--name",
+            "hc/wm",
+            "--horizon",
+            "8",
+            "--seed",
+            "5",
+            "--json",
+            env=env,
+        )
+    )
+    assert made["transitions"] == 150
+    lin = made["lineage"]
+    assert lin["generator"]["kind"] == "world-model" and lin["generator"]["checkpoint_hash"].startswith(
+        "sha256:"
+    )
+    assert lin["seeds"] == {"sample": 5} and lin["sources"][0]["ref"] == "hc@1"
+    assert lin["sampling"]["horizon"] == 8
+    twin = as_json(
+        rlsynth(
+            "generator",
+            "sample",
+            str(out),
+            "--n-transitions",
+            "150",
+            "--name",
+            "hc/wm",
+            "--horizon",
+            "8",
+            "--seed",
+            "5",
+            "--json",
+            env=env,
+        )
+    )
+    assert twin["version"] == 2 and twin["content_hash"] == made["content_hash"]
+    res = as_json(
+        rlsynth(
+            "datasets",
+            "evaluate",
+            "hc/wm",
+            "--reference",
+            "hc@1",
+            "--horizons",
+            "1",
+            "--windows",
+            "4",
+            "--plot",
+            str(tmp_path / "f.png"),
+            "--json",
+            env=env,
+        )
+    )
+    assert res["one_step"]["obs_mse_normalised"] > 1e-6  # a learned model is not the simulator
+    bad = rlsynth(
+        "generator",
+        "train",
+        "--data",
+        "hc@1",
+        "--kind",
+        "world-model",
+        "--preset",
+        "huge",
+        "--out",
+        str(tmp_path / "x"),
+        env=env,
+        check=False,
+    )
+    assert "unknown preset 'huge'" in _error_line(bad)
+    missing = rlsynth(
+        "generator",
+        "sample",
+        str(tmp_path / "nothing"),
+        "--n-transitions",
+        "5",
+        "--name",
+        "x",
+        env=env,
+        check=False,
+    )
+    assert "no such generator folder" in _error_line(missing)

@@ -1,0 +1,309 @@
+"""One training loop for every generator family.
+
+AdamW, linear warm-up then cosine decay, gradient clipping, an EMA of the weights, a held-out validation
+loss, seeded batches, a progress bar with loss and it/s, and checkpoints that resume exactly: the raw and
+EMA weights, the optimiser moments, the step and the batch RNG are saved (safetensors + JSON) every
+``checkpoint_every`` steps and on Ctrl-C, and a later call with the same folder continues from there.
+
+A model only has to be an ``nn.Module`` with ``loss(batch) -> (scalar tensor, metrics dict)`` where
+``batch`` maps names to tensors whose first axis is the sample axis.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from generators.checkpoint import (
+    CheckpointError,
+    flatten_state,
+    read_json,
+    read_tensors,
+    unflatten_state,
+    write_json,
+    write_tensors,
+)
+
+Batch = dict[str, torch.Tensor]
+
+
+class Trainable(Protocol):
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings shared by all generator families."""
+
+    steps: int = 20_000
+    """Gradient steps."""
+    batch_size: int = 256
+    """Samples per step."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    warmup_steps: int = 500
+    """Linear warm-up steps before the cosine decay."""
+    min_lr_ratio: float = 0.05
+    """The cosine decays to this fraction of ``lr``."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    ema_decay: float = 0.999
+    """Decay of the exponential moving average of the weights (0 disables EMA)."""
+    val_fraction: float = 0.05
+    """Fraction of samples held out for the validation loss."""
+    eval_every: int = 1000
+    """Steps between validation losses."""
+    checkpoint_every: int = 2000
+    """Steps between resumable checkpoints."""
+    seed: int = 0
+    """Seeds initialisation, the train/validation split and batch sampling."""
+    device: str = "auto"
+    """``auto`` (CUDA if present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    threads: int = 0
+    """CPU threads for torch (0: all cores)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int
+    seconds: float
+    final_loss: float
+    val_loss: float | None
+    history: list[dict[str, float]]
+    resumed_from: int
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"device '{name}' requested but CUDA is not available")
+    return dev
+
+
+def configure_threads(threads: int) -> None:
+    n = threads or os.cpu_count() or 1
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Warm-up then cosine: lr·s/w for s < w, then lr·(r + (1−r)·½(1+cos(π·p))) with p the decay progress."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    p = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train and validation row indices (seeded; at least one row each when n >= 2)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = min(n - 1, max(1, round(n * val_fraction))) if n >= 2 and val_fraction > 0 else 0
+    return perm[n_val:], perm[:n_val]
+
+
+def _take(data: Mapping[str, torch.Tensor], idx: torch.Tensor, device: torch.device) -> Batch:
+    return {k: v[idx].to(device, non_blocking=True) for k, v in data.items()}
+
+
+def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+            e.lerp_(p, 1 - decay)
+        for eb, b in zip(ema.buffers(), model.buffers(), strict=True):
+            eb.copy_(b)
+
+
+def validation_loss(
+    model: nn.Module,
+    data: Mapping[str, torch.Tensor],
+    idx: torch.Tensor,
+    device: torch.device,
+    batch_size: int,
+    seed: int,
+) -> float | None:
+    """Mean loss over the validation rows, with a fixed RNG so the number is comparable across steps."""
+    if len(idx) == 0:
+        return None
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for lo in range(0, len(idx), batch_size):
+            b = idx[lo : lo + batch_size]
+            loss, _ = model.loss(_take(data, b, device))  # type: ignore[operator]
+            total += float(loss) * len(b)
+            count += len(b)
+    model.train(was_training)
+    return total / count
+
+
+STATE_TENSORS = "state.safetensors"
+STATE_JSON = "state.json"
+MODEL_FILE = "model.safetensors"
+
+
+def _save_state(
+    out: Path,
+    step: int,
+    model: nn.Module,
+    ema: nn.Module | None,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+    history: list[dict[str, float]],
+    fingerprint: dict[str, Any],
+) -> None:
+    opt_tensors, opt_skel = flatten_state(opt.state_dict())
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    tensors.update({f"opt.{k}": v for k, v in opt_tensors.items()})
+    tensors["rng"] = gen.get_state()
+    # Models may draw randomness inside loss() (bootstrap resamples, diffusion noise): keep that stream too.
+    tensors["torch_rng"] = torch.get_rng_state()
+    # Tensors first, JSON last: a state.json always describes a complete state.safetensors.
+    write_tensors(out / STATE_TENSORS, tensors)
+    write_tensors(out / MODEL_FILE, (ema or model).state_dict())
+    write_json(
+        out / STATE_JSON,
+        {"step": step, "optimizer": opt_skel, "history": history, "fingerprint": fingerprint},
+    )
+
+
+def _load_state(
+    out: Path,
+    model: nn.Module,
+    ema: nn.Module | None,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+    fingerprint: dict[str, Any],
+) -> tuple[int, list[dict[str, float]]]:
+    meta = read_json(out / STATE_JSON)
+    if meta.get("fingerprint") != fingerprint:
+        raise CheckpointError(
+            f"{out}: holds training state for another configuration; use a new --out folder"
+        )
+    tensors = read_tensors(out / STATE_TENSORS)
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    if ema is not None:
+        ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    opt.load_state_dict(
+        unflatten_state({k[4:]: v for k, v in tensors.items() if k.startswith("opt.")}, meta["optimizer"])
+    )
+    gen.set_state(tensors["rng"])
+    torch.set_rng_state(tensors["torch_rng"])
+    return int(meta["step"]), list(meta["history"])
+
+
+def train(
+    model: nn.Module,
+    data: Mapping[str, torch.Tensor],
+    cfg: TrainConfig,
+    out: Path,
+    *,
+    fingerprint: Mapping[str, Any] | None = None,
+    desc: str = "train",
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` on ``data`` (tensors sharing their first axis), checkpointing into ``out``.
+
+    If ``out`` holds a state from the same ``fingerprint`` (model + train config), training resumes from it.
+    The deployable weights (EMA when enabled) end in ``out/model.safetensors``.
+    """
+    from tqdm.auto import tqdm
+
+    configure_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    n = len(next(iter(data.values())))
+    if n < 2:
+        raise CheckpointError(f"need at least 2 training samples, got {n}")
+    out.mkdir(parents=True, exist_ok=True)
+    fp = {
+        "train": asdict(cfg) | {"progress": None, "device": None, "threads": None},
+        **dict(fingerprint or {}),
+    }
+    model.to(device).train()
+    ema = copy.deepcopy(model).eval() if cfg.ema_decay > 0 else None
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    train_idx, val_idx = split(n, cfg.val_fraction, cfg.seed)
+    start, history = 0, list[dict[str, float]]()
+    if (out / STATE_JSON).exists():
+        start, history = _load_state(out, model, ema, opt, gen, fp)
+    step = start
+    loss_val = float("nan")
+    t0 = time.perf_counter()
+    bar = tqdm(
+        total=cfg.steps,
+        initial=start,
+        desc=desc,
+        disable=not cfg.progress,
+        dynamic_ncols=True,
+        mininterval=1.0,
+    )
+    try:
+        while step < cfg.steps:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            pick = train_idx[torch.randint(len(train_idx), (cfg.batch_size,), generator=gen)]
+            loss, metrics = model.loss(_take(data, pick, device))  # type: ignore[operator]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            if ema is not None:
+                _ema_update(ema, model, cfg.ema_decay)
+            step += 1
+            loss_val = float(loss)
+            bar.update(1)
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{loss_val:.4f}", refresh=False)
+            if on_step is not None:
+                on_step(step, metrics)
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                val = validation_loss(ema or model, data, val_idx, device, cfg.batch_size * 4, cfg.seed)
+                history.append(
+                    {
+                        "step": step,
+                        "loss": loss_val,
+                        "val_loss": float("nan") if val is None else val,
+                        "lr": lr_at(step - 1, cfg),
+                    }
+                )
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                _save_state(out, step, model, ema, opt, gen, history, fp)
+    except KeyboardInterrupt:
+        _save_state(out, step, model, ema, opt, gen, history, fp)
+        raise
+    finally:
+        bar.close()
+    if ema is not None:
+        # The caller's model leaves training holding the deployable (EMA) weights.
+        model.load_state_dict(ema.state_dict())
+    model.eval()
+    val = validation_loss(model, data, val_idx, device, cfg.batch_size * 4, cfg.seed)
+    return TrainResult(
+        steps=step,
+        seconds=time.perf_counter() - t0,
+        final_loss=loss_val,
+        val_loss=val,
+        history=history,
+        resumed_from=start,
+    )

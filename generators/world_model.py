@@ -1,0 +1,179 @@
+"""The learned world-model baseline: a probabilistic MLP ensemble (PETS, Chua et al. 2018; MOPO, Yu et al.
+2020).
+
+Each member maps a normalised (s, a) to a diagonal Gaussian over the normalised (Δs, r) and a Bernoulli
+logit for the terminal flag. Log-variances are softly bounded by learned limits (PETS appendix A.1);
+the loss is the Gaussian negative log-likelihood plus binary cross-entropy, summed over members, each
+member seeing its own bootstrap resample of the batch. After training, the ``elites`` members with the
+lowest held-out MSE are kept for sampling.
+
+Rollouts start from real dataset states and step autoregressively: at each step a random elite is picked
+per rollout and the next state is drawn from its Gaussian. Errors therefore compound with the horizon —
+which is exactly what trajectory diffusion is compared against.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from datasets.types import Transitions
+from generators.checkpoint import Normaliser
+
+
+@dataclass(frozen=True)
+class WorldModelConfig:
+    """Architecture of the ensemble."""
+
+    ensemble: int = 5
+    """Members trained."""
+    elites: int = 4
+    """Members kept for sampling (lowest validation MSE)."""
+    hidden: int = 200
+    """Width of each hidden layer."""
+    layers: int = 3
+    """Hidden layers."""
+    logvar_penalty: float = 0.01
+    """Weight of the penalty keeping the learned log-variance limits tight (PETS)."""
+    divergence_bound: float = 50.0
+    """A rollout stops (truncated) once a normalised state component leaves ±this: the model left the data."""
+
+
+class EnsembleLinear(nn.Module):
+    """E independent linear layers applied in one batched matmul. x: (E, B, in) -> (E, B, out)."""
+
+    def __init__(self, members: int, d_in: int, d_out: int) -> None:
+        super().__init__()
+        bound = 1.0 / np.sqrt(d_in)
+        self.weight = nn.Parameter(torch.empty(members, d_in, d_out).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.zeros(members, 1, d_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+@dataclass(frozen=True)
+class WorldModelNormalisers:
+    obs: Normaliser
+    act: Normaliser
+    delta: Normaliser
+    reward: Normaliser
+
+    @classmethod
+    def fit(cls, t: Transitions) -> WorldModelNormalisers:
+        return cls(
+            obs=Normaliser.fit(t.observations),
+            act=Normaliser.fit(t.actions),
+            delta=Normaliser.fit(t.next_observations.astype(np.float64) - t.observations),
+            reward=Normaliser.fit(t.rewards[:, None]),
+        )
+
+    def to_json(self) -> dict[str, dict[str, list[float]]]:
+        return {k: getattr(self, k).to_json() for k in ("obs", "act", "delta", "reward")}
+
+    @classmethod
+    def from_json(cls, d: dict[str, dict[str, list[float]]]) -> WorldModelNormalisers:
+        return cls(**{k: Normaliser.from_json(d[k]) for k in ("obs", "act", "delta", "reward")})
+
+
+class WorldModel(nn.Module):
+    """Probabilistic ensemble. Inputs and targets are normalised; see :func:`training_tensors`."""
+
+    def __init__(self, obs_dim: int, act_dim: int, cfg: WorldModelConfig) -> None:
+        super().__init__()
+        if not 1 <= cfg.elites <= cfg.ensemble:
+            raise ValueError(f"elites must be in [1, ensemble={cfg.ensemble}], got {cfg.elites}")
+        self.cfg = cfg
+        self.obs_dim, self.act_dim = obs_dim, act_dim
+        self.out_dim = obs_dim + 1
+        dims = [obs_dim + act_dim] + [cfg.hidden] * cfg.layers
+        self.trunk = nn.ModuleList(EnsembleLinear(cfg.ensemble, a, b) for a, b in itertools.pairwise(dims))
+        self.head = EnsembleLinear(cfg.ensemble, cfg.hidden, 2 * self.out_dim + 1)
+        self.max_logvar = nn.Parameter(torch.full((1, 1, self.out_dim), 0.5))
+        self.min_logvar = nn.Parameter(torch.full((1, 1, self.out_dim), -10.0))
+        self.elite_idx: torch.Tensor
+        self.register_buffer("elite_idx", torch.arange(cfg.elites))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (E, B, obs+act) -> mean (E, B, D), logvar (E, B, D), terminal logit (E, B); D = obs + 1."""
+        h = x
+        for layer in self.trunk:
+            h = F.silu(layer(h))
+        out = self.head(h)
+        mean, raw, term = out[..., : self.out_dim], out[..., self.out_dim : 2 * self.out_dim], out[..., -1]
+        logvar = self.max_logvar - F.softplus(self.max_logvar - raw)
+        logvar = self.min_logvar + F.softplus(logvar - self.min_logvar)
+        return mean, logvar, term
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        x, y, term = batch["x"], batch["y"], batch["terminal"]
+        e, b = self.cfg.ensemble, x.shape[0]
+        # Bootstrap: each member trains on its own resample of the batch.
+        idx = torch.randint(b, (e, b), device=x.device)
+        mean, logvar, logit = self(x[idx])
+        target = y[idx]
+        nll = (((mean - target) ** 2) * torch.exp(-logvar) + logvar).mean(dim=(1, 2)).sum()
+        bce = F.binary_cross_entropy_with_logits(logit, term[idx], reduction="none").mean(1).sum()
+        reg = self.cfg.logvar_penalty * (self.max_logvar.sum() - self.min_logvar.sum())
+        mse = float(((mean - target) ** 2).mean().detach())
+        return nll + bce + reg, {"mse": mse}
+
+    @torch.no_grad()
+    def member_mse(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Held-out MSE of each member's mean prediction: (E,)."""
+        mean, _, _ = self(x.unsqueeze(0).expand(self.cfg.ensemble, -1, -1))
+        return ((mean - y.unsqueeze(0)) ** 2).mean(dim=(1, 2))
+
+    def select_elites(self, x: torch.Tensor, y: torch.Tensor) -> list[int]:
+        order = torch.argsort(self.member_mse(x, y))[: self.cfg.elites]
+        self.elite_idx.copy_(torch.sort(order).values)
+        return [int(i) for i in self.elite_idx]
+
+
+def training_tensors(t: Transitions, norms: WorldModelNormalisers) -> dict[str, torch.Tensor]:
+    """x = [ŝ, â], y = [Δŝ, r̂] (hats: normalised), terminal as float."""
+    obs, act = torch.as_tensor(np.array(t.observations)), torch.as_tensor(np.array(t.actions))
+    delta = torch.as_tensor(t.next_observations.astype(np.float64) - t.observations, dtype=torch.float32)
+    rew = torch.as_tensor(np.array(t.rewards))[:, None]
+    return {
+        "x": torch.cat([norms.obs.normalise(obs), norms.act.normalise(act)], 1),
+        "y": torch.cat([norms.delta.normalise(delta), norms.reward.normalise(rew)], 1),
+        "terminal": torch.as_tensor(t.terminals.astype(np.float32)),
+    }
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    next_obs: torch.Tensor
+    reward: torch.Tensor
+    terminal: torch.Tensor
+    diverged: torch.Tensor
+
+
+@torch.no_grad()
+def model_step(
+    model: WorldModel,
+    norms: WorldModelNormalisers,
+    obs: torch.Tensor,
+    act: torch.Tensor,
+    member: torch.Tensor,
+    noise: torch.Tensor | None,
+) -> StepOutput:
+    """One autoregressive step for B rollouts. obs (B, o), act (B, a), member (B,) indices into the ensemble,
+    noise (B, o+1) standard normal draws or ``None`` for the mean prediction."""
+    x = torch.cat([norms.obs.normalise(obs), norms.act.normalise(act)], 1)
+    mean, logvar, logit = model(x.unsqueeze(0).expand(model.cfg.ensemble, -1, -1))
+    rows = torch.arange(x.shape[0], device=x.device)
+    mu, lv, lg = mean[member, rows], logvar[member, rows], logit[member, rows]
+    z = mu if noise is None else mu + torch.exp(0.5 * lv) * noise
+    o = model.obs_dim
+    next_obs = obs + norms.delta.denormalise(z[:, :o])
+    reward = norms.reward.denormalise(z[:, o:]).squeeze(1)
+    bound = model.cfg.divergence_bound
+    diverged = ~torch.isfinite(next_obs).all(1) | (norms.obs.normalise(next_obs).abs() > bound).any(1)
+    return StepOutput(next_obs, reward, torch.sigmoid(lg) > 0.5, diverged)
