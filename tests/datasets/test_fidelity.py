@@ -159,3 +159,10 @@ def test_window_starts_never_cross_episodes() -> None:
 def test_plot_writes_a_png(tmp_path: Path) -> None:
     out = plot(evaluate(real("HalfCheetah-v5"), config=FAST), tmp_path / "f.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("env_id", ["Walker2d-v5", "Ant-v5"])
+def test_other_locomotion_envs_have_an_exact_oracle(env_id: str) -> None:
+    r = evaluate(real(env_id, n=150), config=EvalConfig(horizons=(1,), windows=4))
+    assert r["one_step"]["obs_mse_normalised"] <= 1e-8
+    assert r["one_step"]["terminal_agreement"] == 1.0
