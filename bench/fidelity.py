@@ -39,8 +39,8 @@ from datasets.fidelity import (
     window_starts,
 )
 from datasets.types import Dataset, Transitions
-from generators.api import load_generator, sample_world_model, train_generator
-from generators.world_model import model_step
+from generators.api import SampleOptions, load_generator, sample, train_generator
+from generators.world_model import WorldModel, WorldModelNormalisers, model_step
 
 HORIZONS = (1, 8, 32)
 PLOT = Path(__file__).resolve().parent / "plots" / "fidelity.png"
@@ -73,18 +73,20 @@ def world_model_step(folder: Path, mean: bool, seed: int):  # type: ignore[no-un
     gen = load_generator(folder, device="cpu")
     tg = torch.Generator().manual_seed(seed)
     elites = gen.model.elite_idx
+    norms = WorldModelNormalisers.from_map(gen.norms)
+    model: WorldModel = gen.model  # type: ignore[assignment]
 
     def step(s: np.ndarray, a: np.ndarray) -> np.ndarray:
         obs, act = torch.as_tensor(s, dtype=torch.float32), torch.as_tensor(a, dtype=torch.float32)
         if mean:
             outs = [
-                model_step(gen.model, gen.norms, obs, act, torch.full((len(s),), int(e)), None).next_obs
+                model_step(model, norms, obs, act, torch.full((len(s),), int(e)), None).next_obs
                 for e in elites
             ]
             return torch.stack(outs).mean(0).numpy()
         member = elites[torch.randint(len(elites), (len(s),), generator=tg)]
         noise = torch.randn((len(s), gen.model.obs_dim + 1), generator=tg)
-        return model_step(gen.model, gen.norms, obs, act, member, noise).next_obs.numpy()
+        return model_step(model, norms, obs, act, member, noise).next_obs.numpy()
 
     return step
 
@@ -129,7 +131,7 @@ def main() -> None:
         }
         gen = load_generator(Path(tmp) / "wm", device="cpu")
         t0 = time.perf_counter()
-        synth = sample_world_model(gen, train_ds, 20_000, seed=a.seed, horizon=32)
+        synth = sample(gen, train_ds, 20_000, SampleOptions(seed=a.seed, horizon=32))
         sample_s = time.perf_counter() - t0
     oracle.close()
     judged = evaluate(

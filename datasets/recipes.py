@@ -94,17 +94,9 @@ class _Recorder:
     def end(self, terminated: bool) -> None:
         if not self._act:
             return
-        t = len(self._act)
-        flags = np.zeros(t, bool)
-        last = flags.copy()
-        last[-1] = True
         self.episodes.append(
-            Episode(
-                observations=np.asarray(self._obs, np.float32),
-                actions=np.asarray(self._act, np.float32),
-                rewards=np.asarray(self._rew, np.float32),
-                terminations=last if terminated else flags,
-                truncations=flags if terminated else last,
+            Episode.ending(
+                np.asarray(self._obs), np.asarray(self._act), np.asarray(self._rew), terminated=terminated
             )
         )
         self.returns.append(float(np.sum(self._rew)))

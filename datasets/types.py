@@ -137,6 +137,23 @@ class Episode:
         for name in ("observations", "actions", "rewards", "terminations", "truncations"):
             _frozen(getattr(self, name))
 
+    @classmethod
+    def ending(
+        cls, observations: np.ndarray, actions: np.ndarray, rewards: np.ndarray, *, terminated: bool
+    ) -> Episode:
+        """An episode whose only end flag is on its last step: a termination, or else a truncation."""
+        n = int(actions.shape[0])
+        last = np.zeros(n, bool)
+        last[-1] = True
+        none = np.zeros(n, bool)
+        return cls(
+            observations=np.ascontiguousarray(observations, np.float32),
+            actions=np.ascontiguousarray(actions, np.float32),
+            rewards=np.ascontiguousarray(rewards, np.float32),
+            terminations=last if terminated else none,
+            truncations=none if terminated else last,
+        )
+
     @property
     def length(self) -> int:
         return int(self.actions.shape[0])

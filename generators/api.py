@@ -3,6 +3,9 @@
 A trained generator is a folder (see :mod:`generators.checkpoint`): ``config.json`` (kind, model and
 training config, the source dataset and its lineage entry), ``normaliser.json``, ``model.safetensors``,
 the resumable training state, ``train.json`` (loss history, timings) and ``loss.png``.
+
+Every family samples in fixed chunks whose randomness depends on (seed, sample index) only, so a sample
+does not depend on how a caller splits the work.
 """
 
 from __future__ import annotations
@@ -10,27 +13,424 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from torch import nn
 
 from datasets.errors import RlsynthError
-from datasets.fidelity import window_starts
 from datasets.types import Dataset, DatasetInfo, Episode, episodes_to_transitions
 from datasets.validation import validate_episodes
-from generators.checkpoint import CheckpointError, checkpoint_hash, read_json, read_tensors, write_json
-from generators.training import TrainConfig, TrainResult, resolve_device, train
+from generators.autoregressive import AutoregressiveConfig, Drafter
+from generators.checkpoint import (
+    CheckpointError,
+    Normaliser,
+    checkpoint_hash,
+    read_json,
+    read_tensors,
+    write_json,
+    write_tensors,
+)
+from generators.diffusion import (
+    TrajectoryConfig,
+    TrajectoryDiffusion,
+    TransitionConfig,
+    TransitionDiffusion,
+    decode_transitions,
+    transition_features,
+)
+from generators.edm import Churn, Denoiser, EDMConfig, PerSampleNoise, generate
+from generators.tokens import TokenLayout, decode_window, start_tokens, windows
+from generators.training import TrainConfig, TrainResult, resolve_device, split, train
 from generators.world_model import (
+    ActionFn,
     WorldModel,
     WorldModelConfig,
     WorldModelNormalisers,
-    model_step,
+    sample_world_model,
     training_tensors,
 )
 
-KINDS = ("world-model",)
+KINDS = ("trajectory", "transition", "autoregressive", "world-model")
+CHUNK = 256
+
+
+@dataclass(frozen=True)
+class SampleOptions:
+    """How to sample; options a family does not use are ignored by it."""
+
+    seed: int = 0
+    steps: int | None = None
+    """Diffusion: sampler steps (autoregressive: refinement steps K). Default: the model's config."""
+    horizon: int | None = None
+    """World model: rollout length."""
+    policy: ActionFn | None = None
+    """World model: actions from this policy instead of the data's."""
+    sigma_start: float | None = None
+    """Autoregressive: refinement noise level (0: raw drafts). Default: the model's config."""
+    refiner: LoadedGenerator | None = None
+    """Autoregressive: the trajectory-diffusion model that refines drafts."""
+    wrap_denoiser: Callable[[Denoiser], Denoiser] | None = None
+    """Guidance hook: wraps the denoiser; the sampler is unchanged."""
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The noise seed of sample ``index`` of a run seeded ``seed``."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+@dataclass
+class LoadedGenerator:
+    kind: str
+    folder: Path
+    config: dict[str, Any]
+    model: nn.Module
+    norms: dict[str, Normaliser]
+    info: DatasetInfo
+
+    @property
+    def checkpoint_hash(self) -> str:
+        return checkpoint_hash(self.folder)
+
+    @property
+    def layout(self) -> TokenLayout:
+        return TokenLayout.for_spaces(self.info.observation_space, self.info.action_space)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+class Family:
+    """One generator family: how to prepare data, build the model and sample from it."""
+
+    kind: ClassVar[str]
+    config_cls: ClassVar[Any]
+
+    def config_from_dict(self, d: dict[str, Any]) -> Any:
+        return self.config_cls.from_dict(d) if hasattr(self.config_cls, "from_dict") else self.config_cls(**d)
+
+    def build(self, info: DatasetInfo, cfg: Any) -> nn.Module:
+        raise NotImplementedError
+
+    def prepare(self, ds: Dataset, cfg: Any) -> tuple[dict[str, Normaliser], dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def finish(
+        self, model: nn.Module, data: dict[str, torch.Tensor], train_cfg: TrainConfig, out: Path
+    ) -> None:
+        """Work after training (the world model picks its elites here)."""
+
+    def sample(self, gen: LoadedGenerator, source: Dataset, n: int, opts: SampleOptions) -> list[Episode]:
+        raise NotImplementedError
+
+
+def _layout(info: DatasetInfo) -> TokenLayout:
+    return TokenLayout.for_spaces(info.observation_space, info.action_space)
+
+
+def _window_data(
+    ds: Dataset, horizon: int, stride: int
+) -> tuple[dict[str, Normaliser], dict[str, torch.Tensor]]:
+    layout = _layout(ds.info)
+    w = windows(layout, ds.episodes(), horizon, stride)
+    if len(w) < 2:
+        raise RlsynthError(f"{ds.source} has fewer than 2 windows of {horizon} steps; lower the horizon")
+    norm = Normaliser.fit(w.reshape(-1, layout.dim))
+    x = norm.normalise(torch.from_numpy(w))
+    return {"tokens": norm}, {"x": x}
+
+
+def _diffuse(
+    gen: LoadedGenerator,
+    shape: tuple[int, ...],
+    first: int,
+    opts: SampleOptions,
+    steps: int,
+    edm: EDMConfig,
+    s_churn: float,
+    x_init: torch.Tensor | None = None,
+    sigma_start: float | None = None,
+) -> torch.Tensor:
+    """Run the EDM sampler for samples first..first+B-1 (normalised space)."""
+    noise = PerSampleNoise([sample_seed(opts.seed, first + i) for i in range(shape[0])], gen.device)
+    denoiser: Denoiser = gen.model.denoiser  # type: ignore[assignment]
+    if opts.wrap_denoiser is not None:
+        denoiser = opts.wrap_denoiser(denoiser)
+    with torch.no_grad():
+        return generate(
+            denoiser,
+            shape,
+            steps,
+            edm,
+            noise,
+            x_init=x_init,
+            sigma_start=sigma_start,
+            churn=Churn(s_churn=s_churn),
+        )
+
+
+def _collect(n: int, make_chunk: Callable[[int], list[Episode]]) -> list[Episode]:
+    """Call ``make_chunk(first_index)`` for consecutive chunks until n transitions exist."""
+    episodes: list[Episode] = []
+    total, first = 0, 0
+    while total < n:
+        got = make_chunk(first)
+        if not got and first > 50 * CHUNK:
+            raise RlsynthError("the generator produces no usable transitions")
+        episodes.extend(got)
+        total += sum(e.length for e in got)
+        first += CHUNK
+    return episodes
+
+
+class TrajectoryFamily(Family):
+    kind = "trajectory"
+    config_cls = TrajectoryConfig
+
+    def build(self, info: DatasetInfo, cfg: TrajectoryConfig) -> nn.Module:
+        return TrajectoryDiffusion(_layout(info), cfg)
+
+    def prepare(
+        self, ds: Dataset, cfg: TrajectoryConfig
+    ) -> tuple[dict[str, Normaliser], dict[str, torch.Tensor]]:
+        return _window_data(ds, cfg.horizon, cfg.stride)
+
+    def sample(self, gen: LoadedGenerator, source: Dataset, n: int, opts: SampleOptions) -> list[Episode]:
+        cfg: TrajectoryConfig = gen.model.cfg  # type: ignore[assignment]
+        layout, norm = gen.layout, gen.norms["tokens"]
+
+        def chunk(first: int) -> list[Episode]:
+            x = _diffuse(
+                gen,
+                (CHUNK, cfg.horizon, layout.dim),
+                first,
+                opts,
+                opts.steps or cfg.sample_steps,
+                cfg.edm,
+                cfg.s_churn,
+            )
+            raw = norm.denormalise(x).cpu().numpy()
+            return [e for w in raw if (e := decode_window(layout, w)) is not None]
+
+        return _collect(n, chunk)
+
+
+class TransitionFamily(Family):
+    kind = "transition"
+    config_cls = TransitionConfig
+
+    def build(self, info: DatasetInfo, cfg: TransitionConfig) -> nn.Module:
+        return TransitionDiffusion(_layout(info), cfg)
+
+    def prepare(
+        self, ds: Dataset, cfg: TransitionConfig
+    ) -> tuple[dict[str, Normaliser], dict[str, torch.Tensor]]:
+        f = transition_features(_layout(ds.info), ds.transitions)
+        norm = Normaliser.fit(f)
+        return {"features": norm}, {"x": norm.normalise(torch.from_numpy(f))}
+
+    def sample(self, gen: LoadedGenerator, source: Dataset, n: int, opts: SampleOptions) -> list[Episode]:
+        cfg: TransitionConfig = gen.model.cfg  # type: ignore[assignment]
+        model: TransitionDiffusion = gen.model  # type: ignore[assignment]
+        norm = gen.norms["features"]
+
+        def chunk(first: int) -> list[Episode]:
+            x = _diffuse(
+                gen, (CHUNK, model.dim), first, opts, opts.steps or cfg.sample_steps, cfg.edm, cfg.s_churn
+            )
+            return decode_transitions(gen.layout, norm.denormalise(x).cpu().numpy())
+
+        return _collect(n, chunk)
+
+
+class AutoregressiveFamily(Family):
+    kind = "autoregressive"
+    config_cls = AutoregressiveConfig
+
+    def build(self, info: DatasetInfo, cfg: AutoregressiveConfig) -> nn.Module:
+        return Drafter(_layout(info), cfg)
+
+    def prepare(
+        self, ds: Dataset, cfg: AutoregressiveConfig
+    ) -> tuple[dict[str, Normaliser], dict[str, torch.Tensor]]:
+        return _window_data(ds, cfg.horizon, cfg.stride)
+
+    def sample(self, gen: LoadedGenerator, source: Dataset, n: int, opts: SampleOptions) -> list[Episode]:
+        cfg: AutoregressiveConfig = gen.model.cfg  # type: ignore[assignment]
+        drafter: Drafter = gen.model  # type: ignore[assignment]
+        layout, norm = gen.layout, gen.norms["tokens"]
+        sigma_start = cfg.sigma_start if opts.sigma_start is None else opts.sigma_start
+        steps = opts.steps or cfg.refine_steps
+        refiner = opts.refiner
+        if sigma_start > 0 and refiner is None:
+            raise RlsynthError(
+                "refinement needs a trajectory-diffusion model: pass --refiner DIR "
+                "(or --sigma-start 0 for raw drafts)"
+            )
+        if refiner is not None:
+            rcfg: TrajectoryConfig = refiner.model.cfg  # type: ignore[assignment]
+            if refiner.kind != "trajectory" or rcfg.horizon != cfg.horizon or refiner.info != gen.info:
+                raise RlsynthError(
+                    f"refiner {refiner.folder} is not a trajectory model of the same spaces and "
+                    f"horizon {cfg.horizon}"
+                )
+        t = source.transitions
+
+        def chunk(first: int) -> list[Episode]:
+            rows = np.array(
+                [np.random.default_rng([opts.seed, first + i]).integers(len(t)) for i in range(CHUNK)]
+            )
+            start = norm.normalise(torch.from_numpy(start_tokens(layout, t, rows))).to(gen.device)
+            noise = PerSampleNoise([sample_seed(opts.seed, first + i) for i in range(CHUNK)], gen.device)
+            raw = norm.denormalise(drafter.draft(start, noise))
+            if sigma_start > 0 and refiner is not None:
+                rnorm = refiner.norms["tokens"]
+                x = _diffuse(
+                    refiner,
+                    tuple(raw.shape),
+                    first,
+                    replace(opts, seed=opts.seed + 1),
+                    steps,
+                    rcfg.edm,
+                    0.0,
+                    x_init=rnorm.normalise(raw),
+                    sigma_start=sigma_start,
+                )
+                raw = rnorm.denormalise(x)
+            return [e for w in raw.cpu().numpy() if (e := decode_window(layout, w)) is not None]
+
+        return _collect(n, chunk)
+
+
+class WorldModelFamily(Family):
+    kind = "world-model"
+    config_cls = WorldModelConfig
+
+    def build(self, info: DatasetInfo, cfg: WorldModelConfig) -> nn.Module:
+        return WorldModel(info.observation_space.dim, info.action_space.dim, cfg)
+
+    def prepare(
+        self, ds: Dataset, cfg: WorldModelConfig
+    ) -> tuple[dict[str, Normaliser], dict[str, torch.Tensor]]:
+        norms = WorldModelNormalisers.fit(ds.transitions)
+        return norms.as_map(), training_tensors(ds.transitions, norms)
+
+    def finish(
+        self, model: nn.Module, data: dict[str, torch.Tensor], train_cfg: TrainConfig, out: Path
+    ) -> None:
+        assert isinstance(model, WorldModel)
+        _, val_idx = split(len(data["x"]), train_cfg.val_fraction, train_cfg.seed)
+        device = next(model.parameters()).device
+        model.select_elites(data["x"][val_idx].to(device), data["y"][val_idx].to(device))
+        write_tensors(out / "model.safetensors", model.state_dict())
+
+    def sample(self, gen: LoadedGenerator, source: Dataset, n: int, opts: SampleOptions) -> list[Episode]:
+        norms = WorldModelNormalisers.from_map(gen.norms)
+        assert isinstance(gen.model, WorldModel)
+        return sample_world_model(
+            gen.model,
+            norms,
+            source,
+            n,
+            seed=opts.seed,
+            horizon=opts.horizon or 32,
+            policy=opts.policy,
+        )
+
+
+FAMILIES: dict[str, Family] = {
+    f.kind: f for f in (TrajectoryFamily(), TransitionFamily(), AutoregressiveFamily(), WorldModelFamily())
+}
+
 PRESETS: dict[str, dict[str, tuple[Any, TrainConfig]]] = {
+    "trajectory": {
+        "cpu-small": (
+            TrajectoryConfig(channels=(32, 64, 128), emb=64, stride=1),
+            TrainConfig(
+                steps=12_000,
+                batch_size=128,
+                lr=1e-3,
+                weight_decay=1e-4,
+                warmup_steps=500,
+                ema_decay=0.999,
+                eval_every=1000,
+                checkpoint_every=2000,
+            ),
+        ),
+        # Janner et al.'s temporal U-Net widths (dim 128, mults 1-2-4), trained as policy-guided diffusion.
+        "gpu-paper": (
+            TrajectoryConfig(channels=(128, 256, 512), emb=128),
+            TrainConfig(
+                steps=250_000,
+                batch_size=256,
+                lr=2e-4,
+                weight_decay=1e-4,
+                warmup_steps=2000,
+                ema_decay=0.9995,
+                eval_every=5000,
+                checkpoint_every=10_000,
+            ),
+        ),
+    },
+    "transition": {
+        "cpu-small": (
+            TransitionConfig(width=256, depth=3, emb=64),
+            TrainConfig(
+                steps=15_000,
+                batch_size=256,
+                lr=1e-3,
+                weight_decay=1e-4,
+                warmup_steps=500,
+                ema_decay=0.999,
+                eval_every=1000,
+                checkpoint_every=2000,
+            ),
+        ),
+        # SynthER: residual MLP width 1024, depth 6, 100k steps of batch 256 at lr 3e-4.
+        "gpu-paper": (
+            TransitionConfig(width=1024, depth=6, emb=128),
+            TrainConfig(
+                steps=100_000,
+                batch_size=256,
+                lr=3e-4,
+                weight_decay=0.0,
+                warmup_steps=1000,
+                ema_decay=0.999,
+                eval_every=5000,
+                checkpoint_every=10_000,
+            ),
+        ),
+    },
+    "autoregressive": {
+        "cpu-small": (
+            AutoregressiveConfig(width=128, depth=3, heads=4),
+            TrainConfig(
+                steps=8_000,
+                batch_size=128,
+                lr=1e-3,
+                weight_decay=1e-4,
+                warmup_steps=500,
+                ema_decay=0.999,
+                eval_every=1000,
+                checkpoint_every=2000,
+            ),
+        ),
+        "gpu-paper": (
+            AutoregressiveConfig(width=256, depth=6, heads=8),
+            TrainConfig(
+                steps=100_000,
+                batch_size=256,
+                lr=3e-4,
+                weight_decay=1e-4,
+                warmup_steps=2000,
+                ema_decay=0.999,
+                eval_every=5000,
+                checkpoint_every=10_000,
+            ),
+        ),
+    },
     "world-model": {
         # A usable model of a 100k-transition dataset in a few minutes on 2 CPU cores.
         "cpu-small": (
@@ -62,7 +462,6 @@ PRESETS: dict[str, dict[str, tuple[Any, TrainConfig]]] = {
         ),
     },
 }
-SAMPLE_CHUNK = 256
 
 
 def preset(kind: str, name: str) -> tuple[Any, TrainConfig]:
@@ -71,20 +470,6 @@ def preset(kind: str, name: str) -> tuple[Any, TrainConfig]:
     if name not in PRESETS[kind]:
         raise RlsynthError(f"unknown preset '{name}' for {kind} (presets: {', '.join(PRESETS[kind])})")
     return PRESETS[kind][name]
-
-
-@dataclass
-class LoadedGenerator:
-    kind: str
-    folder: Path
-    config: dict[str, Any]
-    model: WorldModel
-    norms: WorldModelNormalisers
-    info: DatasetInfo
-
-    @property
-    def checkpoint_hash(self) -> str:
-        return checkpoint_hash(self.folder)
 
 
 def train_generator(
@@ -97,20 +482,21 @@ def train_generator(
     seed: int | None = None,
     progress: bool = True,
     source: dict[str, Any] | None = None,
+    model_overrides: dict[str, Any] | None = None,
+    train_overrides: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``kind`` on ``dataset`` into ``out`` (resuming if ``out`` holds a run of the same config)."""
     model_cfg, train_cfg = preset(kind, preset_name)
-    train_cfg = replace(train_cfg, progress=progress)
+    family = FAMILIES[kind]
+    model_cfg = replace(model_cfg, **(model_overrides or {}))
+    train_cfg = replace(train_cfg, progress=progress, **(train_overrides or {}))
     if steps is not None:
         train_cfg = replace(train_cfg, steps=steps)
     if seed is not None:
         train_cfg = replace(train_cfg, seed=seed)
-    if train_cfg.steps < 1:
-        raise RlsynthError(f"steps must be positive, got {train_cfg.steps}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    t = dataset.transitions
-    norms = WorldModelNormalisers.fit(t)
+    norms, data = family.prepare(dataset, model_cfg)
     config = {
         "kind": kind,
         "preset": preset_name,
@@ -119,35 +505,22 @@ def train_generator(
         "data": {
             "info": dataset.info.to_json(),
             "source": source or {"source": dataset.source},
-            "transitions": len(t),
+            "transitions": dataset.n_transitions,
         },
     }
-    fingerprint = {"kind": kind, "model": asdict(model_cfg), "data": config["data"]}
     existing = out / "config.json"
     if existing.exists() and read_json(existing).get("data") != config["data"]:
         raise CheckpointError(f"{out}: holds a generator trained on other data; use a new --out folder")
     write_json(out / "config.json", config)
-    write_json(out / "normaliser.json", norms.to_json())
+    write_json(out / "normaliser.json", {k: v.to_json() for k, v in norms.items()})
     torch.manual_seed(train_cfg.seed)
-    model = WorldModel(t.observations.shape[1], t.actions.shape[1], model_cfg)
-    data = training_tensors(t, norms)
+    model = family.build(dataset.info, model_cfg)
+    fingerprint = {"kind": kind, "model": asdict(model_cfg), "data": config["data"]}
     result = train(model, data, train_cfg, out, fingerprint=fingerprint, desc=f"train {kind}")
-    _finish_world_model(model, data, train_cfg, out)
-    write_json(out / "train.json", {**asdict(result), "elites": [int(i) for i in model.elite_idx]})
+    family.finish(model, data, train_cfg, out)
+    write_json(out / "train.json", asdict(result))
     _plot_history(result, out / "loss.png", kind)
     return result
-
-
-def _finish_world_model(
-    model: WorldModel, data: dict[str, torch.Tensor], cfg: TrainConfig, out: Path
-) -> None:
-    from generators.checkpoint import write_tensors
-    from generators.training import split
-
-    _, val_idx = split(len(data["x"]), cfg.val_fraction, cfg.seed)
-    device = next(model.parameters()).device
-    model.select_elites(data["x"][val_idx].to(device), data["y"][val_idx].to(device))
-    write_tensors(out / "model.safetensors", model.state_dict())
 
 
 def _plot_history(result: TrainResult, path: Path, kind: str) -> None:
@@ -176,136 +549,38 @@ def load_generator(folder: str | Path, device: str = "auto") -> LoadedGenerator:
         raise CheckpointError(f"{f}: no such generator folder")
     config = read_json(f / "config.json")
     kind = config.get("kind")
-    if kind not in KINDS:
+    if kind not in FAMILIES:
         raise CheckpointError(f"{f}: unknown generator kind {kind!r}")
+    family = FAMILIES[kind]
     info = DatasetInfo.from_json(config["data"]["info"])
-    norms = WorldModelNormalisers.from_json(read_json(f / "normaliser.json"))
+    norms = {k: Normaliser.from_json(v) for k, v in read_json(f / "normaliser.json").items()}
     try:
-        model = WorldModel(
-            info.observation_space.dim, info.action_space.dim, WorldModelConfig(**config["model"])
-        )
+        model = family.build(info, family.config_from_dict(config["model"]))
         model.load_state_dict(read_tensors(f / "model.safetensors"))
-    except (TypeError, RuntimeError, ValueError) as e:
+    except (TypeError, RuntimeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{f}: weights do not match the config ({e})") from None
     model.to(resolve_device(device)).eval()
     return LoadedGenerator(kind=kind, folder=f, config=config, model=model, norms=norms, info=info)
 
 
-ActionFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def _rollout_chunk(
-    gen: LoadedGenerator,
-    source: Dataset,
-    rows: np.ndarray,
-    horizon: int,
-    policy: ActionFn | None,
-    tg: torch.Generator,
-) -> list[Episode]:
-    """Roll B = len(rows) trajectories for up to ``horizon`` steps from the rows' states."""
-    t = source.transitions
-    model, norms = gen.model, gen.norms
-    device = next(model.parameters()).device
-    b, o = len(rows), model.obs_dim
-    noise = torch.randn((horizon, b, o + 1), generator=tg).to(device)
-    elites = model.elite_idx
-    members = elites[torch.randint(len(elites), (horizon, b), generator=tg).to(elites.device)].to(device)
-    obs = torch.as_tensor(np.array(t.observations[rows]), device=device)
-    low = torch.as_tensor(source.info.action_space.low, device=device)
-    high = torch.as_tensor(source.info.action_space.high, device=device)
-    states, acts, rews, terms = [obs], [], [], []
-    alive = torch.ones(b, dtype=torch.bool, device=device)
-    ends = torch.full((b,), horizon, dtype=torch.long, device=device)
-    terminated = torch.zeros(b, dtype=torch.bool, device=device)
-    for k in range(horizon):
-        if policy is None:
-            act = torch.as_tensor(np.array(t.actions[rows + k]), device=device)
-        else:
-            act = torch.clamp(policy(obs), low, high)
-        out = model_step(model, norms, obs, act, members[k], noise[k])
-        stop_div = alive & out.diverged
-        ends[stop_div] = k  # the diverged step is not kept
-        alive &= ~out.diverged
-        stop_term = alive & out.terminal
-        ends[stop_term] = k + 1
-        terminated |= stop_term
-        alive &= ~out.terminal
-        states.append(torch.where(out.diverged[:, None], obs, out.next_obs))
-        acts.append(act)
-        rews.append(out.reward)
-        terms.append(out.terminal)
-        obs = states[-1]
-        if not alive.any():
-            break
-    s = torch.stack(states, 1).cpu().numpy()
-    a, r = torch.stack(acts, 1).cpu().numpy(), torch.stack(rews, 1).cpu().numpy()
-    episodes = []
-    for i in range(b):
-        n = int(ends[i])
-        if n == 0:
-            continue
-        flags = np.zeros(n, bool)
-        last = flags.copy()
-        last[-1] = True
-        done = bool(terminated[i])
-        episodes.append(
-            Episode(
-                observations=s[i, : n + 1].astype(np.float32),
-                actions=a[i, :n].astype(np.float32),
-                rewards=r[i, :n].astype(np.float32),
-                terminations=last if done else flags,
-                truncations=flags if done else last,
-            )
-        )
-    return episodes
-
-
-def sample_world_model(
-    gen: LoadedGenerator,
-    source: Dataset,
-    n_transitions: int,
-    *,
-    seed: int = 0,
-    horizon: int = 32,
-    policy: ActionFn | None = None,
+def sample(
+    gen: LoadedGenerator, source: Dataset, n_transitions: int, opts: SampleOptions | None = None
 ) -> Dataset:
-    """``n_transitions`` of rollouts from real start states of ``source``.
-
-    ``policy=None`` replays the dataset's own actions after each start state (the start is drawn among rows
-    with ``horizon`` steps left in their episode); otherwise actions come from ``policy(obs)``.
-    Work is done in fixed chunks of 256 rollouts, each seeded by (seed, chunk): the result depends on the
-    seed only, never on how a caller splits the work.
-    """
-    if n_transitions < 1 or horizon < 1:
-        raise RlsynthError("n_transitions and horizon must be positive")
+    """Exactly ``n_transitions`` validated transitions from ``gen`` (``source`` gives start states)."""
+    o = opts or SampleOptions()
+    if n_transitions < 1:
+        raise RlsynthError(f"n_transitions must be positive, got {n_transitions}")
     if (
         source.info.observation_space != gen.info.observation_space
         or source.info.action_space != gen.info.action_space
     ):
         raise RlsynthError(f"{source.source} has other spaces than the generator's training data")
-    t = source.transitions
-    pool = window_starts(t, horizon) if policy is None else np.arange(len(t))
-    if len(pool) == 0:
-        raise RlsynthError(f"{source.source} has no episode with {horizon} steps to replay; lower --horizon")
-    episodes: list[Episode] = []
-    total, chunk = 0, 0
-    while total < n_transitions:
-        rng = np.random.default_rng([seed, chunk])
-        tg = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        got = _rollout_chunk(gen, source, rng.choice(pool, size=SAMPLE_CHUNK), horizon, policy, tg)
-        if not got:
-            raise RlsynthError("every world-model rollout diverged at its first step; the model is unusable")
-        episodes.extend(got)
-        total += sum(e.length for e in got)
-        chunk += 1
-    episodes = _trim(episodes, n_transitions)
-    validate_episodes(episodes, source.info, "world-model samples")
-    return Dataset(
-        info=source.info, transitions=episodes_to_transitions(episodes), source=f"{gen.kind} samples"
-    )
+    episodes = trim(FAMILIES[gen.kind].sample(gen, source, n_transitions, o), n_transitions)
+    validate_episodes(episodes, gen.info, f"{gen.kind} samples")
+    return Dataset(info=gen.info, transitions=episodes_to_transitions(episodes), source=f"{gen.kind} samples")
 
 
-def _trim(episodes: list[Episode], n: int) -> list[Episode]:
+def trim(episodes: list[Episode], n: int) -> list[Episode]:
     """The first episodes holding exactly n transitions; the last one cut short ends truncated."""
     out, total = [], 0
     for e in episodes:
@@ -314,13 +589,8 @@ def _trim(episodes: list[Episode], n: int) -> list[Episode]:
             total += e.length
         else:
             k = n - total
-            flags = np.zeros(k, bool)
-            last = flags.copy()
-            last[-1] = True
             out.append(
-                Episode(
-                    e.observations[: k + 1].copy(), e.actions[:k].copy(), e.rewards[:k].copy(), flags, last
-                )
+                Episode.ending(e.observations[: k + 1], e.actions[:k], e.rewards[:k], terminated=False)
             )
             total = n
         if total == n:

@@ -15,6 +15,7 @@ which is exactly what trajectory diffusion is compared against.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +23,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from datasets.types import Transitions
+from datasets.errors import RlsynthError
+from datasets.fidelity import window_starts
+from datasets.types import Dataset, Episode, Transitions
 from generators.checkpoint import Normaliser
 
 
@@ -73,12 +76,21 @@ class WorldModelNormalisers:
             reward=Normaliser.fit(t.rewards[:, None]),
         )
 
+    KEYS = ("obs", "act", "delta", "reward")
+
+    @classmethod
+    def from_map(cls, d: dict[str, Normaliser]) -> WorldModelNormalisers:
+        return cls(**{k: d[k] for k in cls.KEYS})
+
+    def as_map(self) -> dict[str, Normaliser]:
+        return {k: getattr(self, k) for k in self.KEYS}
+
     def to_json(self) -> dict[str, dict[str, list[float]]]:
-        return {k: getattr(self, k).to_json() for k in ("obs", "act", "delta", "reward")}
+        return {k: v.to_json() for k, v in self.as_map().items()}
 
     @classmethod
     def from_json(cls, d: dict[str, dict[str, list[float]]]) -> WorldModelNormalisers:
-        return cls(**{k: Normaliser.from_json(d[k]) for k in ("obs", "act", "delta", "reward")})
+        return cls(**{k: Normaliser.from_json(d[k]) for k in cls.KEYS})
 
 
 class WorldModel(nn.Module):
@@ -177,3 +189,93 @@ def model_step(
     bound = model.cfg.divergence_bound
     diverged = ~torch.isfinite(next_obs).all(1) | (norms.obs.normalise(next_obs).abs() > bound).any(1)
     return StepOutput(next_obs, reward, torch.sigmoid(lg) > 0.5, diverged)
+
+
+ROLLOUT_CHUNK = 256
+ActionFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _rollout_chunk(
+    model: WorldModel,
+    norms: WorldModelNormalisers,
+    source: Dataset,
+    rows: np.ndarray,
+    horizon: int,
+    policy: ActionFn | None,
+    tg: torch.Generator,
+) -> list[Episode]:
+    """Roll B = len(rows) trajectories for up to ``horizon`` steps from the rows' states."""
+    t = source.transitions
+    device = next(model.parameters()).device
+    b, o = len(rows), model.obs_dim
+    noise = torch.randn((horizon, b, o + 1), generator=tg).to(device)
+    elites = model.elite_idx
+    members = elites[torch.randint(len(elites), (horizon, b), generator=tg).to(elites.device)].to(device)
+    obs = torch.as_tensor(np.array(t.observations[rows]), device=device)
+    low = torch.as_tensor(source.info.action_space.low, device=device)
+    high = torch.as_tensor(source.info.action_space.high, device=device)
+    states, acts, rews = [obs], [], []
+    alive = torch.ones(b, dtype=torch.bool, device=device)
+    ends = torch.full((b,), horizon, dtype=torch.long, device=device)
+    terminated = torch.zeros(b, dtype=torch.bool, device=device)
+    for k in range(horizon):
+        if policy is None:
+            act = torch.as_tensor(np.array(t.actions[rows + k]), device=device)
+        else:
+            act = torch.clamp(policy(obs), low, high)
+        out = model_step(model, norms, obs, act, members[k], noise[k])
+        stop_div = alive & out.diverged
+        ends[stop_div] = k  # the diverged step is not kept
+        alive &= ~out.diverged
+        stop_term = alive & out.terminal
+        ends[stop_term] = k + 1
+        terminated |= stop_term
+        alive &= ~out.terminal
+        states.append(torch.where(out.diverged[:, None], obs, out.next_obs))
+        acts.append(act)
+        rews.append(out.reward)
+        obs = states[-1]
+        if not alive.any():
+            break
+    s = torch.stack(states, 1).cpu().numpy()
+    a, r = torch.stack(acts, 1).cpu().numpy(), torch.stack(rews, 1).cpu().numpy()
+    episodes = []
+    for i in range(b):
+        n = int(ends[i])
+        if n > 0:
+            episodes.append(Episode.ending(s[i, : n + 1], a[i, :n], r[i, :n], terminated=bool(terminated[i])))
+    return episodes
+
+
+def sample_world_model(
+    model: WorldModel,
+    norms: WorldModelNormalisers,
+    source: Dataset,
+    n_transitions: int,
+    *,
+    seed: int = 0,
+    horizon: int = 32,
+    policy: ActionFn | None = None,
+) -> list[Episode]:
+    """Rollouts holding at least ``n_transitions`` transitions, from real start states of ``source``.
+
+    ``policy=None`` replays the dataset's own actions after each start state (the start is drawn among rows
+    with ``horizon`` steps left in their episode); otherwise actions come from ``policy(obs)``. Work is done
+    in fixed chunks of rollouts, each seeded by (seed, chunk): the result depends on the seed only.
+    """
+    t = source.transitions
+    pool = window_starts(t, horizon) if policy is None else np.arange(len(t))
+    if len(pool) == 0:
+        raise RlsynthError(f"{source.source} has no episode with {horizon} steps to replay; lower --horizon")
+    episodes: list[Episode] = []
+    total, chunk = 0, 0
+    while total < n_transitions:
+        rng = np.random.default_rng([seed, chunk])
+        tg = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        got = _rollout_chunk(model, norms, source, rng.choice(pool, size=ROLLOUT_CHUNK), horizon, policy, tg)
+        if not got:
+            raise RlsynthError("every world-model rollout diverged at its first step; the model is unusable")
+        episodes.extend(got)
+        total += sum(e.length for e in got)
+        chunk += 1
+    return episodes

@@ -20,6 +20,9 @@ import click
 
 from datasets.errors import RlsynthError
 
+# Kept in step with generators.api.KINDS (imported lazily: torch is slow to import for --help).
+GENERATOR_KINDS = ("trajectory", "transition", "autoregressive", "world-model")
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -508,7 +511,7 @@ def generator() -> None:
 
 @generator.command("train")
 @click.option("--data", "data_ref", required=True, help="Training data: NAME@N (or any import source).")
-@click.option("--kind", type=click.Choice(["world-model"]), required=True, help="Generator family.")
+@click.option("--kind", type=click.Choice(list(GENERATOR_KINDS)), required=True, help="Generator family.")
 @click.option(
     "--preset", "preset_name", default="cpu-small", show_default=True, help="cpu-small or gpu-paper."
 )
@@ -522,6 +525,12 @@ def generator() -> None:
     "--steps", type=click.IntRange(min=1), default=None, help="Override the preset's gradient steps."
 )
 @click.option("--seed", type=int, default=None, help="Override the preset's seed.")
+@click.option(
+    "--refiner",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="autoregressive: the trajectory model that refines drafts (recorded for sampling).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @catalog_option
 @json_option
@@ -534,15 +543,21 @@ def generator_train_cmd(
     out: str,
     steps: int | None,
     seed: int | None,
+    refiner: str | None,
     quiet: bool,
     catalog_uri: str | None,
     as_json: bool,
 ) -> None:
     """Train a generator of KIND on a dataset; checkpoints are safetensors + JSON."""
     from datasets.sources import load_source, source_lineage
-    from generators.api import preset, train_generator
+    from generators.api import load_generator, preset, train_generator
+    from generators.checkpoint import read_json, write_json
 
     preset(kind, preset_name)
+    if refiner is not None:
+        if kind != "autoregressive":
+            raise click.BadParameter("only the autoregressive kind takes a refiner", param_hint="--refiner")
+        load_generator(refiner, device="cpu")  # fail before training if it cannot be used
     cat = _catalog(ctx, catalog_uri)
     ds = load_source(data_ref, cat)
     res = train_generator(
@@ -555,6 +570,10 @@ def generator_train_cmd(
         progress=not quiet,
         source=source_lineage(data_ref, ds, cat),
     )
+    if refiner is not None:
+        config = read_json(Path(out) / "config.json")
+        config["refiner"] = str(Path(refiner).resolve())
+        write_json(Path(out) / "config.json", config)
     summary_ = {
         "out": str(Path(out).resolve()),
         "kind": kind,
@@ -579,6 +598,24 @@ def generator_train_cmd(
 @click.option("--n-transitions", type=click.IntRange(min=1), required=True)
 @click.option("--name", required=True, help="Catalog name of the new version.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--steps",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Diffusion sampler steps (autoregressive: refinement steps K); default: the model's.",
+)
+@click.option(
+    "--sigma-start",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="autoregressive: refinement noise level (0: raw drafts); default: the model's.",
+)
+@click.option(
+    "--refiner",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="autoregressive: trajectory model refining the drafts (default: the one recorded).",
+)
 @click.option(
     "--horizon",
     type=click.IntRange(min=1),
@@ -606,6 +643,9 @@ def generator_sample_cmd(
     n_transitions: int,
     name: str,
     seed: int,
+    steps: int | None,
+    sigma_start: float | None,
+    refiner: str | None,
     horizon: int,
     policy_spec: str,
     data_ref: str | None,
@@ -615,7 +655,7 @@ def generator_sample_cmd(
     """Sample a new catalog version from a trained generator, with full lineage."""
     from datasets.catalog import check_name
     from datasets.sources import file_sha256, load_source
-    from generators.api import load_generator, sample_world_model
+    from generators.api import SampleOptions, load_generator, sample
 
     check_name(name)
     cat = _catalog(ctx, catalog_uri)
@@ -635,18 +675,40 @@ def generator_sample_cmd(
             "path": str(Path(policy_spec).resolve()),
             "sha256": file_sha256(Path(policy_spec)),
         }
-    ds = sample_world_model(gen, source, n_transitions, seed=seed, horizon=horizon, policy=policy_fn)
+    refiner_path = refiner or gen.config.get("refiner")
+    refiner_gen = load_generator(refiner_path) if refiner_path and gen.kind == "autoregressive" else None
+    opts = SampleOptions(
+        seed=seed,
+        steps=steps,
+        horizon=horizon,
+        policy=policy_fn,
+        sigma_start=sigma_start,
+        refiner=refiner_gen,
+    )
+    ds = sample(gen, source, n_transitions, opts)
+    generator_lineage = {
+        "kind": gen.kind,
+        "folder": str(gen.folder.resolve()),
+        "checkpoint_hash": gen.checkpoint_hash,
+        "preset": gen.config.get("preset"),
+    }
+    if refiner_gen is not None:
+        generator_lineage["refiner"] = {
+            "folder": str(refiner_gen.folder.resolve()),
+            "checkpoint_hash": refiner_gen.checkpoint_hash,
+        }
     lineage = {
         "sources": [src],
         "start_states": ref,
-        "generator": {
-            "kind": gen.kind,
-            "folder": str(gen.folder.resolve()),
-            "checkpoint_hash": gen.checkpoint_hash,
-            "preset": gen.config.get("preset"),
-        },
+        "generator": generator_lineage,
         "agent": policy_lineage if policy_spec != "data" else None,
-        "sampling": {"n_transitions": n_transitions, "horizon": horizon, "policy": policy_lineage},
+        "sampling": {
+            "n_transitions": n_transitions,
+            "horizon": horizon,
+            "policy": policy_lineage,
+            "steps": steps,
+            "sigma_start": sigma_start,
+        },
         "seeds": {"sample": seed},
     }
     r = cat.write(name, ds, lineage=lineage, tags={"generator": gen.kind})

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, str]:
     from datasets.minari_io import write_minari
     from datasets.recipes import RecipeConfig, build
     from datasets.sources import load_source, source_lineage
-    from generators.api import load_generator, sample_world_model, train_generator
+    from generators.api import SampleOptions, load_generator, sample, train_generator
     from offline_rl.buffers import to_replay_buffer
     from offline_rl.d3rlpy_setup import import_d3rlpy, noop_logger
 
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, str]:
     wm_dir = out / f"world-model-{ref.name.replace('/', '-')}-v{ref.version}"
     train_generator("world-model", ds, wm_dir, steps=args.wm_steps, source=source_lineage(str(ref), ds, cat))
     gen = load_generator(wm_dir)
-    synth = sample_world_model(gen, ds, 3000, seed=0, horizon=32)
+    synth = sample(gen, ds, 3000, SampleOptions(seed=0, horizon=32))
     lineage = {
         "sources": [source_lineage(str(ref), ds, cat)],
         "seeds": {"sample": 0},

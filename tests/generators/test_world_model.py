@@ -13,7 +13,7 @@ from datasets.errors import RlsynthError
 from datasets.recipes import RecipeConfig, build
 from datasets.types import Dataset
 from datasets.validation import validate_transitions
-from generators.api import LoadedGenerator, load_generator, sample_world_model, train_generator
+from generators.api import LoadedGenerator, SampleOptions, load_generator, sample, train_generator
 from generators.checkpoint import CheckpointError, checkpoint_hash
 from generators.world_model import EnsembleLinear, WorldModel, WorldModelConfig
 
@@ -28,6 +28,12 @@ def trained(root: str) -> LoadedGenerator:
     out = Path(root) / "wm"
     train_generator("world-model", tiny_data(), out, steps=150, seed=0, progress=False)
     return load_generator(out, device="cpu")
+
+
+def sample_world_model(
+    gen: LoadedGenerator, src: Dataset, n: int, seed: int = 0, horizon: int = 32, policy: object = None
+) -> Dataset:
+    return sample(gen, src, n, SampleOptions(seed=seed, horizon=horizon, policy=policy))  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")

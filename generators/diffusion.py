@@ -1,0 +1,139 @@
+"""The diffusion families: trajectory diffusion (H-step windows) and transition diffusion (SynthER).
+
+Both are an :class:`~generators.edm.EDMPrecond` around a raw network, trained with
+:func:`~generators.edm.edm_loss` on z-scored data, and sampled with the EDM samplers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from datasets.types import Episode, Transitions
+from generators.checkpoint import Normaliser
+from generators.edm import EDMConfig, EDMPrecond, edm_loss
+from generators.nets import ResidualMLP, TemporalUNet1D
+from generators.tokens import TokenLayout
+
+
+@dataclass(frozen=True)
+class TrajectoryConfig:
+    """Trajectory diffusion over H-step token windows."""
+
+    horizon: int = 32
+    """Window length H (divisible by 2^(levels−1))."""
+    channels: tuple[int, ...] = (64, 128, 256)
+    """U-Net widths per resolution."""
+    emb: int = 128
+    """Noise-embedding width."""
+    stride: int = 1
+    """Step between training window starts."""
+    sample_steps: int = 20
+    """Heun steps when sampling from noise."""
+    s_churn: float = 0.0
+    """EDM churn (0: deterministic ODE sampling)."""
+    edm: EDMConfig = field(default_factory=EDMConfig)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrajectoryConfig:
+        return cls(**{**d, "channels": tuple(d["channels"]), "edm": EDMConfig(**d["edm"])})
+
+
+@dataclass(frozen=True)
+class TransitionConfig:
+    """SynthER-style diffusion over single transitions."""
+
+    width: int = 512
+    depth: int = 4
+    emb: int = 128
+    sample_steps: int = 20
+    s_churn: float = 0.0
+    edm: EDMConfig = field(default_factory=EDMConfig)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TransitionConfig:
+        return cls(**{**d, "edm": EDMConfig(**d["edm"])})
+
+
+class TrajectoryDiffusion(nn.Module):
+    """D(x; σ) over normalised windows x (B, H, D)."""
+
+    def __init__(self, layout: TokenLayout, cfg: TrajectoryConfig) -> None:
+        super().__init__()
+        if cfg.horizon % 2 ** (len(cfg.channels) - 1):
+            raise ValueError(f"horizon {cfg.horizon} must be divisible by {2 ** (len(cfg.channels) - 1)}")
+        self.cfg = cfg
+        self.layout = layout
+        self.denoiser = EDMPrecond(TemporalUNet1D(layout.dim, cfg.channels, cfg.emb), cfg.edm.sigma_data)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return self.denoiser(x, sigma)
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        return edm_loss(self.denoiser, batch["x"], self.cfg.edm), {}
+
+
+class TransitionDiffusion(nn.Module):
+    """D(x; σ) over normalised flat transitions x (B, 2·obs + act + 2)."""
+
+    def __init__(self, layout: TokenLayout, cfg: TransitionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.layout = layout
+        self.dim = 2 * layout.obs_dim + layout.act_dim + 2
+        self.denoiser = EDMPrecond(ResidualMLP(self.dim, cfg.width, cfg.depth, cfg.emb), cfg.edm.sigma_data)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return self.denoiser(x, sigma)
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        return edm_loss(self.denoiser, batch["x"], self.cfg.edm), {}
+
+
+def transition_features(layout: TokenLayout, t: Transitions) -> np.ndarray:
+    """[obs, action code, reward, next_obs, terminal] per row (N, 2·obs + act + 2), float32."""
+    return np.concatenate(
+        [
+            t.observations,
+            layout.encode_actions(t.actions),
+            t.rewards[:, None],
+            t.next_observations,
+            t.terminals[:, None].astype(np.float64),
+        ],
+        1,
+    ).astype(np.float32)
+
+
+def decode_transitions(layout: TokenLayout, x: np.ndarray) -> list[Episode]:
+    """Each sampled transition becomes a one-step episode (terminal if its flag > 0.5, else truncated)."""
+    o, a = layout.obs_dim, layout.act_dim
+    out = []
+    for row in x:
+        out.append(
+            Episode.ending(
+                np.stack([row[:o], row[o + a + 1 : o + a + 1 + o]]),
+                layout.decode_actions(row[o : o + a])[None],
+                row[o + a : o + a + 1],
+                terminated=bool(row[-1] > 0.5),
+            )
+        )
+    return out
+
+
+def config_json(cfg: Any) -> dict[str, Any]:
+    return asdict(cfg)
+
+
+__all__ = [
+    "Normaliser",
+    "TrajectoryConfig",
+    "TrajectoryDiffusion",
+    "TransitionConfig",
+    "TransitionDiffusion",
+    "decode_transitions",
+    "transition_features",
+]
