@@ -185,6 +185,29 @@ def _collect(n: int, make_chunk: Callable[[int], list[Episode]]) -> list[Episode
     return episodes
 
 
+def _inpaint_first(known: torch.Tensor) -> Callable[[Denoiser], Denoiser]:
+    """Condition on the first token: the denoiser's estimate of it is replaced by the known value."""
+
+    def wrap(denoiser: Denoiser) -> Denoiser:
+        def inpainted(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            x0 = denoiser(x, sigma).clone()
+            x0[:, 0] = known
+            return x0
+
+        return inpainted
+
+    return wrap
+
+
+def _chain(
+    outer: Callable[[Denoiser], Denoiser] | None, inner: Callable[[Denoiser], Denoiser]
+) -> Callable[[Denoiser], Denoiser]:
+    """Apply ``inner`` first, then ``outer`` (e.g. guidance around inpainting)."""
+    if outer is None:
+        return inner
+    return lambda d: outer(inner(d))
+
+
 class TrajectoryFamily(Family):
     kind = "trajectory"
     config_cls = TrajectoryConfig
@@ -282,16 +305,18 @@ class AutoregressiveFamily(Family):
             rows = np.array(
                 [np.random.default_rng([opts.seed, first + i]).integers(len(t)) for i in range(CHUNK)]
             )
-            start = norm.normalise(torch.from_numpy(start_tokens(layout, t, rows))).to(gen.device)
+            start_raw = torch.from_numpy(start_tokens(layout, t, rows)).to(gen.device)
             noise = PerSampleNoise([sample_seed(opts.seed, first + i) for i in range(CHUNK)], gen.device)
-            raw = norm.denormalise(drafter.draft(start, noise))
+            raw = norm.denormalise(drafter.draft(norm.normalise(start_raw), noise))
+            raw[:, 0] = start_raw  # exactly the real start, not its normalised round trip
             if sigma_start > 0 and refiner is not None:
                 rnorm = refiner.norms["tokens"]
+                inpaint = _chain(opts.wrap_denoiser, _inpaint_first(rnorm.normalise(start_raw)))
                 x = _diffuse(
                     refiner,
                     tuple(raw.shape),
                     first,
-                    replace(opts, seed=opts.seed + 1),
+                    replace(opts, seed=opts.seed + 1, wrap_denoiser=inpaint),
                     steps,
                     rcfg.edm,
                     0.0,
@@ -299,6 +324,7 @@ class AutoregressiveFamily(Family):
                     sigma_start=sigma_start,
                 )
                 raw = rnorm.denormalise(x)
+                raw[:, 0] = start_raw
             return [e for w in raw.cpu().numpy() if (e := decode_window(layout, w)) is not None]
 
         return _collect(n, chunk)

@@ -12,6 +12,7 @@ A model only has to be an ``nn.Module`` with ``loss(batch) -> (scalar tensor, me
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import time
@@ -234,10 +235,15 @@ def train(
     if n < 2:
         raise CheckpointError(f"need at least 2 training samples, got {n}")
     out.mkdir(parents=True, exist_ok=True)
-    fp = {
-        "train": asdict(cfg) | {"progress": None, "device": None, "threads": None},
-        **dict(fingerprint or {}),
-    }
+    # Compared with what state.json holds, so in its JSON form (tuples become lists).
+    fp = json.loads(
+        json.dumps(
+            {
+                "train": asdict(cfg) | {"progress": None, "device": None, "threads": None},
+                **dict(fingerprint or {}),
+            }
+        )
+    )
     model.to(device).train()
     ema = copy.deepcopy(model).eval() if cfg.ema_decay > 0 else None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -248,6 +254,7 @@ def train(
         start, history = _load_state(out, model, ema, opt, gen, fp)
     step = start
     loss_val = float("nan")
+    rng_before: tuple[torch.Tensor, torch.Tensor] | None = None
     t0 = time.perf_counter()
     bar = tqdm(
         total=cfg.steps,
@@ -259,6 +266,8 @@ def train(
     )
     try:
         while step < cfg.steps:
+            # RNG states as of the start of this step: an interruption mid-step resumes from here.
+            rng_before = (gen.get_state(), torch.get_rng_state())
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg)
             pick = train_idx[torch.randint(len(train_idx), (cfg.batch_size,), generator=gen)]
@@ -271,7 +280,8 @@ def train(
             if ema is not None:
                 _ema_update(ema, model, cfg.ema_decay)
             step += 1
-            loss_val = float(loss)
+            rng_before = None  # the step completed: the current RNG state is the one to keep
+            loss_val = float(loss.detach())
             bar.update(1)
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{loss_val:.4f}", refresh=False)
@@ -290,6 +300,9 @@ def train(
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 _save_state(out, step, model, ema, opt, gen, history, fp)
     except KeyboardInterrupt:
+        if rng_before is not None:
+            gen.set_state(rng_before[0])
+            torch.set_rng_state(rng_before[1])
         _save_state(out, step, model, ema, opt, gen, history, fp)
         raise
     finally:

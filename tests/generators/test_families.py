@@ -1,0 +1,216 @@
+"""One shared contract for every generator family: shapes, finiteness, seeds, save/load, resume.
+
+Models are tiny and trained for a handful of steps: these tests check the machinery, not the quality
+(the benchmark measures quality).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from datasets.errors import RlsynthError
+from datasets.recipes import RecipeConfig, build
+from datasets.types import Dataset
+from datasets.validation import validate_transitions
+from generators import api
+from generators.api import KINDS, LoadedGenerator, SampleOptions, load_generator, sample, train_generator
+from generators.autoregressive import Drafter
+from generators.checkpoint import read_tensors
+from generators.diffusion import TrajectoryDiffusion, TransitionDiffusion
+from generators.edm import PerSampleNoise
+from generators.nets import CausalTransformer
+from generators.world_model import WorldModel
+
+TINY: dict[str, dict[str, Any]] = {
+    "trajectory": {"horizon": 8, "channels": (8, 16), "emb": 16, "sample_steps": 3},
+    "transition": {"width": 32, "depth": 1, "emb": 16, "sample_steps": 3},
+    "autoregressive": {"horizon": 8, "width": 16, "depth": 1, "heads": 2, "sigma_start": 0.0},
+    "world-model": {"ensemble": 2, "elites": 1, "hidden": 16, "layers": 1},
+}
+CLASSES = {
+    "trajectory": TrajectoryDiffusion,
+    "transition": TransitionDiffusion,
+    "autoregressive": Drafter,
+    "world-model": WorldModel,
+}
+TRAIN = {"batch_size": 16, "warmup_steps": 2, "eval_every": 5, "checkpoint_every": 5, "threads": 1}
+
+
+@functools.cache
+def data() -> Dataset:
+    return build(RecipeConfig("random", "Hopper-v5", transitions=300, seed=0, progress=False)).dataset
+
+
+def fit(kind: str, out: Path, steps: int = 10) -> LoadedGenerator:
+    train_generator(
+        kind,
+        data(),
+        out,
+        steps=steps,
+        seed=0,
+        progress=False,
+        model_overrides=TINY[kind],
+        train_overrides=TRAIN,
+    )
+    return load_generator(out, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, LoadedGenerator]:
+    root = tmp_path_factory.mktemp("families")
+    return {k: fit(k, root / k) for k in KINDS}
+
+
+def opts(kind: str, seed: int) -> SampleOptions:
+    return SampleOptions(seed=seed, horizon=6 if kind == "world-model" else None)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_samples_have_the_right_shape_and_are_valid(trained: dict[str, LoadedGenerator], kind: str) -> None:
+    ds = sample(trained[kind], data(), 123, opts(kind, 0))
+    t = ds.transitions
+    assert len(t) == 123 and t.observations.shape == (123, 11) and t.actions.shape == (123, 3)
+    assert np.isfinite(t.observations).all() and np.isfinite(t.rewards).all()
+    validate_transitions(t, ds.info, kind)
+    assert (np.abs(t.actions) <= 1.0).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_seeds_decide_samples_not_the_split(trained: dict[str, LoadedGenerator], kind: str) -> None:
+    gen = trained[kind]
+    a = sample(gen, data(), 60, opts(kind, 1)).transitions
+    b = sample(gen, data(), 60, opts(kind, 1)).transitions
+    c = sample(gen, data(), 60, opts(kind, 2)).transitions
+    more = sample(gen, data(), 400, opts(kind, 1)).transitions  # a second chunk of work
+    np.testing.assert_array_equal(a.observations, b.observations)
+    assert not np.array_equal(a.observations, c.observations)
+    # The first 60 transitions of a larger request are the same samples (the trim may cut the last episode).
+    np.testing.assert_array_equal(more.observations[:59], a.observations[:59])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_save_load_round_trip(trained: dict[str, LoadedGenerator], kind: str) -> None:
+    gen = trained[kind]
+    again = load_generator(gen.folder, device="cpu")
+    for (k, v), (k2, v2) in zip(
+        gen.model.state_dict().items(), again.model.state_dict().items(), strict=True
+    ):
+        assert k == k2
+        torch.testing.assert_close(v, v2, rtol=0, atol=0)
+    weights = read_tensors(gen.folder / "model.safetensors")
+    assert set(weights) == set(gen.model.state_dict())
+    assert not list(gen.folder.glob("*.pt")) and not list(gen.folder.glob("*.pkl"))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_interrupted_training_resumes_to_the_same_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    full = fit(kind, tmp_path / "full", steps=12)
+    cls = CLASSES[kind]
+    original = cls.loss
+    calls = {"n": 0}
+
+    def dying_loss(self: Any, batch: dict[str, torch.Tensor]) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 8 and self.training:
+            raise KeyboardInterrupt
+        return original(self, batch)
+
+    monkeypatch.setattr(cls, "loss", dying_loss)
+    with pytest.raises(KeyboardInterrupt):
+        fit(kind, tmp_path / "part", steps=12)
+    monkeypatch.setattr(cls, "loss", original)
+    resumed = fit(kind, tmp_path / "part", steps=12)
+    for v, v2 in zip(full.model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(v, v2, rtol=0, atol=0)
+
+
+def test_drafter_prediction_at_t_ignores_later_tokens() -> None:
+    torch.manual_seed(0)
+    net = CausalTransformer(dim=5, width=16, depth=2, heads=2, max_len=10).eval()
+    x = torch.randn(3, 10, 5)
+    y = x.clone()
+    y[:, 6:] = torch.randn(3, 4, 5) * 10
+    m1, v1 = net(x)
+    m2, v2 = net(y)
+    torch.testing.assert_close(m1[:, :6], m2[:, :6])
+    torch.testing.assert_close(v1[:, :6], v2[:, :6])
+    assert not torch.allclose(m1[:, 6:], m2[:, 6:])
+
+
+def test_cached_decoding_equals_the_full_pass() -> None:
+    torch.manual_seed(0)
+    net = CausalTransformer(dim=5, width=16, depth=2, heads=2, max_len=10).eval()
+    x = torch.randn(2, 7, 5)
+    full_mean, _ = net(x)
+    caches = net.new_cache()
+    steps = [net.step(x[:, k : k + 1], k, caches)[0] for k in range(7)]
+    torch.testing.assert_close(torch.cat(steps, 1), full_mean, rtol=1e-5, atol=1e-5)
+
+
+def test_refinement_with_sigma_start_zero_returns_the_draft(trained: dict[str, LoadedGenerator]) -> None:
+    drafter, refiner = trained["autoregressive"], trained["trajectory"]
+    raw = sample(drafter, data(), 50, SampleOptions(seed=3, sigma_start=0.0)).transitions
+    with_refiner = sample(
+        drafter, data(), 50, SampleOptions(seed=3, sigma_start=0.0, refiner=refiner)
+    ).transitions
+    np.testing.assert_array_equal(raw.observations, with_refiner.observations)
+    refined = sample(drafter, data(), 50, SampleOptions(seed=3, sigma_start=0.5, steps=2, refiner=refiner))
+    assert not np.array_equal(refined.transitions.observations, raw.observations)
+
+
+def test_drafts_start_from_real_states(trained: dict[str, LoadedGenerator]) -> None:
+    ds = sample(trained["autoregressive"], data(), 40, SampleOptions(seed=0, sigma_start=0.0))
+    real = {r.tobytes() for r in data().transitions.observations}
+    starts = ds.transitions.observations[ds.transitions.step == 0]
+    assert all(s.tobytes() in real for s in starts)
+
+
+def test_per_sample_noise_makes_network_sampling_split_independent(
+    trained: dict[str, LoadedGenerator],
+) -> None:
+    gen = trained["trajectory"]
+    cfg = gen.model.cfg  # type: ignore[union-attr]
+    from generators.edm import generate
+
+    def run(seeds: range) -> torch.Tensor:
+        with torch.no_grad():
+            return generate(
+                gen.model.denoiser,
+                (len(seeds), 8, gen.layout.dim),
+                3,
+                cfg.edm,  # type: ignore[union-attr]
+                PerSampleNoise(seeds),
+            )
+
+    whole = run(range(6))
+    parts = torch.cat([run(range(0, 2)), run(range(2, 6))])
+    torch.testing.assert_close(whole, parts, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_refiner_and_missing_refiner_are_clear(trained: dict[str, LoadedGenerator]) -> None:
+    with pytest.raises(RlsynthError, match="refinement needs a trajectory-diffusion model"):
+        sample(trained["autoregressive"], data(), 10, SampleOptions(sigma_start=0.5))
+    with pytest.raises(RlsynthError, match="is not a trajectory model"):
+        sample(
+            trained["autoregressive"],
+            data(),
+            10,
+            SampleOptions(sigma_start=0.5, refiner=trained["transition"]),
+        )
+
+
+def test_unknown_kind_and_preset() -> None:
+    with pytest.raises(RlsynthError, match="unknown generator kind"):
+        api.preset("gan", "cpu-small")
+    with pytest.raises(RlsynthError, match="unknown preset"):
+        api.preset("trajectory", "tiny")
+    assert replace(api.preset("trajectory", "cpu-small")[0]).horizon == 32
