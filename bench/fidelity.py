@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import write_section
+# Not the script's folder on the path: bench/generators.py must not shadow the generators package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from datasets.catalog import Catalog
 from datasets.fidelity import (
@@ -41,6 +41,7 @@ from datasets.fidelity import (
 from datasets.types import Dataset, Transitions
 from generators.api import SampleOptions, load_generator, sample, train_generator
 from generators.world_model import WorldModel, WorldModelNormalisers, model_step
+from pipeline.bench_report import write_section
 
 HORIZONS = (1, 8, 32)
 PLOT = Path(__file__).resolve().parent / "plots" / "fidelity.png"

@@ -26,12 +26,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import write_section
+# Not the script's folder on the path: bench/generators.py must not shadow the generators package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from datasets.catalog import Catalog
 from datasets.hdf5 import write_hdf5
 from datasets.types import BoxSpace, Dataset, DatasetInfo, Transitions
+from pipeline.bench_report import write_section
 
 KEYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
 

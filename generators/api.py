@@ -53,7 +53,9 @@ from generators.world_model import (
 )
 
 KINDS = ("trajectory", "transition", "autoregressive", "world-model")
-CHUNK = 256
+# Samples per chunk of work, per family: big enough to keep the network busy. Fixed, so that a sample's
+# randomness and its batch never depend on how a caller splits a request.
+CHUNKS = {"trajectory": 256, "transition": 4096, "autoregressive": 1024}
 
 
 @dataclass(frozen=True)
@@ -171,17 +173,18 @@ def _diffuse(
         )
 
 
-def _collect(n: int, make_chunk: Callable[[int], list[Episode]]) -> list[Episode]:
-    """Call ``make_chunk(first_index)`` for consecutive chunks until n transitions exist."""
+def _collect(n: int, chunk: int, make_chunk: Callable[[int], list[Episode]]) -> list[Episode]:
+    """Call ``make_chunk(first_index)`` for consecutive chunks of ``chunk`` samples until n transitions."""
     episodes: list[Episode] = []
-    total, first = 0, 0
+    total, first, empty = 0, 0, 0
     while total < n:
         got = make_chunk(first)
-        if not got and first > 50 * CHUNK:
-            raise RlsynthError("the generator produces no usable transitions")
+        empty = 0 if got else empty + 1
+        if empty >= 10:
+            raise RlsynthError("the generator produces no usable transitions (10 chunks in a row)")
         episodes.extend(got)
         total += sum(e.length for e in got)
-        first += CHUNK
+        first += chunk
     return episodes
 
 
@@ -227,7 +230,7 @@ class TrajectoryFamily(Family):
         def chunk(first: int) -> list[Episode]:
             x = _diffuse(
                 gen,
-                (CHUNK, cfg.horizon, layout.dim),
+                (CHUNKS[self.kind], cfg.horizon, layout.dim),
                 first,
                 opts,
                 opts.steps or cfg.sample_steps,
@@ -237,7 +240,7 @@ class TrajectoryFamily(Family):
             raw = norm.denormalise(x).cpu().numpy()
             return [e for w in raw if (e := decode_window(layout, w)) is not None]
 
-        return _collect(n, chunk)
+        return _collect(n, CHUNKS[self.kind], chunk)
 
 
 class TransitionFamily(Family):
@@ -261,11 +264,17 @@ class TransitionFamily(Family):
 
         def chunk(first: int) -> list[Episode]:
             x = _diffuse(
-                gen, (CHUNK, model.dim), first, opts, opts.steps or cfg.sample_steps, cfg.edm, cfg.s_churn
+                gen,
+                (CHUNKS[self.kind], model.dim),
+                first,
+                opts,
+                opts.steps or cfg.sample_steps,
+                cfg.edm,
+                cfg.s_churn,
             )
             return decode_transitions(gen.layout, norm.denormalise(x).cpu().numpy())
 
-        return _collect(n, chunk)
+        return _collect(n, CHUNKS[self.kind], chunk)
 
 
 class AutoregressiveFamily(Family):
@@ -303,10 +312,15 @@ class AutoregressiveFamily(Family):
 
         def chunk(first: int) -> list[Episode]:
             rows = np.array(
-                [np.random.default_rng([opts.seed, first + i]).integers(len(t)) for i in range(CHUNK)]
+                [
+                    np.random.default_rng([opts.seed, first + i]).integers(len(t))
+                    for i in range(CHUNKS[self.kind])
+                ]
             )
             start_raw = torch.from_numpy(start_tokens(layout, t, rows)).to(gen.device)
-            noise = PerSampleNoise([sample_seed(opts.seed, first + i) for i in range(CHUNK)], gen.device)
+            noise = PerSampleNoise(
+                [sample_seed(opts.seed, first + i) for i in range(CHUNKS[self.kind])], gen.device
+            )
             raw = norm.denormalise(drafter.draft(norm.normalise(start_raw), noise))
             raw[:, 0] = start_raw  # exactly the real start, not its normalised round trip
             if sigma_start > 0 and refiner is not None:
@@ -327,7 +341,7 @@ class AutoregressiveFamily(Family):
                 raw[:, 0] = start_raw
             return [e for w in raw.cpu().numpy() if (e := decode_window(layout, w)) is not None]
 
-        return _collect(n, chunk)
+        return _collect(n, CHUNKS[self.kind], chunk)
 
 
 class WorldModelFamily(Family):
@@ -372,17 +386,18 @@ FAMILIES: dict[str, Family] = {
 
 PRESETS: dict[str, dict[str, tuple[Any, TrainConfig]]] = {
     "trajectory": {
+        # Sized to train in about 15 minutes on 2 CPU cores (0.1 s per step of 128 windows).
         "cpu-small": (
-            TrajectoryConfig(channels=(32, 64, 128), emb=64, stride=1),
+            TrajectoryConfig(channels=(32, 64), emb=64, stride=1),
             TrainConfig(
-                steps=12_000,
+                steps=8_000,
                 batch_size=128,
                 lr=1e-3,
                 weight_decay=1e-4,
                 warmup_steps=500,
                 ema_decay=0.999,
                 eval_every=1000,
-                checkpoint_every=2000,
+                checkpoint_every=1000,
             ),
         ),
         # Janner et al.'s temporal U-Net widths (dim 128, mults 1-2-4), trained as policy-guided diffusion.
@@ -431,16 +446,16 @@ PRESETS: dict[str, dict[str, tuple[Any, TrainConfig]]] = {
     },
     "autoregressive": {
         "cpu-small": (
-            AutoregressiveConfig(width=128, depth=3, heads=4),
+            AutoregressiveConfig(width=96, depth=3, heads=4),
             TrainConfig(
-                steps=8_000,
+                steps=4_000,
                 batch_size=128,
                 lr=1e-3,
                 weight_decay=1e-4,
-                warmup_steps=500,
+                warmup_steps=300,
                 ema_decay=0.999,
-                eval_every=1000,
-                checkpoint_every=2000,
+                eval_every=500,
+                checkpoint_every=1000,
             ),
         ),
         "gpu-paper": (
