@@ -155,6 +155,9 @@ def _one_step(oracle: MujocoOracle, t: Transitions, rows: np.ndarray, std: np.nd
     return {
         "obs_mse": mean(err[ok] ** 2),
         "obs_mse_normalised": mean(sq_norm[ok]),
+        # Synthetic data has heavy tails (a few wild rows move the mean): the row distribution, too.
+        "obs_mse_normalised_median": float(np.median(sq_norm[ok].mean(1))) if ok.any() else None,
+        "obs_mse_normalised_p90": float(np.quantile(sq_norm[ok].mean(1), 0.9)) if ok.any() else None,
         "reward_mae": mean(rew_err[ok]),
         "terminal_agreement": mean(agree[ok].astype(float)),
         "rows": int(ok.sum()),

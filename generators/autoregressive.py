@@ -33,10 +33,11 @@ class AutoregressiveConfig:
     stride: int = 1
     temperature: float = 1.0
     """Scale of the drafter's predictive std when sampling."""
-    sigma_start: float = 0.5
-    """Refinement: noise level the draft is raised to (0 disables refinement)."""
-    refine_steps: int = 2
-    """Refinement: Heun steps from ``sigma_start`` down to 0."""
+    sigma_start: float = 0.3
+    """Refinement: noise level the draft is raised to (0 disables refinement). Picked by bench/generators.py:
+    lowest one-step error of the sweep on HalfCheetah medium-replay (2026-11-25)."""
+    refine_steps: int = 1
+    """Refinement: Heun steps from ``sigma_start`` down to 0 (picked with ``sigma_start``)."""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AutoregressiveConfig:

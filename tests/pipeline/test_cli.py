@@ -396,3 +396,103 @@ def test_world_model_train_sample_evaluate(tmp_path: Path, env: dict[str, str]) 
         check=False,
     )
     assert "no such generator folder" in _error_line(missing)
+
+
+def test_diffusion_and_autoregressive_generators_from_the_cli(tmp_path: Path, env: dict[str, str]) -> None:
+    rlsynth(
+        "datasets",
+        "make",
+        "random",
+        "--env",
+        "HalfCheetah-v5",
+        "--name",
+        "hc",
+        "--transitions",
+        "300",
+        "--quiet",
+        "--no-minari",
+        env=env,
+    )
+    traj, ar = tmp_path / "traj", tmp_path / "ar"
+    rlsynth(
+        "generator",
+        "train",
+        "--data",
+        "hc@1",
+        "--kind",
+        "trajectory",
+        "--out",
+        str(traj),
+        "--steps",
+        "3",
+        "--quiet",
+        env=env,
+    )
+    bad = rlsynth(
+        "generator",
+        "train",
+        "--data",
+        "hc@1",
+        "--kind",
+        "trajectory",
+        "--out",
+        str(tmp_path / "x"),
+        "--refiner",
+        str(traj),
+        env=env,
+        check=False,
+    )
+    assert bad.returncode == 2 and "only the autoregressive kind takes a refiner" in bad.stderr
+    rlsynth(
+        "generator",
+        "train",
+        "--data",
+        "hc@1",
+        "--kind",
+        "autoregressive",
+        "--out",
+        str(ar),
+        "--steps",
+        "3",
+        "--refiner",
+        str(traj),
+        "--quiet",
+        env=env,
+    )
+    made = as_json(
+        rlsynth(
+            "generator",
+            "sample",
+            str(traj),
+            "--n-transitions",
+            "40",
+            "--name",
+            "hc/traj",
+            "--steps",
+            "2",
+            "--json",
+            env=env,
+        )
+    )
+    assert made["transitions"] == 40 and made["lineage"]["generator"]["kind"] == "trajectory"
+    assert made["lineage"]["sampling"]["steps"] == 2
+    drafted = as_json(
+        rlsynth(
+            "generator",
+            "sample",
+            str(ar),
+            "--n-transitions",
+            "40",
+            "--name",
+            "hc/ar",
+            "--sigma-start",
+            "0.3",
+            "--steps",
+            "1",
+            "--json",
+            env=env,
+        )
+    )
+    refiner = drafted["lineage"]["generator"]["refiner"]
+    assert refiner["checkpoint_hash"].startswith("sha256:") and refiner["folder"] == str(traj.resolve())
+    assert drafted["transitions"] == 40
