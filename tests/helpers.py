@@ -7,7 +7,7 @@ import functools
 import numpy as np
 
 from datasets.envs import env_info
-from datasets.types import Dataset, DatasetInfo, Episode, episodes_to_transitions
+from datasets.types import Dataset, DatasetInfo, Episode, Transitions, episodes_to_transitions
 
 
 @functools.cache
@@ -38,16 +38,7 @@ def make_dataset(seed: int = 0, lengths: tuple[int, ...] = (5, 9, 3, 12), source
 
 
 def assert_same_transitions(a: Dataset, b: Dataset) -> None:
-    for col in (
-        "episode_id",
-        "step",
-        "observations",
-        "actions",
-        "rewards",
-        "next_observations",
-        "terminals",
-        "timeouts",
-    ):
+    for col in Transitions.columns():
         x, y = getattr(a.transitions, col), getattr(b.transitions, col)
         assert x.dtype == y.dtype, col
         np.testing.assert_array_equal(x, y, err_msg=col)
