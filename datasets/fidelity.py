@@ -27,7 +27,7 @@ When ``sample`` is given, a seeded subset of rows is evaluated and the result sa
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -376,15 +376,3 @@ def plot(result: dict[str, Any], path: str | Path) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
-
-
-def summarise(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Headline numbers of several results (for tables)."""
-    return [
-        {
-            "dataset": r["dataset"],
-            "one_step": r["one_step"]["obs_mse_normalised"],
-            **{f"h{h}": v["obs_mse_normalised"] for h, v in r["horizons"].items()},
-        }
-        for r in results
-    ]

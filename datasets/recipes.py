@@ -13,7 +13,6 @@ then marked truncated, as D4RL's collectors do.
 
 from __future__ import annotations
 
-import math
 import os
 from collections import deque
 from collections.abc import Callable
@@ -288,16 +287,3 @@ def save_agent(agent: Any, path: str | os.PathLike[str]) -> Path:
     out = Path(path)
     agent.save(str(out))
     return out
-
-
-def budget_note(cfg: RecipeConfig) -> str:
-    """A one-line description of a recipe's budget, for lineage and messages."""
-    if cfg.recipe == "random":
-        return f"random policy, {cfg.transitions} transitions"
-    tgt = (
-        ""
-        if cfg.target_return is None or math.isnan(cfg.target_return)
-        else f", target return {cfg.target_return}"
-    )
-    extra = f", then {cfg.transitions} rollout transitions" if cfg.recipe == "sac-medium" else ""
-    return f"SAC {cfg.steps} steps{tgt}{extra}"

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from datasets.errors import ValidationError
-from datasets.types import DatasetInfo, Episode, Transitions
+from datasets.types import DatasetInfo, Episode, Transitions, episodes_to_transitions
 
 # Recorded actions sit on the bound up to float rounding (tanh-squashed policies, clipping in float64).
 ACTION_BOUND_TOLERANCE = 1e-4
@@ -90,8 +90,6 @@ def validate_episode_structure(ep: Episode, info: DatasetInfo, where: str, index
 
 def validate_episodes(episodes: Sequence[Episode], info: DatasetInfo, where: str) -> None:
     """Full validation of an episode list: structure per episode, then values over the flat view."""
-    from datasets.types import episodes_to_transitions
-
     validate_info(info, where)
     if not episodes:
         raise ValidationError("dataset has no episodes", where=where)

@@ -6,7 +6,7 @@ Both are an :class:`~generators.edm.EDMPrecond` around a raw network, trained wi
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from datasets.types import Episode, Transitions
-from generators.checkpoint import Normaliser
 from generators.edm import EDMConfig, EDMPrecond, edm_loss
 from generators.nets import ResidualMLP, TemporalUNet1D
 from generators.tokens import TokenLayout
@@ -122,18 +121,3 @@ def decode_transitions(layout: TokenLayout, x: np.ndarray) -> list[Episode]:
             )
         )
     return out
-
-
-def config_json(cfg: Any) -> dict[str, Any]:
-    return asdict(cfg)
-
-
-__all__ = [
-    "Normaliser",
-    "TrajectoryConfig",
-    "TrajectoryDiffusion",
-    "TransitionConfig",
-    "TransitionDiffusion",
-    "decode_transitions",
-    "transition_features",
-]

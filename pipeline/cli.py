@@ -228,7 +228,8 @@ def make_cmd(
         warmup_steps=warmup_steps,
         progress=not quiet,
     )
-    next_version = (cat.versions(name)[-1] + 1) if cat.versions(name) else 1
+    existing = cat.versions(name)
+    next_version = existing[-1] + 1 if existing else 1
     mid = None if no_minari else check_minari_id(minari_id or f"rlsynth/{name}-v{next_version}")
     if mid is not None and (minari_root() / mid).exists():
         raise RlsynthError(f"Minari dataset '{mid}' already exists; pass --minari-id or --no-minari")

@@ -496,3 +496,10 @@ def test_diffusion_and_autoregressive_generators_from_the_cli(tmp_path: Path, en
     refiner = drafted["lineage"]["generator"]["refiner"]
     assert refiner["checkpoint_hash"].startswith("sha256:") and refiner["folder"] == str(traj.resolve())
     assert drafted["transitions"] == 40
+
+
+def test_cli_generator_kinds_match_the_registry() -> None:
+    from generators.api import KINDS
+    from pipeline.cli import GENERATOR_KINDS
+
+    assert tuple(GENERATOR_KINDS) == tuple(KINDS)
