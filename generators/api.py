@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -40,8 +40,8 @@ from generators.diffusion import (
     decode_transitions,
     transition_features,
 )
-from generators.edm import Churn, Denoiser, EDMConfig, PerSampleNoise, generate
-from generators.tokens import TokenLayout, decode_window, start_tokens, windows
+from generators.edm import Churn, Denoiser, EDMConfig, PerSampleNoise, generate, schedule
+from generators.tokens import TokenCodec, TokenLayout, decode_window, start_tokens, windows
 from generators.training import TrainConfig, TrainResult, resolve_device, split, train
 from generators.world_model import (
     ActionFn,
@@ -73,8 +73,16 @@ class SampleOptions:
     """Autoregressive: refinement noise level (0: raw drafts). Default: the model's config."""
     refiner: LoadedGenerator | None = None
     """Autoregressive: the trajectory-diffusion model that refines drafts."""
-    wrap_denoiser: Callable[[Denoiser], Denoiser] | None = None
-    """Guidance hook: wraps the denoiser; the sampler is unchanged."""
+    guidance: Guide | None = None
+    """Diffusion families: guidance bound to the sample space; it wraps the denoiser, the sampler is
+    unchanged. Autoregressive: guides the refinement."""
+
+
+class Guide(Protocol):
+    """What :class:`guidance.terms.Guidance` offers: a denoiser wrapper for one sample space and σ
+    schedule (generators never import guidance)."""
+
+    def bind(self, codec: TokenCodec) -> Callable[[Denoiser, torch.Tensor], Denoiser]: ...
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -144,6 +152,17 @@ def _window_data(
     return {"tokens": norm}, {"x": x}
 
 
+def codec(gen: LoadedGenerator) -> TokenCodec:
+    """How guidance reads this generator's normalised samples."""
+    if gen.kind == "transition":
+        n = gen.norms["features"]
+        return TokenCodec(gen.layout, n.mean, n.std, "transition")
+    if gen.kind == "trajectory":
+        n = gen.norms["tokens"]
+        return TokenCodec(gen.layout, n.mean, n.std, "window")
+    raise RlsynthError(f"{gen.kind} samples are not diffused, so they cannot be guided")
+
+
 def _diffuse(
     gen: LoadedGenerator,
     shape: tuple[int, ...],
@@ -154,12 +173,19 @@ def _diffuse(
     s_churn: float,
     x_init: torch.Tensor | None = None,
     sigma_start: float | None = None,
+    condition: Callable[[Denoiser], Denoiser] | None = None,
 ) -> torch.Tensor:
-    """Run the EDM sampler for samples first..first+B-1 (normalised space)."""
+    """Run the EDM sampler for samples first..first+B-1 (normalised space).
+
+    ``condition`` wraps the raw denoiser first (inpainting); guidance wraps the result.
+    """
     noise = PerSampleNoise([sample_seed(opts.seed, first + i) for i in range(shape[0])], gen.device)
     denoiser: Denoiser = gen.model.denoiser  # type: ignore[assignment]
-    if opts.wrap_denoiser is not None:
-        denoiser = opts.wrap_denoiser(denoiser)
+    if condition is not None:
+        denoiser = condition(denoiser)
+    if opts.guidance is not None:
+        sigmas = schedule(steps, edm, sigma_start if x_init is not None else None)
+        denoiser = opts.guidance.bind(codec(gen))(denoiser, sigmas)
     with torch.no_grad():
         return generate(
             denoiser,
@@ -200,15 +226,6 @@ def _inpaint_first(known: torch.Tensor) -> Callable[[Denoiser], Denoiser]:
         return inpainted
 
     return wrap
-
-
-def _chain(
-    outer: Callable[[Denoiser], Denoiser] | None, inner: Callable[[Denoiser], Denoiser]
-) -> Callable[[Denoiser], Denoiser]:
-    """Apply ``inner`` first, then ``outer`` (e.g. guidance around inpainting)."""
-    if outer is None:
-        return inner
-    return lambda d: outer(inner(d))
 
 
 class TrajectoryFamily(Family):
@@ -325,17 +342,17 @@ class AutoregressiveFamily(Family):
             raw[:, 0] = start_raw  # exactly the real start, not its normalised round trip
             if sigma_start > 0 and refiner is not None:
                 rnorm = refiner.norms["tokens"]
-                inpaint = _chain(opts.wrap_denoiser, _inpaint_first(rnorm.normalise(start_raw)))
                 x = _diffuse(
                     refiner,
                     tuple(raw.shape),
                     first,
-                    replace(opts, seed=opts.seed + 1, wrap_denoiser=inpaint),
+                    replace(opts, seed=opts.seed + 1),
                     steps,
                     rcfg.edm,
                     0.0,
                     x_init=rnorm.normalise(raw),
                     sigma_start=sigma_start,
+                    condition=_inpaint_first(rnorm.normalise(start_raw)),
                 )
                 raw = rnorm.denormalise(x)
                 raw[:, 0] = start_raw
@@ -616,6 +633,8 @@ def sample(
         or source.info.action_space != gen.info.action_space
     ):
         raise RlsynthError(f"{source.source} has other spaces than the generator's training data")
+    if o.guidance is not None and gen.kind == "world-model":
+        raise RlsynthError("world-model rollouts are steered by --policy (the agent acts), not by guidance")
     episodes = trim(FAMILIES[gen.kind].sample(gen, source, n_transitions, o), n_transitions)
     validate_episodes(episodes, gen.info, f"{gen.kind} samples")
     return Dataset(info=gen.info, transitions=episodes_to_transitions(episodes), source=f"{gen.kind} samples")

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from datasets.types import BoxSpace, Episode, Transitions
 
@@ -117,3 +118,87 @@ def decode_window(layout: TokenLayout, w: np.ndarray) -> Episode | None:
         w[:n, -2],
         terminated=bool(ends.size),
     )
+
+
+@dataclass(frozen=True)
+class Steps:
+    """Environment quantities of B samples of T steps, differentiable in the normalised sample.
+
+    ``obs``/``next_obs`` (B, T, o), ``act`` (B, T, a) in the action space's units, ``reward`` (B, T),
+    ``valid`` (B, T) 1 for real steps (before a window's first terminal and its absorbing padding), 0 after.
+    """
+
+    obs: torch.Tensor
+    act: torch.Tensor
+    next_obs: torch.Tensor
+    reward: torch.Tensor
+    valid: torch.Tensor
+
+
+@dataclass(frozen=True)
+class TokenCodec:
+    """Reads normalised generator samples as environment steps, differentiably (what guidance needs).
+
+    ``form`` is ``"window"`` for (B, H, D) token windows (H−1 steps: the last token only gives the
+    previous step's next observation) or ``"transition"`` for (B, F) transition features
+    ``[obs, action code, reward, next_obs, done]`` (one step each).
+    """
+
+    layout: TokenLayout
+    mean: np.ndarray
+    std: np.ndarray
+    form: str
+
+    def __post_init__(self) -> None:
+        if self.form not in ("window", "transition"):
+            raise ValueError(f"unknown sample form {self.form!r}")
+
+    def raw(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.as_tensor(self.std, device=x.device) + torch.as_tensor(self.mean, device=x.device)
+
+    def decode_actions(self, u: torch.Tensor) -> torch.Tensor:
+        """Torch twin of :meth:`TokenLayout.decode_actions`."""
+        lay = self.layout
+        bounded = torch.as_tensor(lay.bounded, device=u.device)
+        low = torch.as_tensor(np.where(lay.bounded, lay.act_low, -1.0), dtype=u.dtype, device=u.device)
+        span = torch.as_tensor(
+            np.where(lay.bounded, lay.act_high - lay.act_low, 2.0), dtype=u.dtype, device=u.device
+        )
+        return torch.where(bounded, low + (torch.tanh(u) + 1) / 2 * span, u)
+
+    def steps(self, x: torch.Tensor) -> Steps:
+        lay, r = self.layout, self.raw(x)
+        if self.form == "transition":
+            o, a = lay.obs_dim, lay.act_dim
+            one = torch.ones(x.shape[0], 1, device=x.device, dtype=x.dtype)
+            return Steps(
+                obs=r[:, None, :o],
+                act=self.decode_actions(r[:, None, o : o + a]),
+                next_obs=r[:, None, o + a + 1 : o + a + 1 + o],
+                reward=r[:, None, o + a],
+                valid=one,
+            )
+        done = (r[:, :-1, -1] > 0.5).to(x.dtype).detach()
+        # Step t is real while no earlier token was done (the terminal step itself is real).
+        before = torch.cat([torch.zeros_like(done[:, :1]), done[:, :-1]], 1)
+        valid = (torch.cumsum(before, 1) == 0).to(x.dtype)
+        return Steps(
+            obs=r[:, :-1, lay.obs],
+            act=self.decode_actions(r[:, :-1, lay.act]),
+            next_obs=r[:, 1:, lay.obs],
+            reward=r[:, :-1, -2],
+            valid=valid,
+        )
+
+    def mask(self, x: torch.Tensor, part: str) -> torch.Tensor:
+        """1 on the entries of ``x`` holding ``part`` ("act" or "obs_act"), 0 elsewhere; shape of x[0]."""
+        lay = self.layout
+        m = torch.zeros(x.shape[-1], device=x.device, dtype=x.dtype)
+        if part not in ("act", "obs_act"):
+            raise ValueError(f"unknown part {part!r}")
+        m[lay.act] = 1
+        if part == "obs_act":
+            m[lay.obs] = 1
+            if self.form == "transition":
+                m[lay.obs_dim + lay.act_dim + 1 : 2 * lay.obs_dim + lay.act_dim + 1] = 1
+        return m.expand_as(x[0]).clone()

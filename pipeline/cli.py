@@ -635,6 +635,49 @@ def generator_train_cmd(
 @click.option(
     "--data", "data_ref", default=None, help="Start states from this dataset (default: the training data)."
 )
+@click.option(
+    "--guidance",
+    "guidance_terms",
+    multiple=True,
+    type=click.Choice(["policy", "dynamics", "return"]),
+    help="Diffusion kinds: guidance term (repeatable): policy (needs --policy), dynamics, return "
+    "(need --world-model).",
+)
+@click.option(
+    "--scale", type=click.FloatRange(min=0), default=0.05, show_default=True, help="Policy scale c."
+)
+@click.option(
+    "--world-model",
+    "world_model",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="World-model generator folder for dynamics / return guidance.",
+)
+@click.option("--dynamics-scale", type=click.FloatRange(min=0), default=0.05, show_default=True)
+@click.option("--return-scale", type=click.FloatRange(min=0), default=0.05, show_default=True)
+@click.option(
+    "--schedule", type=click.Choice(["pgd", "linear", "constant"]), default="pgd", show_default=True
+)
+@click.option(
+    "--guide-at",
+    type=click.Choice(["x0", "noisy"]),
+    default="x0",
+    show_default=True,
+    help="Where gradients are taken: the denoiser's x0 estimate or the noisy sample.",
+)
+@click.option(
+    "--normalise-gradient/--raw-gradient",
+    default=False,
+    show_default=True,
+    help="Divide each sample's gradient by its L2 norm (the scale becomes a step length).",
+)
+@click.option(
+    "--deterministic-std",
+    type=click.FloatRange(min=0, min_open=True),
+    default=0.1,
+    show_default=True,
+    help="σ of N(μ(s), σ²) for deterministic target actors (TD3+BC, BC).",
+)
 @catalog_option
 @json_option
 @click.pass_context
@@ -650,23 +693,59 @@ def generator_sample_cmd(
     horizon: int,
     policy_spec: str,
     data_ref: str | None,
+    guidance_terms: tuple[str, ...],
+    scale: float,
+    world_model: str | None,
+    dynamics_scale: float,
+    return_scale: float,
+    schedule: str,
+    guide_at: str,
+    normalise_gradient: bool,
+    deterministic_std: float,
     catalog_uri: str | None,
     as_json: bool,
 ) -> None:
-    """Sample a new catalog version from a trained generator, with full lineage."""
+    """Sample a new catalog version from a trained generator, with full lineage.
+
+    Diffusion kinds (trajectory, transition, autoregressive refinement) take --guidance terms; world-model
+    rollouts take --policy as the acting agent."""
     from datasets.catalog import check_name
     from datasets.sources import file_sha256, load_source
     from generators.api import SampleOptions, load_generator, sample
+    from guidance.spec import GuidanceConfig, build_guidance
 
     check_name(name)
     cat = _catalog(ctx, catalog_uri)
     gen = load_generator(folder)
+    diffused = gen.kind != "world-model"
+    if diffused and policy_spec != "data" and "policy" not in guidance_terms:
+        raise click.BadParameter(
+            "diffusion samples follow a target agent only through --guidance policy", param_hint="--policy"
+        )
+    if not diffused and guidance_terms:
+        raise click.BadParameter(
+            "world-model rollouts are steered by --policy (the agent acts), not by guidance",
+            param_hint="--guidance",
+        )
+    gcfg = GuidanceConfig(
+        terms=guidance_terms,
+        policy=policy_spec if diffused and policy_spec != "data" else None,
+        scale=scale,
+        world_model=world_model,
+        dynamics_scale=dynamics_scale,
+        return_scale=return_scale,
+        schedule=schedule,
+        at=guide_at,
+        normalise=normalise_gradient,
+        deterministic_std=deterministic_std,
+    )
+    guidance = build_guidance(gcfg, gen.info)
     src = gen.config["data"]["source"]
     ref = data_ref or src.get("ref") or src.get("source")
     source = load_source(ref, cat)
     policy_fn = None
     policy_lineage: dict[str, Any] = {"kind": "data"}
-    if policy_spec != "data":
+    if policy_spec != "data" and not diffused:
         from guidance.policies import load_policy
 
         pol = load_policy(policy_spec)
@@ -685,6 +764,7 @@ def generator_sample_cmd(
         policy=policy_fn,
         sigma_start=sigma_start,
         refiner=refiner_gen,
+        guidance=guidance,
     )
     ds = sample(gen, source, n_transitions, opts)
     generator_lineage = {
@@ -702,7 +782,8 @@ def generator_sample_cmd(
         "sources": [src],
         "start_states": ref,
         "generator": generator_lineage,
-        "agent": policy_lineage if policy_spec != "data" else None,
+        "agent": policy_lineage if policy_spec != "data" and not diffused else None,
+        "guidance": list(guidance.spec) if guidance is not None else None,
         "sampling": {
             "n_transitions": n_transitions,
             "horizon": horizon,
@@ -712,8 +793,67 @@ def generator_sample_cmd(
         },
         "seeds": {"sample": seed},
     }
-    r = cat.write(name, ds, lineage=lineage, tags={"generator": gen.kind})
+    tags = {"generator": gen.kind, "guidance": "+".join(guidance_terms) or "none"}
+    r = cat.write(name, ds, lineage=lineage, tags=tags)
     _report_version(cat, r, as_json, "sampled")
+
+
+@cli.group()
+def agent() -> None:
+    """Offline-RL agents (d3rlpy): train them on catalog data; they are guidance targets and baselines."""
+
+
+@agent.command("train")
+@click.option("--algo", type=click.Choice(["iql", "td3bc", "cql", "bc"]), required=True)
+@click.option("--data", "data_ref", required=True, help="Training data: NAME@N, a file or minari:<id>.")
+@click.option("--steps", type=click.IntRange(min=1), required=True, help="Gradient steps.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Agent file to write (.d3).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@catalog_option
+@json_option
+@click.pass_context
+def agent_train_cmd(
+    ctx: click.Context,
+    algo: str,
+    data_ref: str,
+    steps: int,
+    seed: int,
+    batch_size: int,
+    out: str,
+    quiet: bool,
+    catalog_uri: str | None,
+    as_json: bool,
+) -> None:
+    """Train a d3rlpy agent with the published hyperparameters; writes AGENT.d3 and AGENT.d3.json."""
+    from datasets.sources import load_source, source_lineage
+    from offline_rl.train import check_out_path, train_agent
+
+    check_out_path(Path(out))
+    cat = _catalog(ctx, catalog_uri)
+    ds = load_source(data_ref, cat)
+    run = train_agent(
+        algo,
+        ds,
+        Path(out),
+        steps=steps,
+        seed=seed,
+        batch_size=batch_size,
+        progress=not quiet,
+        lineage=source_lineage(data_ref, ds, cat),
+    )
+    result = {
+        "out": str(run.path.resolve()),
+        "algo": algo,
+        "steps": steps,
+        "seed": seed,
+        "seconds": run.seconds,
+    }
+    if as_json:
+        _echo_json(result)
+    else:
+        click.echo(f"trained {algo} for {steps} steps in {run.seconds:.0f}s: {result['out']}")
 
 
 def main(argv: list[str] | None = None) -> int:

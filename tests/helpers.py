@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from datasets.envs import env_info
 from datasets.types import Dataset, DatasetInfo, Episode, Transitions, episodes_to_transitions
+
+if TYPE_CHECKING:
+    from generators.api import LoadedGenerator
 
 
 @functools.cache
@@ -42,3 +47,37 @@ def assert_same_transitions(a: Dataset, b: Dataset) -> None:
         x, y = getattr(a.transitions, col), getattr(b.transitions, col)
         assert x.dtype == y.dtype, col
         np.testing.assert_array_equal(x, y, err_msg=col)
+
+
+TINY: dict[str, dict[str, Any]] = {
+    "trajectory": {"horizon": 8, "channels": (8, 16), "emb": 16, "sample_steps": 3},
+    "transition": {"width": 32, "depth": 1, "emb": 16, "sample_steps": 3},
+    "autoregressive": {"horizon": 8, "width": 16, "depth": 1, "heads": 2, "sigma_start": 0.0},
+    "world-model": {"ensemble": 2, "elites": 1, "hidden": 16, "layers": 1},
+}
+TINY_TRAIN = {"batch_size": 16, "warmup_steps": 2, "eval_every": 5, "checkpoint_every": 5, "threads": 1}
+
+
+@functools.cache
+def random_hopper() -> Dataset:
+    """300 transitions of the real Hopper-v5 under uniform random actions (the ``random`` recipe)."""
+    from datasets.recipes import RecipeConfig, build
+
+    return build(RecipeConfig("random", "Hopper-v5", transitions=300, seed=0, progress=False)).dataset
+
+
+def tiny_generator(kind: str, out: Path, steps: int = 10, **overrides: Any) -> LoadedGenerator:
+    """A tiny ``kind`` generator trained ``steps`` steps on :func:`random_hopper` (machinery, not quality)."""
+    from generators.api import load_generator, train_generator
+
+    train_generator(
+        kind,
+        random_hopper(),
+        out,
+        steps=steps,
+        seed=0,
+        progress=False,
+        model_overrides={**TINY[kind], **overrides},
+        train_overrides=TINY_TRAIN,
+    )
+    return load_generator(out, device="cpu")

@@ -6,7 +6,6 @@ Models are tiny and trained for a handful of steps: these tests check the machin
 
 from __future__ import annotations
 
-import functools
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -14,13 +13,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import random_hopper, tiny_generator
 
 from datasets.errors import RlsynthError
-from datasets.recipes import RecipeConfig, build
-from datasets.types import Dataset
 from datasets.validation import validate_transitions
 from generators import api
-from generators.api import KINDS, LoadedGenerator, SampleOptions, load_generator, sample, train_generator
+from generators.api import KINDS, LoadedGenerator, SampleOptions, load_generator, sample
 from generators.autoregressive import Drafter
 from generators.checkpoint import read_tensors
 from generators.diffusion import TrajectoryDiffusion, TransitionDiffusion
@@ -28,38 +26,16 @@ from generators.edm import PerSampleNoise
 from generators.nets import CausalTransformer
 from generators.world_model import WorldModel
 
-TINY: dict[str, dict[str, Any]] = {
-    "trajectory": {"horizon": 8, "channels": (8, 16), "emb": 16, "sample_steps": 3},
-    "transition": {"width": 32, "depth": 1, "emb": 16, "sample_steps": 3},
-    "autoregressive": {"horizon": 8, "width": 16, "depth": 1, "heads": 2, "sigma_start": 0.0},
-    "world-model": {"ensemble": 2, "elites": 1, "hidden": 16, "layers": 1},
-}
 CLASSES = {
     "trajectory": TrajectoryDiffusion,
     "transition": TransitionDiffusion,
     "autoregressive": Drafter,
     "world-model": WorldModel,
 }
-TRAIN = {"batch_size": 16, "warmup_steps": 2, "eval_every": 5, "checkpoint_every": 5, "threads": 1}
-
-
-@functools.cache
-def data() -> Dataset:
-    return build(RecipeConfig("random", "Hopper-v5", transitions=300, seed=0, progress=False)).dataset
 
 
 def fit(kind: str, out: Path, steps: int = 10) -> LoadedGenerator:
-    train_generator(
-        kind,
-        data(),
-        out,
-        steps=steps,
-        seed=0,
-        progress=False,
-        model_overrides=TINY[kind],
-        train_overrides=TRAIN,
-    )
-    return load_generator(out, device="cpu")
+    return tiny_generator(kind, out, steps)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +50,7 @@ def opts(kind: str, seed: int) -> SampleOptions:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_samples_have_the_right_shape_and_are_valid(trained: dict[str, LoadedGenerator], kind: str) -> None:
-    ds = sample(trained[kind], data(), 123, opts(kind, 0))
+    ds = sample(trained[kind], random_hopper(), 123, opts(kind, 0))
     t = ds.transitions
     assert len(t) == 123 and t.observations.shape == (123, 11) and t.actions.shape == (123, 3)
     assert np.isfinite(t.observations).all() and np.isfinite(t.rewards).all()
@@ -85,10 +61,10 @@ def test_samples_have_the_right_shape_and_are_valid(trained: dict[str, LoadedGen
 @pytest.mark.parametrize("kind", KINDS)
 def test_seeds_decide_samples_not_the_split(trained: dict[str, LoadedGenerator], kind: str) -> None:
     gen = trained[kind]
-    a = sample(gen, data(), 60, opts(kind, 1)).transitions
-    b = sample(gen, data(), 60, opts(kind, 1)).transitions
-    c = sample(gen, data(), 60, opts(kind, 2)).transitions
-    more = sample(gen, data(), 400, opts(kind, 1)).transitions  # a second chunk of work
+    a = sample(gen, random_hopper(), 60, opts(kind, 1)).transitions
+    b = sample(gen, random_hopper(), 60, opts(kind, 1)).transitions
+    c = sample(gen, random_hopper(), 60, opts(kind, 2)).transitions
+    more = sample(gen, random_hopper(), 400, opts(kind, 1)).transitions  # a second chunk of work
     np.testing.assert_array_equal(a.observations, b.observations)
     assert not np.array_equal(a.observations, c.observations)
     # The first 60 transitions of a larger request are the same samples (the trim may cut the last episode).
@@ -158,18 +134,20 @@ def test_cached_decoding_equals_the_full_pass() -> None:
 
 def test_refinement_with_sigma_start_zero_returns_the_draft(trained: dict[str, LoadedGenerator]) -> None:
     drafter, refiner = trained["autoregressive"], trained["trajectory"]
-    raw = sample(drafter, data(), 50, SampleOptions(seed=3, sigma_start=0.0)).transitions
+    raw = sample(drafter, random_hopper(), 50, SampleOptions(seed=3, sigma_start=0.0)).transitions
     with_refiner = sample(
-        drafter, data(), 50, SampleOptions(seed=3, sigma_start=0.0, refiner=refiner)
+        drafter, random_hopper(), 50, SampleOptions(seed=3, sigma_start=0.0, refiner=refiner)
     ).transitions
     np.testing.assert_array_equal(raw.observations, with_refiner.observations)
-    refined = sample(drafter, data(), 50, SampleOptions(seed=3, sigma_start=0.5, steps=2, refiner=refiner))
+    refined = sample(
+        drafter, random_hopper(), 50, SampleOptions(seed=3, sigma_start=0.5, steps=2, refiner=refiner)
+    )
     assert not np.array_equal(refined.transitions.observations, raw.observations)
 
 
 def test_drafts_start_from_real_states(trained: dict[str, LoadedGenerator]) -> None:
-    ds = sample(trained["autoregressive"], data(), 40, SampleOptions(seed=0, sigma_start=0.0))
-    real = {r.tobytes() for r in data().transitions.observations}
+    ds = sample(trained["autoregressive"], random_hopper(), 40, SampleOptions(seed=0, sigma_start=0.0))
+    real = {r.tobytes() for r in random_hopper().transitions.observations}
     starts = ds.transitions.observations[ds.transitions.step == 0]
     assert all(s.tobytes() in real for s in starts)
 
@@ -198,11 +176,11 @@ def test_per_sample_noise_makes_network_sampling_split_independent(
 
 def test_bad_refiner_and_missing_refiner_are_clear(trained: dict[str, LoadedGenerator]) -> None:
     with pytest.raises(RlsynthError, match="refinement needs a trajectory-diffusion model"):
-        sample(trained["autoregressive"], data(), 10, SampleOptions(sigma_start=0.5))
+        sample(trained["autoregressive"], random_hopper(), 10, SampleOptions(sigma_start=0.5))
     with pytest.raises(RlsynthError, match="is not a trajectory model"):
         sample(
             trained["autoregressive"],
-            data(),
+            random_hopper(),
             10,
             SampleOptions(sigma_start=0.5, refiner=trained["transition"]),
         )

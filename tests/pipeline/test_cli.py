@@ -503,3 +503,60 @@ def test_cli_generator_kinds_match_the_registry() -> None:
     from pipeline.cli import GENERATOR_KINDS
 
     assert tuple(GENERATOR_KINDS) == tuple(KINDS)
+
+
+def test_agent_train_and_guided_sampling(tmp_path: Path, env: dict[str, str]) -> None:
+    from datasets.sources import file_sha256
+
+    rlsynth("datasets", "make", "random", "--env", "Hopper-v5", "--name", "hop", "--transitions", "300",
+            "--quiet", "--no-minari", env=env)  # fmt: skip
+    agent = tmp_path / "a.d3"
+    made = as_json(rlsynth("agent", "train", "--algo", "iql", "--data", "hop@1", "--steps", "20",
+                           "--out", str(agent), "--quiet", "--json", env=env))  # fmt: skip
+    assert made["algo"] == "iql" and agent.is_file()
+    meta = json.loads(Path(str(agent) + ".json").read_text())
+    assert meta["data"]["ref"] == "hop@1" and meta["steps"] == 20 and meta["d3rlpy_config"]["expectile"] == 0.7
+    before = agent.read_bytes()
+    again = rlsynth("agent", "train", "--algo", "bc", "--data", "hop@1", "--steps", "5", "--out", str(agent),
+                    env=env, check=False)  # fmt: skip
+    assert again.returncode == 1 and "never overwritten" in again.stderr and agent.read_bytes() == before
+    for bad, code, msg in [
+        (["--algo", "ppo"], 2, "Invalid value for '--algo'"),
+        (["--algo", "bc", "--data", "nope@1"], 1, "nope"),
+        (["--algo", "bc", "--out", str(tmp_path / "x.pt")], 1, "agent files end in .d3"),
+    ]:
+        args = {"--algo": "bc", "--data": "hop@1", "--out": str(tmp_path / "b.d3")}
+        args.update(dict(zip(bad[::2], bad[1::2], strict=True)))
+        flat = [x for kv in args.items() for x in kv]
+        proc = rlsynth("agent", "train", *flat, "--steps", "5", "--quiet", env=env, check=False)
+        assert proc.returncode == code and msg in proc.stderr and "Traceback" not in proc.stderr
+        assert not (tmp_path / "b.d3").exists() and not (tmp_path / "x.pt").exists()
+    traj, wm = tmp_path / "traj", tmp_path / "wm"
+    for kind, out in (("trajectory", traj), ("world-model", wm)):
+        rlsynth("generator", "train", "--data", "hop@1", "--kind", kind, "--out", str(out), "--steps", "3",
+                "--quiet", env=env)  # fmt: skip
+    terms = ["--guidance", "policy", "--policy", str(agent), "--scale", "0.2",
+             "--guidance", "dynamics", "--world-model", str(wm)]  # fmt: skip
+    guided = as_json(rlsynth("generator", "sample", str(traj), "--n-transitions", "30", "--name", "hop/g",
+                             "--steps", "3", *terms, "--json", env=env))  # fmt: skip
+    spec = guided["lineage"]["guidance"]
+    assert [t["term"] for t in spec] == ["policy", "dynamics"] and spec[0]["scale"] == 0.2
+    assert spec[0]["target"]["sha256"] == file_sha256(agent) and spec[0]["target"]["kind"] == "iql"
+    assert spec[1]["world_model"]["checkpoint_hash"].startswith("sha256:")
+    assert guided["transitions"] == 30
+    failures = [
+        (["--guidance", "policy"], 1, "policy guidance needs a target agent"),
+        (["--policy", str(agent)], 2, "only through --guidance policy"),
+        (["--guidance", "dynamics"], 1, "need a world model"),
+        (["--guidance", "dynamics", "--world-model", str(traj)], 1, "not a world model"),
+        (["--guidance", "policy", "--policy", str(tmp_path / "missing.d3")], 1, "no such agent file"),
+    ]
+    for args, code, msg in failures:
+        proc = rlsynth("generator", "sample", str(traj), "--n-transitions", "10", "--name", "hop/bad", *args,
+                       env=env, check=False)  # fmt: skip
+        assert proc.returncode == code and msg in proc.stderr, proc.stderr
+    listed = as_json(rlsynth("datasets", "list", "--json", env=env))
+    assert "hop/bad" not in {d["name"] for d in listed}
+    wm_guided = rlsynth("generator", "sample", str(wm), "--n-transitions", "10", "--name", "hop/w",
+                        "--guidance", "policy", "--policy", str(agent), env=env, check=False)  # fmt: skip
+    assert wm_guided.returncode == 2 and "steered by --policy" in wm_guided.stderr

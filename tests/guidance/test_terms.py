@@ -1,0 +1,277 @@
+"""Guidance terms: schedules in closed form, gradients against finite differences, and guided sampling."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import make_dataset, random_hopper, tiny_generator
+
+from datasets.errors import RlsynthError
+from generators.api import LoadedGenerator, SampleOptions, codec, sample
+from generators.checkpoint import Normaliser
+from generators.edm import karras_sigmas
+from generators.tokens import TokenCodec, TokenLayout, windows
+from generators.world_model import WorldModel, WorldModelConfig, WorldModelNormalisers
+from guidance.policies import GaussianPolicy, load_policy
+from guidance.terms import (
+    DynamicsTerm,
+    Guidance,
+    PolicyTerm,
+    ReturnTerm,
+    Term,
+    TermOptions,
+    guide,
+    policy_guidance,
+    schedule_weights,
+    step_index,
+    world_model_guidance,
+)
+from offline_rl.buffers import to_replay_buffer
+from offline_rl.d3rlpy_setup import import_d3rlpy, noop_logger
+
+H = 6
+
+
+def window_codec() -> tuple[TokenCodec, torch.Tensor]:
+    """A codec for Hopper-shaped windows and a batch of real normalised windows (float64)."""
+    ds = make_dataset()
+    layout = TokenLayout.for_spaces(ds.info.observation_space, ds.info.action_space)
+    w = windows(layout, ds.episodes(), H)
+    norm = Normaliser.fit(w.reshape(-1, layout.dim))
+    c = TokenCodec(layout, norm.mean, norm.std, "window")
+    return c, norm.normalise(torch.from_numpy(w)).double()
+
+
+def world_model(seed: int = 0) -> tuple[WorldModel, WorldModelNormalisers]:
+    torch.manual_seed(seed)
+    wm = WorldModel(11, 3, WorldModelConfig(ensemble=3, elites=2, hidden=16, layers=2)).double()
+    return wm, WorldModelNormalisers.fit(make_dataset().transitions)
+
+
+def target_policy() -> GaussianPolicy:
+    w = torch.linspace(-0.5, 0.5, 33, dtype=torch.float64).reshape(11, 3)
+    return GaussianPolicy(mean_fn=lambda o: torch.tanh(o @ w.to(o.dtype)), std=torch.full((3,), 0.3))
+
+
+def test_schedules_closed_form() -> None:
+    n = 4
+    np.testing.assert_allclose(schedule_weights("constant", n), [1, 1, 1, 1])
+    np.testing.assert_allclose(schedule_weights("linear", n), [1, 0.75, 0.5, 0.25])
+    s = math.sin
+    expected = [1 + 0.3 * s(math.pi / 4), 0.75 + 0.3 * s(math.pi / 2), 0.5 + 0.3 * s(3 * math.pi / 4), 0]
+    np.testing.assert_allclose(schedule_weights("pgd", n), expected)
+    with pytest.raises(ValueError, match="unknown schedule 'cosine'"):
+        schedule_weights("cosine", n)
+
+
+def test_step_index_finds_each_level_and_heun_and_churn_evaluations() -> None:
+    sig = karras_sigmas(5)
+    assert [step_index(sig, float(sig[k])) for k in range(5)] == [0, 1, 2, 3, 4]
+    assert step_index(sig, float(sig[2]) * 1.2) == 2  # churn raises σ a little above the level
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"scale": -1.0}, {"scale": math.nan}, {"scale": 1.0, "at": "mid"}, {"scale": 1.0, "schedule": "x"}],
+)
+def test_bad_term_options_are_clear(bad: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        TermOptions(**bad)  # type: ignore[arg-type]
+
+
+def test_codec_reads_windows_as_environment_steps() -> None:
+    c, x = window_codec()
+    ds = make_dataset()
+    s = c.steps(x)
+    first = ds.episodes()[0]  # terminated after 5 steps: its first window holds steps 0..4 and padding
+    np.testing.assert_allclose(s.obs[0, :, :].numpy(), first.observations[: H - 1], atol=1e-5)
+    np.testing.assert_allclose(s.next_obs[0].numpy(), first.observations[1:H], atol=1e-5)
+    np.testing.assert_allclose(s.act[0].numpy(), first.actions[: H - 1], atol=2e-3)  # atanh clip 0.999
+    np.testing.assert_allclose(s.reward[0].numpy(), first.rewards[: H - 1], atol=1e-5)
+    assert s.valid[0].tolist() == [1, 1, 1, 1, 1]
+    # The window starting at step 3 has steps 3, 4 (terminal) and then absorbing padding.
+    assert s.valid[3].tolist() == [1, 1, 0, 0, 0]
+
+
+def finite_difference(term: Term, z: torch.Tensor, coords: list[tuple[int, ...]]) -> list[float]:
+    out = []
+    for c in coords:
+        e = torch.zeros_like(z)
+        e[c] = 1e-6
+        out.append(float((term.objective(z + e) - term.objective(z - e)).sum()) / 2e-6)
+    return out
+
+
+def check_gradient(term: Term, z: torch.Tensor, moved: list[int], fixed: list[int]) -> None:
+    g = term.gradient(z, torch.ones(len(z)), z)
+    rng = np.random.default_rng(0)
+    coords = [(int(rng.integers(len(z))), int(rng.integers(z.shape[1])), d) for d in moved]
+    np.testing.assert_allclose(
+        [float(g[c]) for c in coords], finite_difference(term, z, coords), rtol=1e-4, atol=1e-7
+    )
+    assert all(float(g[:, :, d].abs().max()) == 0 for d in fixed)
+
+
+def test_policy_gradient_matches_finite_differences_and_moves_actions_only() -> None:
+    c, z = window_codec()
+    term = PolicyTerm(c, TermOptions(scale=1, normalise=False), target_policy())
+    check_gradient(term, z, moved=[11, 12, 13], fixed=[0, 5, 10, 14, 15])
+
+
+@pytest.mark.parametrize("cls", [DynamicsTerm, ReturnTerm])
+def test_world_model_gradients_match_finite_differences(cls: type[DynamicsTerm]) -> None:
+    c, z = window_codec()
+    wm, norms = world_model()
+    term = cls(c, TermOptions(scale=1, normalise=False), wm, norms)
+    check_gradient(term, z, moved=[0, 4, 10, 11, 13], fixed=[14, 15])
+
+
+def test_dynamics_objective_is_the_elite_disagreement_in_closed_form() -> None:
+    c, z = window_codec()
+    wm, norms = world_model()
+    term = DynamicsTerm(c, TermOptions(scale=1), wm, norms)
+    s = c.steps(z[:1])
+    obs, act, nxt = s.obs[0], s.act[0], s.next_obs[0]
+    total = 0.0
+    for e in wm.elite_idx.tolist():
+        x = torch.cat([norms.obs.normalise(obs), norms.act.normalise(act)], 1)
+        mean = wm(x.unsqueeze(0).expand(3, -1, -1))[0][e, :, :11]
+        total += float(((norms.delta.normalise(nxt - obs) - mean) ** 2).sum())
+    assert float(term.objective(z[:1])) == pytest.approx(-0.5 * total / 2, rel=1e-9)
+
+
+def test_normalised_gradient_has_unit_norm_per_sample() -> None:
+    c, z = window_codec()
+    g = PolicyTerm(c, TermOptions(scale=1, normalise=True), target_policy()).gradient(z, torch.ones(1), z)
+    np.testing.assert_allclose(g.flatten(1).norm(dim=1).numpy(), 1.0, rtol=1e-6)
+
+
+def test_guided_denoiser_adds_the_scheduled_gradient() -> None:
+    c, z = window_codec()
+    opts = TermOptions(scale=0.5, schedule="linear", normalise=False)
+    term = PolicyTerm(c, opts, target_policy())
+    sig = karras_sigmas(4)
+    wrapped = guide([term])(lambda x, s: 0.9 * x, sig)
+    out = wrapped(z, sig[1].expand(len(z)))
+    expected = 0.9 * z + 0.5 * 0.75 * term.gradient(z, sig[1], 0.9 * z)
+    torch.testing.assert_close(out, expected)
+
+
+# --- guided sampling with real generators -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gens(tmp_path_factory: pytest.TempPathFactory) -> dict[str, LoadedGenerator]:
+    root = tmp_path_factory.mktemp("guided")
+    return {k: tiny_generator(k, root / k, steps=300) for k in ("trajectory", "transition", "world-model")}
+
+
+def toy_target() -> GaussianPolicy:
+    return GaussianPolicy(mean_fn=lambda o: torch.full((len(o), 3), 0.5), std=torch.full((3,), 0.2))
+
+
+def guided(policy: object, scale: float, **kw: object) -> Guidance:
+    return policy_guidance(policy, TermOptions(scale=scale, **kw), {"kind": "test"})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["trajectory", "transition"])
+@pytest.mark.parametrize("at", ["noisy", "x0"])
+def test_scale_zero_is_bit_identical_to_unguided(
+    gens: dict[str, LoadedGenerator], kind: str, at: str
+) -> None:
+    plain = sample(gens[kind], random_hopper(), 40, SampleOptions(seed=4)).transitions
+    g = guided(toy_target(), 0.0, at=at) + world_model_guidance(
+        "dynamics",
+        gens["world-model"].model,  # type: ignore[arg-type]
+        WorldModelNormalisers.from_map(gens["world-model"].norms),
+        TermOptions(scale=0.0),
+        {},
+    )
+    zero = sample(gens[kind], random_hopper(), 40, SampleOptions(seed=4, guidance=g)).transitions
+    for col in ("observations", "actions", "rewards", "next_observations"):
+        np.testing.assert_array_equal(getattr(plain, col), getattr(zero, col))
+
+
+@pytest.mark.parametrize("kind", ["trajectory", "transition"])
+def test_distance_to_the_target_mean_falls_monotonically_with_scale(
+    gens: dict[str, LoadedGenerator], kind: str
+) -> None:
+    dist = []
+    for scale in (0.0, 0.003, 0.01, 0.03, 0.1):
+        g = guided(toy_target(), scale, at="x0", normalise=False)
+        t = sample(gens[kind], random_hopper(), 300, SampleOptions(seed=1, steps=8, guidance=g))
+        dist.append(float(((t.transitions.actions - 0.5) ** 2).sum(1).mean()))
+    assert all(b < a for a, b in itertools.pairwise(dist)), dist
+    assert dist[-1] < 0.1 * dist[0], dist
+
+
+def test_dynamics_guidance_lowers_model_disagreement(gens: dict[str, LoadedGenerator]) -> None:
+    wm_gen = gens["world-model"]
+    wm: WorldModel = wm_gen.model  # type: ignore[assignment]
+    norms = WorldModelNormalisers.from_map(wm_gen.norms)
+    gen = gens["trajectory"]
+
+    def disagreement(scale: float) -> float:
+        g = world_model_guidance("dynamics", wm, norms, TermOptions(scale=scale, normalise=True), {})
+        ds = sample(gen, random_hopper(), 200, SampleOptions(seed=2, guidance=g)).transitions
+        x = torch.cat(
+            [
+                norms.obs.normalise(torch.from_numpy(ds.observations)),
+                norms.act.normalise(torch.from_numpy(ds.actions)),
+            ],
+            1,
+        )
+        with torch.no_grad():
+            mean = wm(x.unsqueeze(0).expand(wm.cfg.ensemble, -1, -1))[0][wm.elite_idx, :, :11].mean(0)
+        delta = norms.delta.normalise(torch.from_numpy(ds.next_observations - ds.observations))
+        return float(((delta - mean) ** 2).sum(1).mean())
+
+    assert disagreement(1.0) < 0.9 * disagreement(0.0)
+
+
+def fit_agent(config: object, path: Path) -> Path:
+    algo = config.create(device="cpu:0")  # type: ignore[attr-defined]
+    algo.fit(
+        to_replay_buffer(random_hopper()),
+        n_steps=30,
+        n_steps_per_epoch=30,
+        logger_adapter=noop_logger(),
+        show_progress=False,
+    )
+    algo.save(str(path))
+    return path
+
+
+@pytest.mark.parametrize("algo", ["iql", "td3plusbc"])
+def test_d3rlpy_agents_work_as_targets(gens: dict[str, LoadedGenerator], tmp_path: Path, algo: str) -> None:
+    d3 = import_d3rlpy()
+    config = {"iql": d3.algos.IQLConfig, "td3plusbc": d3.algos.TD3PlusBCConfig}[algo](batch_size=32)
+    pol = load_policy(fit_agent(config, tmp_path / f"{algo}.d3"))
+    lls = []
+    for scale in (0.0, 1.0):
+        ds = sample(
+            gens["trajectory"],
+            random_hopper(),
+            200,
+            SampleOptions(seed=5, steps=8, guidance=guided(pol, scale, normalise=True)),
+        )
+        t = ds.transitions
+        with torch.no_grad():
+            lls.append(
+                float(pol.log_prob(torch.from_numpy(t.observations), torch.from_numpy(t.actions)).mean())
+            )
+    assert lls[1] > lls[0] + 1.0, lls
+
+
+def test_world_models_and_autoregressive_drafts_refuse_or_accept_guidance(
+    gens: dict[str, LoadedGenerator],
+) -> None:
+    with pytest.raises(RlsynthError, match="steered by --policy"):
+        sample(gens["world-model"], random_hopper(), 10, SampleOptions(guidance=guided(toy_target(), 1.0)))
+    with pytest.raises(RlsynthError, match="cannot be guided"):
+        codec(gens["world-model"])
