@@ -18,6 +18,7 @@ from generators.api import load_generator
 from generators.world_model import WorldModel, WorldModelNormalisers
 from guidance.policies import DETERMINISTIC_STD, load_policy
 from guidance.terms import Guidance, TermOptions, policy_guidance, world_model_guidance
+from offline_rl.agents import check_agent_spaces
 
 TERMS = ("policy", "dynamics", "return")
 
@@ -50,12 +51,17 @@ class GuidanceConfig:
             raise RlsynthError(f"unknown guidance term {unknown[0]!r} (terms: {', '.join(TERMS)})")
         if len(set(self.terms)) != len(self.terms):
             raise RlsynthError("a guidance term is given twice")
+        if self.deterministic_std <= 0:
+            raise RlsynthError(f"deterministic_std must be positive, got {self.deterministic_std}")
+        self.options(self.scale)
+
+    def check_inputs(self) -> None:
+        """The files the terms need are named (checked when guidance is built, not when configured: the
+        PGD loop fills in its target agent each round)."""
         if "policy" in self.terms and self.policy is None:
             raise RlsynthError("policy guidance needs a target agent: --policy AGENT.d3")
         if {"dynamics", "return"} & set(self.terms) and self.world_model is None:
             raise RlsynthError("dynamics and return guidance need a world model: --world-model DIR")
-        if self.deterministic_std <= 0:
-            raise RlsynthError(f"deterministic_std must be positive, got {self.deterministic_std}")
 
     def options(self, scale: float) -> TermOptions:
         try:
@@ -68,11 +74,15 @@ def build_guidance(cfg: GuidanceConfig, info: DatasetInfo) -> Guidance | None:
     """The guidance for a generator trained on data with ``info``'s spaces (``None`` when no terms)."""
     if not cfg.terms:
         return None
+    cfg.check_inputs()
     parts: list[Guidance] = []
     if "policy" in cfg.terms:
         assert cfg.policy is not None
         path = Path(cfg.policy)
         pol = load_policy(path, deterministic_std=cfg.deterministic_std)
+        check_agent_spaces(
+            pol.algo, info.observation_space.dim, info.action_space.dim, "the generator's data"
+        )
         lineage: dict[str, Any] = {
             "kind": pol.kind,
             "path": str(path.resolve()),

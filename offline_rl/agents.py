@@ -43,13 +43,36 @@ def _read_container(path: Path) -> dict[str, Any]:
     return obj
 
 
+def sidecar(path: Path) -> Path:
+    """``AGENT.d3.json``: what rlsynth records beside an agent it wrote (algorithm, data, SHA-256)."""
+    return path.with_name(path.name + ".json")
+
+
+def _check_recorded_hash(p: Path) -> None:
+    side = sidecar(p)
+    if not side.is_file():
+        return
+    try:
+        recorded = json.loads(side.read_text()).get("sha256")
+    except (OSError, ValueError, AttributeError) as e:
+        raise AgentError(f"{side}: unreadable agent record ({e})") from None
+    if recorded is not None:
+        from datasets.sources import file_sha256
+
+        if file_sha256(p) != recorded:
+            raise AgentError(f"{p}: content does not match the SHA-256 recorded in {side.name} (damaged?)")
+
+
 def load_agent(path: str | os.PathLike[str], device: str = "cpu:0") -> Any:
-    """Load a d3rlpy algorithm saved with ``algo.save(path)``; one clear error for any bad file."""
+    """Load a d3rlpy algorithm saved with ``algo.save(path)``; one clear error for any bad file.
+
+    When rlsynth wrote the file, its sidecar's SHA-256 is checked first."""
     import torch
 
     p = Path(path)
     if not p.is_file():
         raise AgentError(f"{p}: no such agent file")
+    _check_recorded_hash(p)
     obj = _read_container(p)
     d3rlpy = import_d3rlpy()
     try:
@@ -70,6 +93,16 @@ def load_agent(path: str | os.PathLike[str], device: str = "cpu:0") -> Any:
     except Exception as e:  # corrupt bytes, unsafe payloads and shape mismatches all land here.
         raise AgentError(f"{p}: agent weights cannot be loaded ({type(e).__name__}: {e})") from None
     return algo
+
+
+def check_agent_spaces(algo: Any, obs_dim: int, act_dim: int, what: str) -> None:
+    """An agent built for other observation/action sizes than ``what`` is an error, not a shape crash."""
+    shape = list(algo.impl.observation_shape)
+    if shape != [obs_dim] or int(algo.impl.action_size) != act_dim:
+        raise AgentError(
+            f"agent expects observations {shape} and {algo.impl.action_size} actions; "
+            f"{what} has [{obs_dim}] and {act_dim}"
+        )
 
 
 def agent_kind(algo: Any) -> str:

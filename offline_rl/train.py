@@ -19,14 +19,19 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from tqdm import tqdm
+
 from datasets.errors import RlsynthError
+from datasets.sources import file_sha256
 from datasets.types import Dataset
-from offline_rl.buffers import to_replay_buffer
-from offline_rl.d3rlpy_setup import import_d3rlpy, noop_logger
+from offline_rl.d3rlpy_setup import import_d3rlpy
+from offline_rl.mixture import Mixture
 
 ALGOS = ("iql", "td3bc", "cql", "bc")
 
@@ -69,15 +74,6 @@ def algo_config(name: str, batch_size: int = 256) -> Any:
     raise RlsynthError(f"unknown algorithm {name!r} (algorithms: {', '.join(ALGOS)})")
 
 
-@dataclass(frozen=True)
-class AgentRun:
-    path: Path
-    algo: str
-    steps: int
-    seed: int
-    seconds: float
-
-
 def save_agent(algo: Any, out: Path, meta: dict[str, Any]) -> None:
     """Write ``out`` and ``out.json`` atomically (temporary names in the same folder, then renames)."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -86,6 +82,7 @@ def save_agent(algo: Any, out: Path, meta: dict[str, Any]) -> None:
     try:
         algo.save(tmp)
         meta_tmp = tmp + ".json"
+        meta = {**meta, "sha256": file_sha256(Path(tmp))}
         Path(meta_tmp).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
         os.replace(tmp, out)
         os.replace(meta_tmp, str(out) + ".json")
@@ -104,9 +101,65 @@ def check_out_path(out: Path, overwrite: bool = False) -> None:
         raise RlsynthError(f"{out.parent}: not a folder")
 
 
+@dataclass(frozen=True)
+class TrainingLog:
+    steps: list[int]
+    """Steps at which ``callback`` ran."""
+    metrics: list[dict[str, float]]
+    """Mean d3rlpy losses over each logging interval."""
+
+
+Callback = Callable[[int, Any], None]
+"""``callback(step, algo)`` after ``step`` gradient steps (every ``every`` steps and at the end)."""
+
+
+def build_algo(algo_name: str, mixture: Mixture, batch_size: int, seed: int) -> Any:
+    """A d3rlpy algorithm with published hyperparameters, scaler fitted on the mixture, models created."""
+    if mixture.batch_size != batch_size:
+        raise RlsynthError(f"mixture rows add up to {mixture.batch_size}, not the batch size {batch_size}")
+    d3 = import_d3rlpy()
+    d3.seed(seed)
+    config = algo_config(algo_name, batch_size)
+    mean, std = mixture.observation_stats()
+    config.observation_scaler = d3.preprocessing.StandardObservationScaler(mean=mean, std=std)
+    algo = config.create(device="cpu:0")
+    algo.create_impl((mixture.obs_dim,), mixture.act_dim)
+    return algo
+
+
+def fit(
+    algo: Any,
+    mixture: Mixture,
+    steps: int,
+    rng: np.random.Generator,
+    *,
+    start: int = 0,
+    every: int = 0,
+    callback: Callback | None = None,
+    progress: bool = True,
+    desc: str = "train agent",
+) -> TrainingLog:
+    """``steps`` d3rlpy updates on batches drawn from ``mixture`` (exact rows per component)."""
+    log = TrainingLog([], [])
+    acc: dict[str, list[float]] = {}
+    bar = tqdm(range(start, start + steps), desc=desc, disable=not progress, leave=False)
+    for i in bar:
+        batch, _ = mixture.sample(rng)
+        for k, v in algo.update(batch).items():
+            acc.setdefault(k, []).append(float(v))
+        step = i + 1
+        if (every and step % every == 0) or step == start + steps:
+            log.steps.append(step)
+            log.metrics.append({k: float(np.mean(v)) for k, v in acc.items()})
+            acc = {}
+            if callback is not None:
+                callback(step, algo)
+    return log
+
+
 def train_agent(
     algo_name: str,
-    dataset: Dataset,
+    data: Dataset | Mixture,
     out: Path,
     *,
     steps: int,
@@ -114,35 +167,44 @@ def train_agent(
     batch_size: int = 256,
     progress: bool = True,
     lineage: dict[str, Any] | None = None,
+    every: int = 0,
+    callback: Callback | None = None,
 ) -> AgentRun:
-    """Train ``algo_name`` for ``steps`` gradient steps on ``dataset`` and save it to ``out`` (.d3)."""
+    """Train ``algo_name`` for ``steps`` gradient steps and save it to ``out`` (.d3).
+
+    ``data`` is one dataset (uniform batches) or a :class:`Mixture` (fixed rows per component per batch).
+    """
     if steps < 1:
         raise RlsynthError(f"steps must be positive, got {steps}")
     out = Path(out)
     check_out_path(out)
-    d3 = import_d3rlpy()
-    config = algo_config(algo_name, batch_size)
-    d3.seed(seed)
-    algo = config.create(device="cpu:0")
-    start = time.perf_counter()
-    algo.fit(
-        to_replay_buffer(dataset),
-        n_steps=steps,
-        n_steps_per_epoch=steps,
-        logger_adapter=noop_logger(),
-        show_progress=progress,
-        save_interval=steps + 1,
-    )
-    seconds = time.perf_counter() - start
+    mixture = data if isinstance(data, Mixture) else Mixture.of([(data, batch_size)])
+    algo = build_algo(algo_name, mixture, batch_size, seed)
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter()
+    log = fit(algo, mixture, steps, rng, every=every, callback=callback, progress=progress)
+    seconds = time.perf_counter() - t0
     meta = {
         "algo": algo_name,
-        "d3rlpy_config": json.loads(config.serialize()),
+        "d3rlpy_config": json.loads(algo.config.serialize()),
         "steps": steps,
         "seed": seed,
         "seconds": seconds,
-        "data": lineage or {"source": dataset.source},
-        "transitions": dataset.n_transitions,
-        "env_id": dataset.info.env_id,
+        "data": lineage or {"sources": mixture.sources},
+        "mixture": mixture.describe(),
+        "transitions": mixture.transitions,
+        "env_id": mixture.env_id,
+        "final_metrics": log.metrics[-1] if log.metrics else {},
     }
     save_agent(algo, out, meta)
-    return AgentRun(out, algo_name, steps, seed, seconds)
+    return AgentRun(out, algo_name, steps, seed, seconds, log)
+
+
+@dataclass(frozen=True)
+class AgentRun:
+    path: Path
+    algo: str
+    steps: int
+    seed: int
+    seconds: float
+    log: TrainingLog

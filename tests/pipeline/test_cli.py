@@ -515,7 +515,9 @@ def test_agent_train_and_guided_sampling(tmp_path: Path, env: dict[str, str]) ->
                            "--out", str(agent), "--quiet", "--json", env=env))  # fmt: skip
     assert made["algo"] == "iql" and agent.is_file()
     meta = json.loads(Path(str(agent) + ".json").read_text())
-    assert meta["data"]["ref"] == "hop@1" and meta["steps"] == 20 and meta["d3rlpy_config"]["expectile"] == 0.7
+    assert (
+        meta["data"]["ref"] == "hop@1" and meta["steps"] == 20 and meta["d3rlpy_config"]["expectile"] == 0.7
+    )
     before = agent.read_bytes()
     again = rlsynth("agent", "train", "--algo", "bc", "--data", "hop@1", "--steps", "5", "--out", str(agent),
                     env=env, check=False)  # fmt: skip

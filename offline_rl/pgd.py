@@ -1,0 +1,157 @@
+"""The policy-guided diffusion training loop.
+
+An agent trains on batches of ``synthetic_rows`` synthetic + ``real_rows`` real transitions (240 + 16 in
+the paper). The synthetic set is sampled from a diffusion generator and regenerated every
+``regenerate_every`` agent steps with the current agent as the policy-guidance target; the first set is
+unguided (there is no trained agent yet). Each synthetic set is committed as the next catalog version of
+``name``; its lineage holds the round, the agent step, the agent file's SHA-256 and the previous round's
+version, so the chain can be followed back. The agent saved for each round lives in ``out/agents/``.
+
+The agent's observation scaler is fitted on the first round's mixture and then kept: regenerating data
+must not silently change the agent's input normalisation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from datasets.catalog import Catalog
+from datasets.errors import RlsynthError
+from datasets.sources import file_sha256
+from datasets.types import Dataset
+from generators.api import LoadedGenerator, SampleOptions, sample
+from guidance.spec import GuidanceConfig, build_guidance
+from offline_rl.mixture import Mixture
+from offline_rl.train import ALGOS, Callback, TrainingLog, build_algo, fit, save_agent
+
+
+@dataclass(frozen=True)
+class PGDConfig:
+    """The loop's settings (defaults follow policy-guided diffusion, scaled for a CPU)."""
+
+    algo: str = "td3bc"
+    steps: int = 100_000
+    """Agent gradient steps in total."""
+    regenerate_every: int = 10_000
+    """Agent steps between synthetic regenerations."""
+    synthetic_transitions: int = 50_000
+    """Transitions per synthetic set."""
+    synthetic_rows: int = 240
+    real_rows: int = 16
+    guidance: GuidanceConfig = field(default_factory=lambda: GuidanceConfig(terms=("policy",)))
+    """Guidance from round 1 on (the target agent is filled in each round)."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.algo not in ALGOS:
+            raise RlsynthError(f"unknown algorithm {self.algo!r} (algorithms: {', '.join(ALGOS)})")
+        for key in ("steps", "regenerate_every", "synthetic_transitions", "synthetic_rows"):
+            if getattr(self, key) < 1:
+                raise RlsynthError(f"pgd {key} must be positive, got {getattr(self, key)}")
+        if self.real_rows < 0:
+            raise RlsynthError(f"pgd real_rows must be ≥ 0, got {self.real_rows}")
+
+    @property
+    def rounds(self) -> int:
+        return math.ceil(self.steps / self.regenerate_every)
+
+
+@dataclass(frozen=True)
+class PGDRound:
+    round: int
+    start_step: int
+    version: str
+    agent: str | None
+    """The guidance target's file (None in round 0: unguided)."""
+
+
+@dataclass(frozen=True)
+class PGDResult:
+    agent: Path
+    rounds: tuple[PGDRound, ...]
+    log: TrainingLog
+
+
+def run_pgd(
+    cfg: PGDConfig,
+    generator: LoadedGenerator,
+    real: Dataset,
+    catalog: Catalog,
+    name: str,
+    out: Path,
+    *,
+    real_lineage: dict[str, Any] | None = None,
+    every: int = 0,
+    callback: Callback | None = None,
+    progress: bool = True,
+) -> PGDResult:
+    """Run the loop; returns the final agent (``out/agent.d3``), the committed versions and the losses."""
+    out = Path(out)
+    (out / "agents").mkdir(parents=True, exist_ok=True)
+    final = out / "agent.d3"
+    if final.exists():
+        raise RlsynthError(f"{final}: exists (a finished PGD run; use a new output folder)")
+    rng = np.random.default_rng(cfg.seed)
+    algo: Any = None
+    log = TrainingLog([], [])
+    rounds: list[PGDRound] = []
+    previous: str | None = None
+    for r in range(cfg.rounds):
+        start = r * cfg.regenerate_every
+        target = None
+        guidance = None
+        if r > 0 and cfg.guidance.terms:
+            target = out / "agents" / f"step-{start}.d3"
+            save_agent(algo, target, {"pgd_round": r, "step": start, "algo": cfg.algo})
+            gcfg = replace(cfg.guidance, policy=str(target) if "policy" in cfg.guidance.terms else None)
+            guidance = build_guidance(gcfg, generator.info)
+        synth = sample(
+            generator,
+            real,
+            cfg.synthetic_transitions,
+            SampleOptions(seed=cfg.seed * 1_000_003 + r, guidance=guidance),
+        )
+        lineage = {
+            "sources": [real_lineage or {"source": real.source}],
+            "generator": {
+                "kind": generator.kind,
+                "folder": str(generator.folder.resolve()),
+                "checkpoint_hash": generator.checkpoint_hash,
+            },
+            "pgd": {
+                "round": r,
+                "agent_step": start,
+                "previous": previous,
+                "target": None if target is None else {"path": str(target), "sha256": file_sha256(target)},
+                "config": asdict(cfg),
+            },
+            "guidance": list(guidance.spec) if guidance is not None else None,
+        }
+        ref = catalog.write(name, synth, lineage=lineage, tags={"generator": generator.kind, "pgd_round": r})
+        previous = str(ref)
+        rounds.append(PGDRound(r, start, previous, None if target is None else str(target)))
+        parts = [(synth, cfg.synthetic_rows)] + ([(real, cfg.real_rows)] if cfg.real_rows else [])
+        mixture = Mixture.of(parts)
+        if algo is None:
+            algo = build_algo(cfg.algo, mixture, mixture.batch_size, cfg.seed)
+        n = min(cfg.regenerate_every, cfg.steps - start)
+        part = fit(
+            algo,
+            mixture,
+            n,
+            rng,
+            start=start,
+            every=every,
+            callback=callback,
+            progress=progress,
+            desc=f"pgd round {r}",
+        )
+        log.steps.extend(part.steps)
+        log.metrics.extend(part.metrics)
+    save_agent(algo, final, {"algo": cfg.algo, "steps": cfg.steps, "pgd_rounds": [asdict(x) for x in rounds]})
+    return PGDResult(final, tuple(rounds), log)
