@@ -516,7 +516,9 @@ def test_agent_train_and_guided_sampling(tmp_path: Path, env: dict[str, str]) ->
     assert made["algo"] == "iql" and agent.is_file()
     meta = json.loads(Path(str(agent) + ".json").read_text())
     assert (
-        meta["data"]["ref"] == "hop@1" and meta["steps"] == 20 and meta["d3rlpy_config"]["expectile"] == 0.7
+        meta["data"]["data"][0]["ref"] == "hop@1"
+        and meta["steps"] == 20
+        and meta["d3rlpy_config"]["expectile"] == 0.7
     )
     before = agent.read_bytes()
     again = rlsynth("agent", "train", "--algo", "bc", "--data", "hop@1", "--steps", "5", "--out", str(agent),
@@ -533,6 +535,19 @@ def test_agent_train_and_guided_sampling(tmp_path: Path, env: dict[str, str]) ->
         proc = rlsynth("agent", "train", *flat, "--steps", "5", "--quiet", env=env, check=False)
         assert proc.returncode == code and msg in proc.stderr and "Traceback" not in proc.stderr
         assert not (tmp_path / "b.d3").exists() and not (tmp_path / "x.pt").exists()
+    mixed = as_json(rlsynth("agent", "train", "--algo", "td3bc", "--data", "hop@1", "--mix", "hop@1:8",
+                            "--batch-size", "32", "--steps", "4", "--out", str(tmp_path / "m.d3"), "--quiet",
+                            "--json", env=env))  # fmt: skip
+    assert [c["rows_per_batch"] for c in mixed["mixture"]] == [24, 8]
+    for spec, msg in (("hop@1", "not NAME@N:ROWS"), ("hop@1:300", "--data needs at least one")):
+        proc = rlsynth("agent", "train", "--algo", "bc", "--data", "hop@1", "--mix", spec, "--steps", "2",
+                       "--out", str(tmp_path / "c.d3"), env=env, check=False)  # fmt: skip
+        assert proc.returncode == 2 and msg in proc.stderr and not (tmp_path / "c.d3").exists()
+    scored = as_json(rlsynth("agent", "eval", str(agent), "--episodes", "2", "--json", env=env))
+    assert scored["env_id"] == "Hopper-v5" and len(scored["returns"]) == 2
+    assert scored["reference"]["source"].startswith("D4RL Hopper") and scored["score_mean"] is not None
+    wrong = rlsynth("agent", "eval", str(agent), "--env", "HalfCheetah-v5", env=env, check=False)
+    assert wrong.returncode == 1 and "agent expects observations [11]" in wrong.stderr
     traj, wm = tmp_path / "traj", tmp_path / "wm"
     for kind, out in (("trajectory", traj), ("world-model", wm)):
         rlsynth("generator", "train", "--data", "hop@1", "--kind", kind, "--out", str(out), "--steps", "3",
