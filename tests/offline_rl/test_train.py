@@ -200,3 +200,33 @@ def test_pgd_loop_regenerates_at_the_right_steps_with_lineage(tmp_path: Path) ->
     assert cat.read("pgd/synth@2").n_transitions == 60
     with pytest.raises(RlsynthError, match="exists"):
         run_pgd(cfg, gen, random_hopper(), cat, "pgd/synth", tmp_path / "run", progress=False)
+
+
+def test_comparison_runner_writes_table_json_and_curves(tmp_path: Path) -> None:
+    from offline_rl.compare import CompareConfig, Condition, PGDSpec, compare
+
+    cat = Catalog(str(tmp_path / "cat"))
+    cat.write("hop", random_hopper())
+    cat.write("other", with_rewards(random_hopper(), 0.5, "other"))
+    gen = tiny_generator("trajectory", tmp_path / "gen", steps=5)
+    pgd = PGDSpec(generator=str(gen.folder), real="hop@1", name="cmp", regenerate_every=2,
+                  synthetic_transitions=40, synthetic_rows=12, real_rows=4)  # fmt: skip
+    conditions = [
+        Condition("real", data=("hop@1",)),
+        Condition("mixed", data=("other@1",), mix=(("hop@1", 4),)),
+        Condition("pgd", pgd=pgd),
+    ]
+    cfg = CompareConfig(algos=("bc",), seeds=(0, 1), steps=4, batch_size=16, eval_every=2, eval_episodes=1,
+                        final_episodes=2, catalog=str(tmp_path / "cat"))  # fmt: skip
+    report = compare(conditions, cfg, tmp_path / "out")
+    assert len(report["runs"]) == 6
+    assert all([p["step"] for p in r["curve"]] == [2, 4] for r in report["runs"])
+    for row in report["aggregate"]:
+        runs = [r for r in report["runs"] if r["condition"] == row["condition"]]
+        assert row["metric"] == "normalised score" and row["seeds"] == 2
+        assert row["mean"] == pytest.approx(np.mean([r["final"]["score_mean"] for r in runs]))
+    assert cat.manifest("cmp/bc-s1@2")["lineage"]["pgd"]["previous"] == "cmp/bc-s1@1"
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| pgd |" in md and "| mixed |" in md and (tmp_path / "out" / "curves.png").stat().st_size > 0
+    with pytest.raises(RlsynthError, match="not both or none"):
+        Condition("bad")
