@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -947,6 +948,96 @@ def agent_eval_cmd(
     if res.score_mean is not None:
         line += f"; normalised score {res.score_mean:.1f} ± {res.score_std:.1f}"
     click.echo(line)
+
+
+RUNS_ROOT_HELP = "Folder of run folders and the shared stage cache (default: $RLSYNTH_RUNS or ./runs)."
+
+
+def _runs_root(runs: str | None) -> Path:
+    return Path(runs or os.environ.get("RLSYNTH_RUNS") or "runs")
+
+
+@cli.command("run")
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.option("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local cluster).")
+@click.option("--resume", "resume", default=None, help="Resume this run folder (finished stages are skipped).")
+@click.option("--runs", "runs", default=None, help=RUNS_ROOT_HELP)
+@catalog_option
+@click.pass_context
+def run_cmd(
+    ctx: click.Context,
+    config_path: str,
+    address: str | None,
+    resume: str | None,
+    runs: str | None,
+    catalog_uri: str | None,
+) -> None:
+    """Run the whole pipeline from a YAML config as Ray tasks; prints the report and dataset versions."""
+    from pipeline.config import load_config
+    from pipeline.run import check_resume, new_run_dir, run_pipeline
+
+    cfg = load_config(config_path)
+    if resume is not None:
+        run_dir = Path(resume)
+        check_resume(run_dir)
+    else:
+        run_dir = new_run_dir(_runs_root(runs), cfg.name)
+    cat = _catalog(ctx, catalog_uri)
+    log_path = run_dir / "run.log"
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    def log(line: str) -> None:
+        stamped = f"{time.strftime('%H:%M:%S')} {line}"
+        click.echo(stamped, err=True)
+        with open(log_path, "a") as f:
+            f.write(stamped + "\n")
+
+    m = run_pipeline(cfg, run_dir, catalog_uri=cat.uri, address=address, log=log)
+    st = m["stages"]
+    click.echo(f"report: {run_dir / 'report.md'}")
+    click.echo(f"source data: {st['source']['ref']}  synthetic data: {st['synthesize']['ref']}")
+
+
+@cli.group()
+def runs() -> None:
+    """Pipeline runs: list them, show one."""
+
+
+@runs.command("list")
+@click.option("--runs", "runs_dir", default=None, help=RUNS_ROOT_HELP)
+@json_option
+def runs_list_cmd(runs_dir: str | None, as_json: bool) -> None:
+    """Every run folder with its status."""
+    root = _runs_root(runs_dir)
+    rows = []
+    for d in sorted(root.glob("*/config.yaml")):
+        m = d.parent / "metrics.json"
+        rows.append({"run": d.parent.name, "path": str(d.parent), "finished": m.is_file()})
+    if as_json:
+        _echo_json(rows)
+        return
+    for r in rows:
+        click.echo(f"{r['run']}  {'finished' if r['finished'] else 'unfinished'}")
+
+
+@runs.command("show")
+@click.argument("run")
+@click.option("--runs", "runs_dir", default=None, help=RUNS_ROOT_HELP)
+@json_option
+def runs_show_cmd(run: str, runs_dir: str | None, as_json: bool) -> None:
+    """A run's metrics (or, unfinished, its log)."""
+    d = Path(run) if Path(run).is_dir() else _runs_root(runs_dir) / run
+    if not (d / "config.yaml").is_file():
+        raise RlsynthError(f"{run}: no such run (see rlsynth runs list)")
+    m = d / "metrics.json"
+    if as_json:
+        _echo_json(json.loads(m.read_text()) if m.is_file() else {"run": str(d), "finished": False})
+        return
+    if (d / "report.md").is_file():
+        click.echo((d / "report.md").read_text())
+    else:
+        log = d / "run.log"
+        click.echo(f"{d}: unfinished\n" + (log.read_text() if log.is_file() else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
