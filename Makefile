@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # pull a multi-GB CUDA build.
 PIP_FLAGS ?= --disable-pip-version-check --progress-bar off
 
-.PHONY: venv run test lint typecheck check bench-io clean
+.PHONY: venv run tour test lint typecheck check bench-io clean
 
 venv: $(STAMP)
 
@@ -16,7 +16,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install $(PIP_FLAGS) -q -e '.[dev]'
 	@touch $(STAMP)
 
+# The whole pipeline on a local Ray cluster: configs/quickstart.yaml (catalog and runs under out/).
 run: venv
+	RLSYNTH_CATALOG=$${RLSYNTH_CATALOG:-out/catalog} $(BIN)/rlsynth run configs/quickstart.yaml --runs out/runs
+
+# The I/O tour: recipe, HDF5 and Minari round trips, verify, d3rlpy BC, fidelity, world model.
+tour: venv
 	$(BIN)/python -m pipeline.quickstart
 
 test: venv

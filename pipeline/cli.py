@@ -959,8 +959,12 @@ def _runs_root(runs: str | None) -> Path:
 
 @cli.command("run")
 @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
-@click.option("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local cluster).")
-@click.option("--resume", "resume", default=None, help="Resume this run folder (finished stages are skipped).")
+@click.option(
+    "--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local cluster)."
+)
+@click.option(
+    "--resume", "resume", default=None, help="Resume this run folder (finished stages are skipped)."
+)
 @click.option("--runs", "runs", default=None, help=RUNS_ROOT_HELP)
 @catalog_option
 @click.pass_context

@@ -76,11 +76,14 @@ class Runner:
         self.log = log
         self.status: dict[str, str] = {}
 
+    def locate(self, name: str, config: Any, inputs: dict[str, Any]) -> Stage:
+        key = stage_key(name, config, inputs)
+        return Stage(name, key, self.stages_dir / f"{name}-{key}")
+
     def stage(
         self, name: str, config: Any, inputs: dict[str, Any], work: Callable[[Path], dict[str, Any]]
     ) -> dict[str, Any]:
-        key = stage_key(name, config, inputs)
-        st = Stage(name, key, self.stages_dir / f"{name}-{key}")
+        st = self.locate(name, config, inputs)
         if st.done:
             self.status[name] = "cached"
             self.log(f"[{name}] done earlier ({st.folder.name}), skipped")
@@ -171,6 +174,27 @@ def _task_shard(
 # --- the run ------------------------------------------------------------------------------------------
 
 
+def run_bounded(
+    ray: Any,
+    task: Any,
+    arg_list: list[tuple[Any, ...]],
+    max_in_flight: int,
+    what: str,
+    log: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """``task(*args)`` for every args, at most ``max_in_flight`` at once; results in completion order."""
+    pending: list[Any] = []
+    results: list[dict[str, Any]] = []
+    todo = list(arg_list)
+    while todo or pending:
+        while todo and len(pending) < max_in_flight:
+            pending.append(task.remote(*todo.pop(0)))
+        ready, pending = ray.wait(pending, num_returns=1)
+        results += ray.get(ready)
+        log(f"[{what}] {len(results)}/{len(arg_list)}")
+    return results
+
+
 def init_ray(address: str | None) -> Any:
     import ray
 
@@ -239,23 +263,36 @@ def run_pipeline(
     metrics["stages"]["source"] = src
     src_in = {"source": src["content_hash"]}
 
-    # 2. target agent and 3. generator(s), as parallel Ray tasks
-    def target_work(folder: Path) -> dict[str, Any]:
-        return ray.get(
-            remote["agent"].remote(
-                catalog_uri, src["ref"], cfg.target.algo, cfg.target.steps, cfg.seed, str(folder / "agent.d3")
+    # 2. target agent and 3. generator, submitted together so they train in parallel
+    g = cfg.generator
+    target_cfg = asdict(cfg.target) | {"seed": cfg.seed}
+    gen_cfg = asdict(cfg.generator) | {"seed": cfg.seed}
+    submitted: dict[str, Any] = {}
+    t_stage, g_stage = (
+        runner.locate("target", target_cfg, src_in),
+        runner.locate("generator", gen_cfg, src_in),
+    )
+    if not t_stage.done:
+        t_stage.folder.mkdir(parents=True, exist_ok=True)
+        submitted["target"] = remote["agent"].remote(
+            catalog_uri,
+            src["ref"],
+            cfg.target.algo,
+            cfg.target.steps,
+            cfg.seed,
+            str(t_stage.folder / "agent.d3"),
+        )
+    if not g_stage.done:
+        g_stage.folder.mkdir(parents=True, exist_ok=True)
+        submitted["generator"] = (
+            remote["generator"]
+            .options(**_gpu_options(ray))
+            .remote(
+                catalog_uri, src["ref"], g.kind, g.preset, g.steps, cfg.seed, str(g_stage.folder / "model")
             )
         )
-
-    def generator_work(folder: Path) -> dict[str, Any]:
-        g = cfg.generator
-        task = remote["generator"].options(**_gpu_options(ray))
-        return ray.get(
-            task.remote(catalog_uri, src["ref"], g.kind, g.preset, g.steps, cfg.seed, str(folder / "model"))
-        )
-
-    target = runner.stage("target", asdict(cfg.target) | {"seed": cfg.seed}, src_in, target_work)
-    gen = runner.stage("generator", asdict(cfg.generator) | {"seed": cfg.seed}, src_in, generator_work)
+    target = runner.stage("target", target_cfg, src_in, lambda _f: dict(ray.get(submitted["target"])))
+    gen = runner.stage("generator", gen_cfg, src_in, lambda _f: dict(ray.get(submitted["generator"])))
     metrics["stages"] |= {"target": target, "generator": gen}
     gsec = cfg.synthesize.guidance
     wm: dict[str, Any] | None = None
@@ -300,21 +337,13 @@ def run_pipeline(
             s.transitions // s.shards + (1 if i < s.transitions % s.shards else 0) for i in range(s.shards)
         ]
         offsets = [sum(sizes[:i]) for i in range(s.shards)]
-        pending: list[Any] = []
-        results: list[dict[str, Any]] = []
         max_in_flight = max(1, int(ray.cluster_resources().get("CPU", 1)))
         try:
-            for i, n in enumerate(sizes):
-                if len(pending) >= max_in_flight:
-                    ready, pending = ray.wait(pending, num_returns=1)
-                    results += ray.get(ready)
-                    log(f"[synthesize] {len(results)}/{s.shards} shards")
-                args = (catalog_uri, txn, i, gen["folder"], src["ref"], n, cfg.seed, guidance, offsets[i])
-                pending.append(remote["shard"].remote(*args))
-            while pending:
-                ready, pending = ray.wait(pending, num_returns=1)
-                results += ray.get(ready)
-                log(f"[synthesize] {len(results)}/{s.shards} shards")
+            shard_args = [
+                (catalog_uri, txn, i, gen["folder"], src["ref"], n, cfg.seed, guidance, offsets[i])
+                for i, n in enumerate(sizes)
+            ]
+            results = run_bounded(ray, remote["shard"], shard_args, max_in_flight, "synthesize", log)
             lineage = {
                 "sources": [{"ref": src["ref"], "content_hash": src["content_hash"]}],
                 "generator": {"folder": gen["folder"], "checkpoint_hash": gen["checkpoint_hash"]},
@@ -389,12 +418,8 @@ def run_pipeline(
 
         task = ray.remote(num_cpus=1, max_retries=1)(_run_job)
         jobs = jobs_for(conds, ccfg, folder)
-        refs = [task.remote(j) for j in jobs]
-        results = []
-        while refs:
-            ready, refs = ray.wait(refs, num_returns=1)
-            results += ray.get(ready)
-            log(f"[agents] {len(results)}/{len(jobs)} runs")
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        results = run_bounded(ray, task, [(j,) for j in jobs], cpus, "agents", log)
         rows = aggregate(results)
         (folder / "results.json").write_text(
             json.dumps({"aggregate": rows, "runs": results}, indent=2, default=str)

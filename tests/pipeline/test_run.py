@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,6 +71,18 @@ def test_every_stage_runs_and_a_failed_shard_is_retried(ray_cluster: None, tmp_p
     report = (tmp_path / "runs" / "r1" / "report.md").read_text()
     assert syn["ref"] in report and "| pgd |" in report
     assert (tmp_path / "runs" / "r1" / "config.yaml").is_file()
+    cli = [sys.executable, "-m", "pipeline.cli", "runs"]
+    listed = subprocess.run([*cli, "list", "--runs", str(tmp_path / "runs"), "--json"], capture_output=True,
+                            text=True, check=True)  # fmt: skip
+    assert json.loads(listed.stdout) == [
+        {"run": "r1", "path": str(tmp_path / "runs" / "r1"), "finished": True}
+    ]
+    shown = subprocess.run([sys.executable, "-m", "pipeline.cli", "runs", "show", "r1", "--runs",
+                            str(tmp_path / "runs")], capture_output=True, text=True, check=True)  # fmt: skip
+    assert syn["ref"] in shown.stdout
+    missing = subprocess.run([sys.executable, "-m", "pipeline.cli", "runs", "show", "nope", "--runs",
+                              str(tmp_path / "runs")], capture_output=True, text=True)  # fmt: skip
+    assert missing.returncode == 1 and "no such run" in missing.stderr
     # A second run of the same config skips every stage.
     logs.clear()
     again = run_pipeline(cfg, tmp_path / "runs" / "r2", catalog_uri=cat_uri, log=logs.append)
@@ -91,7 +105,7 @@ def rlsynth(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
 
 
 def test_killed_mid_synthesis_and_resumed_equals_uninterrupted(tmp_path: Path) -> None:
-    config = {**TINY, "synthesize": {**TINY["synthesize"], "transitions": 60_000, "shards": 4},
+    config = {**TINY, "synthesize": {**TINY["synthesize"], "transitions": 12_000, "shards": 4},
               "agents": {**TINY["agents"], "conditions": ["real"]}}  # fmt: skip
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -120,5 +134,46 @@ def test_killed_mid_synthesis_and_resumed_equals_uninterrupted(tmp_path: Path) -
     assert fresh.returncode == 0, out_b
     a = json.loads((log.parent / "metrics.json").read_text())["stages"]["synthesize"]
     b = json.loads(next((tmp_path / "b").glob("*/metrics.json")).read_text())["stages"]["synthesize"]
-    assert a["content_hash"] == b["content_hash"] and a["rows"] == 60_000
+    assert a["content_hash"] == b["content_hash"] and a["rows"] == 12_000
     assert "skipped" in log.read_text()  # earlier stages were not redone
+
+
+def test_ray_job_submit_to_a_real_head_puts_the_dataset_in_the_catalog(tmp_path: Path) -> None:
+    """``ray start --head`` on 127.0.0.1 with its own temp dir and ports, ``ray job submit`` of the tiny
+    config; afterwards only the processes this head started are stopped (found by its temp dir)."""
+    bin_dir = Path(sys.executable).parent
+    env = {k: v for k, v in os.environ.items() if k not in (FAIL_ONCE_ENV, "RAY_ADDRESS")}
+    env |= {"RAY_AUTH_MODE": "disabled", "PATH": f"{bin_dir}:{env.get('PATH', '')}"}
+    temp = Path(tempfile.mkdtemp(prefix="rlsynth-ray-", dir="/tmp"))  # short: Ray's socket paths are limited
+    config = {**TINY, "agents": {**TINY["agents"], "conditions": ["real"]}}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
+    port, dash = 6391, 8291
+    start = [str(bin_dir / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2",
+             "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+             "--disable-usage-stats", f"--temp-dir={temp}"]  # fmt: skip
+    try:
+        subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
+        submit = [str(bin_dir / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}",
+                  "--working-dir", str(tmp_path), "--", "rlsynth", "run", "tiny.yaml",
+                  "--catalog", str(tmp_path / "cat"), "--runs", str(tmp_path / "runs")]  # fmt: skip
+        proc = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        names = {v["name"] for v in Catalog(str(tmp_path / "cat")).list()}
+        assert {"tiny/src", "tiny/syn"} <= names
+    finally:
+        for pid in processes_mentioning(str(temp)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """PIDs whose command line contains ``text`` (the Ray processes of one head, by its temp dir)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if text.encode() in (d / "cmdline").read_bytes():
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
