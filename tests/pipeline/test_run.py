@@ -41,7 +41,7 @@ TINY = {
 }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     import ray
 
@@ -150,13 +150,19 @@ def test_ray_job_submit_to_a_real_head_puts_the_dataset_in_the_catalog(tmp_path:
     port, dash = 6391, 8291
     start = [str(bin_dir / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2",
              "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-             "--disable-usage-stats", f"--temp-dir={temp}"]  # fmt: skip
+             "--disable-usage-stats", f"--temp-dir={temp}", "--dashboard-agent-listen-port=52391",
+             "--dashboard-agent-grpc-port=52392", "--metrics-export-port=52393"]  # fmt: skip
     try:
         subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
         submit = [str(bin_dir / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}",
                   "--working-dir", str(tmp_path), "--", "rlsynth", "run", "tiny.yaml",
                   "--catalog", str(tmp_path / "cat"), "--runs", str(tmp_path / "runs")]  # fmt: skip
-        proc = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
+        # The head's job agent can take a while to register after `ray start` returns: retry that error only.
+        for _ in range(30):
+            proc = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent to submit job" not in proc.stdout + proc.stderr:
+                break
+            time.sleep(2)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         names = {v["name"] for v in Catalog(str(tmp_path / "cat")).list()}
         assert {"tiny/src", "tiny/syn"} <= names
