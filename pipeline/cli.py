@@ -950,6 +950,49 @@ def agent_eval_cmd(
     click.echo(line)
 
 
+class StageView:
+    """One live table of the run's stages and their latest progress (on a terminal; plain lines otherwise)."""
+
+    STAGES = ("source", "target", "generator", "world-model", "synthesize", "fidelity", "agents")
+
+    def __init__(self) -> None:
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self.live: Any = None
+        self.rows: dict[str, str] = {}
+
+    def table(self) -> Any:
+        from rich.table import Table
+
+        t = Table(title="rlsynth run", show_header=True)
+        t.add_column("stage")
+        t.add_column("status")
+        for name in self.STAGES:
+            if name in self.rows or name != "world-model":
+                t.add_row(name, self.rows.get(name, "waiting"))
+        return t
+
+    def update(self, line: str) -> None:
+        if line.startswith("[") and "]" in line:
+            name, rest = line[1:].split("]", 1)
+            self.rows[name] = rest.strip()
+            if self.live is not None:
+                self.live.update(self.table())
+
+    def __enter__(self) -> StageView:
+        if self.console.is_terminal:
+            from rich.live import Live
+
+            self.live = Live(self.table(), console=self.console, refresh_per_second=4)
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live is not None:
+            self.live.__exit__(None, None, None)
+
+
 RUNS_ROOT_HELP = "Folder of run folders and the shared stage cache (default: $RLSYNTH_RUNS or ./runs)."
 
 
@@ -990,13 +1033,18 @@ def run_cmd(
     log_path = run_dir / "run.log"
     run_dir.mkdir(parents=True, exist_ok=True)
 
+    view = StageView()
+
     def log(line: str) -> None:
         stamped = f"{time.strftime('%H:%M:%S')} {line}"
-        click.echo(stamped, err=True)
         with open(log_path, "a") as f:
             f.write(stamped + "\n")
+        view.update(line)
+        if not view.live:
+            click.echo(stamped, err=True)
 
-    m = run_pipeline(cfg, run_dir, catalog_uri=cat.uri, address=address, log=log)
+    with view:
+        m = run_pipeline(cfg, run_dir, catalog_uri=cat.uri, address=address, log=log)
     st = m["stages"]
     click.echo(f"report: {run_dir / 'report.md'}")
     click.echo(f"source data: {st['source']['ref']}  synthetic data: {st['synthesize']['ref']}")
