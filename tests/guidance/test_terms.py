@@ -221,8 +221,8 @@ def test_dynamics_guidance_lowers_model_disagreement(gens: dict[str, LoadedGener
         ds = sample(gen, random_hopper(), 200, SampleOptions(seed=2, guidance=g)).transitions
         x = torch.cat(
             [
-                norms.obs.normalise(torch.from_numpy(ds.observations)),
-                norms.act.normalise(torch.from_numpy(ds.actions)),
+                norms.obs.normalise(torch.tensor(ds.observations)),
+                norms.act.normalise(torch.tensor(ds.actions)),
             ],
             1,
         )
