@@ -126,11 +126,8 @@ def _run_job(job: Job) -> dict[str, Any]:
     else:
         sets = [cat.read(r) for r in cond.data]
         env_box["env"] = cfg.env_id or str(sets[0].info.env_id)
-        rest = cfg.batch_size - sum(rows for _, rows in cond.mix)
-        base = Mixture.union(sets, rest)
-        mixture = Mixture(base.components + tuple(
-            Mixture.of([(cat.read(r), rows) for r, rows in cond.mix]).components if cond.mix else ()
-        ), base.env_id)  # fmt: skip
+        mixes = [(cat.read(r), rows) for r, rows in cond.mix]
+        mixture = Mixture.filled(sets, mixes, cfg.batch_size)
         run = train_agent(
             job.algo, mixture, out / "agent.d3", steps=cfg.steps, seed=job.seed, batch_size=cfg.batch_size,
             progress=False, every=cfg.eval_every, callback=callback, lineage={"condition": asdict(cond)},

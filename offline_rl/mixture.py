@@ -98,6 +98,22 @@ class Mixture:
         )
         return cls((joined,), mix.env_id)
 
+    @classmethod
+    def filled(
+        cls, datasets: Sequence[Dataset], mixes: Sequence[tuple[Dataset, int]], batch_size: int
+    ) -> Mixture:
+        """``mixes`` take exactly their rows of every batch; the union of ``datasets`` fills the rest."""
+        rest = batch_size - sum(rows for _, rows in mixes)
+        if rest < 1:
+            raise RlsynthError(
+                f"mix rows add up to {batch_size - rest}; the data needs one of the {batch_size} rows"
+            )
+        base = cls.union(datasets, rest)
+        if not mixes:
+            return base
+        cls.of([(datasets[0], 1)] + [(d, 1) for d, _ in mixes])  # the same spaces everywhere
+        return cls(base.components + cls.of(mixes).components, base.env_id)
+
     @property
     def batch_size(self) -> int:
         return sum(c.rows for c in self.components)

@@ -865,10 +865,7 @@ def agent_train_cmd(
             for (r, _), (d, rows) in zip(parsed, mix_sets, strict=True)
         ],
     }
-    base = Mixture.union(main_sets, rest)
-    mixture = Mixture(base.components + Mixture.of(mix_sets).components, base.env_id) if mix_sets else base
-    if mix_sets:
-        Mixture.of([(main_sets[0], 1)] + [(d, 1) for d, _ in mix_sets])  # the same spaces everywhere
+    mixture = Mixture.filled(main_sets, mix_sets, batch_size)
     run = train_agent(
         algo,
         mixture,

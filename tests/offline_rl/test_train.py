@@ -81,6 +81,13 @@ def test_bad_mixes_are_clear() -> None:
     other = Dataset(info=env_info("HalfCheetah-v5"), transitions=cheetah.transitions, source="x")
     with pytest.raises(RlsynthError, match="other observation/action spaces"):
         Mixture.of([(cheetah, 4), (other, 4)])
+    with pytest.raises(RlsynthError, match="mix rows add up to 8; the data needs one of the 8 rows"):
+        Mixture.filled([cheetah], [(cheetah, 8)], 8)
+    with pytest.raises(RlsynthError, match="other observation/action spaces"):
+        Mixture.filled([cheetah], [(other, 4)], 8)
+    filled = Mixture.filled([cheetah, cheetah], [(cheetah, 3)], 8)
+    assert [c.rows for c in filled.components] == [5, 3]
+    assert filled.components[0].size == 2 * cheetah.n_transitions
     with pytest.raises(RlsynthError, match="not the batch size"):
         build_algo("iql", Mixture.of([(cheetah, 4)]), 8, 0)
 
