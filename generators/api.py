@@ -41,7 +41,7 @@ from generators.diffusion import (
     transition_features,
 )
 from generators.edm import Churn, Denoiser, EDMConfig, PerSampleNoise, generate, schedule
-from generators.tokens import TokenCodec, TokenLayout, decode_window, start_tokens, windows
+from generators.tokens import TokenCodec, TokenLayout, decode_window, start_tokens, step_scales, windows
 from generators.training import TrainConfig, TrainResult, resolve_device, split, train
 from generators.world_model import (
     ActionFn,
@@ -141,13 +141,15 @@ def _layout(info: DatasetInfo) -> TokenLayout:
 
 
 def _window_data(
-    ds: Dataset, horizon: int, stride: int
+    ds: Dataset, horizon: int, stride: int, step_scale: float = 0.0
 ) -> tuple[dict[str, Normaliser], dict[str, torch.Tensor]]:
     layout = _layout(ds.info)
     w = windows(layout, ds.episodes(), horizon, stride)
     if len(w) < 2:
         raise RlsynthError(f"{ds.source} has fewer than 2 windows of {horizon} steps; lower the horizon")
     norm = Normaliser.fit(w.reshape(-1, layout.dim))
+    if step_scale:
+        norm = replace(norm, std=step_scales(layout, norm.std, ds.transitions, step_scale))
     x = norm.normalise(torch.from_numpy(w))
     return {"tokens": norm}, {"x": x}
 
@@ -238,7 +240,7 @@ class TrajectoryFamily(Family):
     def prepare(
         self, ds: Dataset, cfg: TrajectoryConfig
     ) -> tuple[dict[str, Normaliser], dict[str, torch.Tensor]]:
-        return _window_data(ds, cfg.horizon, cfg.stride)
+        return _window_data(ds, cfg.horizon, cfg.stride, cfg.step_scale)
 
     def sample(self, gen: LoadedGenerator, source: Dataset, n: int, opts: SampleOptions) -> list[Episode]:
         cfg: TrajectoryConfig = gen.model.cfg  # type: ignore[assignment]

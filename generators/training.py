@@ -144,7 +144,7 @@ def validation_loss(
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for lo in range(0, len(idx), batch_size):
             b = idx[lo : lo + batch_size]
@@ -160,13 +160,28 @@ STATE_JSON = "state.json"
 MODEL_FILE = "model.safetensors"
 
 
+def _rng_states(gen: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch sampler's stream and the streams loss() draws noise from (CPU, and the GPU's when on one)."""
+    states = {"rng": gen.get_state(), "torch_rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def _set_rng_states(states: Mapping[str, torch.Tensor], gen: torch.Generator, device: torch.device) -> None:
+    gen.set_state(states["rng"])
+    torch.set_rng_state(states["torch_rng"])
+    if device.type == "cuda" and "cuda_rng" in states:
+        torch.cuda.set_rng_state(states["cuda_rng"], device)
+
+
 def _save_state(
     out: Path,
     step: int,
     model: nn.Module,
     ema: nn.Module | None,
     opt: torch.optim.Optimizer,
-    gen: torch.Generator,
+    rng: Mapping[str, torch.Tensor],
     history: list[dict[str, float]],
     fingerprint: dict[str, Any],
 ) -> None:
@@ -175,9 +190,8 @@ def _save_state(
     if ema is not None:
         tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
     tensors.update({f"opt.{k}": v for k, v in opt_tensors.items()})
-    tensors["rng"] = gen.get_state()
-    # Models may draw randomness inside loss() (bootstrap resamples, diffusion noise): keep that stream too.
-    tensors["torch_rng"] = torch.get_rng_state()
+    # Models draw randomness inside loss() (bootstrap resamples, diffusion noise): those streams are kept too.
+    tensors.update(rng)
     # Tensors first, JSON last: a state.json always describes a complete state.safetensors.
     write_tensors(out / STATE_TENSORS, tensors)
     write_tensors(out / MODEL_FILE, (ema or model).state_dict())
@@ -193,6 +207,7 @@ def _load_state(
     ema: nn.Module | None,
     opt: torch.optim.Optimizer,
     gen: torch.Generator,
+    device: torch.device,
     fingerprint: dict[str, Any],
 ) -> tuple[int, list[dict[str, float]]]:
     meta = read_json(out / STATE_JSON)
@@ -207,8 +222,7 @@ def _load_state(
     opt.load_state_dict(
         unflatten_state({k[4:]: v for k, v in tensors.items() if k.startswith("opt.")}, meta["optimizer"])
     )
-    gen.set_state(tensors["rng"])
-    torch.set_rng_state(tensors["torch_rng"])
+    _set_rng_states(tensors, gen, device)
     return int(meta["step"]), list(meta["history"])
 
 
@@ -251,10 +265,10 @@ def train(
     train_idx, val_idx = split(n, cfg.val_fraction, cfg.seed)
     start, history = 0, list[dict[str, float]]()
     if (out / STATE_JSON).exists():
-        start, history = _load_state(out, model, ema, opt, gen, fp)
+        start, history = _load_state(out, model, ema, opt, gen, device, fp)
     step = start
     loss_val = float("nan")
-    rng_before: tuple[torch.Tensor, torch.Tensor] | None = None
+    rng_before: dict[str, torch.Tensor] | None = None
     t0 = time.perf_counter()
     bar = tqdm(
         total=cfg.steps,
@@ -267,7 +281,7 @@ def train(
     try:
         while step < cfg.steps:
             # RNG states as of the start of this step: an interruption mid-step resumes from here.
-            rng_before = (gen.get_state(), torch.get_rng_state())
+            rng_before = _rng_states(gen, device)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg)
             pick = train_idx[torch.randint(len(train_idx), (cfg.batch_size,), generator=gen)]
@@ -298,12 +312,11 @@ def train(
                     }
                 )
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                _save_state(out, step, model, ema, opt, gen, history, fp)
+                _save_state(out, step, model, ema, opt, _rng_states(gen, device), history, fp)
     except KeyboardInterrupt:
-        if rng_before is not None:
-            gen.set_state(rng_before[0])
-            torch.set_rng_state(rng_before[1])
-        _save_state(out, step, model, ema, opt, gen, history, fp)
+        # An interruption mid-step resumes from the RNG states as of that step's start.
+        rng = rng_before if rng_before is not None else _rng_states(gen, device)
+        _save_state(out, step, model, ema, opt, rng, history, fp)
         raise
     finally:
         bar.close()

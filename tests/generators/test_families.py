@@ -105,8 +105,11 @@ def test_interrupted_training_resumes_to_the_same_weights(
         fit(kind, tmp_path / "part", steps=12)
     monkeypatch.setattr(cls, "loss", original)
     resumed = fit(kind, tmp_path / "part", steps=12)
+    # Bit-identical on the CPU; CUDA's convolution and attention kernels reduce in a run-dependent order,
+    # so there two uninterrupted runs already differ in the last bits (the RNG streams are restored).
+    tol = 1e-4 if torch.cuda.is_available() else 0.0
     for v, v2 in zip(full.model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
-        torch.testing.assert_close(v, v2, rtol=0, atol=0)
+        torch.testing.assert_close(v, v2, rtol=tol, atol=tol)
 
 
 def test_drafter_prediction_at_t_ignores_later_tokens() -> None:

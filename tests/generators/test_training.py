@@ -21,7 +21,7 @@ class Quadratic(nn.Module):
         self.lin = nn.Linear(3, 1)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        jitter = 1e-3 * torch.randn(batch["x"].shape[0], 1)
+        jitter = 1e-3 * torch.randn(batch["x"].shape[0], 1, device=batch["x"].device)
         err = self.lin(batch["x"]) + jitter - batch["y"]
         return (err**2).mean(), {}
 
@@ -66,7 +66,7 @@ def test_training_learns_and_writes_safetensors(tmp_path: Path) -> None:
     assert res.steps == 200 and res.val_loss is not None and res.val_loss < 0.01
     assert [h["step"] for h in res.history] == [50, 100, 150, 200]
     weights = read_tensors(tmp_path / "model.safetensors")
-    torch.testing.assert_close(weights["lin.weight"], m.lin.weight.detach())  # EMA weights are deployed
+    torch.testing.assert_close(weights["lin.weight"], m.lin.weight.detach().cpu())  # EMA weights are deployed
 
 
 def test_interrupted_training_resumes_exactly(tmp_path: Path) -> None:
