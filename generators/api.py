@@ -41,7 +41,7 @@ from generators.diffusion import (
     transition_features,
 )
 from generators.edm import Churn, Denoiser, EDMConfig, PerSampleNoise, generate, schedule
-from generators.tokens import TokenCodec, TokenLayout, decode_window, start_tokens, step_scales, windows
+from generators.tokens import TokenCodec, TokenLayout, decode_windows, start_tokens, step_scales, windows
 from generators.training import TrainConfig, TrainResult, resolve_device, split, train
 from generators.world_model import (
     ActionFn,
@@ -85,9 +85,24 @@ class Guide(Protocol):
     def bind(self, codec: TokenCodec) -> Callable[[Denoiser, torch.Tensor], Denoiser]: ...
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def sample_seeds(seed: int, first: int, n: int) -> np.ndarray:
+    """Noise seeds (n,) uint64 of samples first..first+n−1 of a run seeded ``seed``: SplitMix64 of
+    (seed, index), vectorised (one SeedSequence per sample cost more than drafting it)."""
+    with np.errstate(over="ignore"):
+        z = np.arange(first, first + n, dtype=np.uint64) + np.uint64(
+            (seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) & _MASK64
+        )
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
 def sample_seed(seed: int, index: int) -> int:
     """The noise seed of sample ``index`` of a run seeded ``seed``."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+    return int(sample_seeds(seed, index, 1)[0])
 
 
 @dataclass
@@ -181,7 +196,7 @@ def _diffuse(
 
     ``condition`` wraps the raw denoiser first (inpainting); guidance wraps the result.
     """
-    noise = PerSampleNoise([sample_seed(opts.seed, first + i) for i in range(shape[0])], gen.device)
+    noise = PerSampleNoise(sample_seeds(opts.seed, first, shape[0]).tolist(), gen.device)
     denoiser: Denoiser = gen.model.denoiser  # type: ignore[assignment]
     if condition is not None:
         denoiser = condition(denoiser)
@@ -257,7 +272,7 @@ class TrajectoryFamily(Family):
                 cfg.s_churn,
             )
             raw = norm.denormalise(x).cpu().numpy()
-            return [e for w in raw if (e := decode_window(layout, w)) is not None]
+            return decode_windows(layout, raw)
 
         return _collect(n, CHUNKS[self.kind], chunk)
 
@@ -330,16 +345,11 @@ class AutoregressiveFamily(Family):
         t = source.transitions
 
         def chunk(first: int) -> list[Episode]:
-            rows = np.array(
-                [
-                    np.random.default_rng([opts.seed, first + i]).integers(len(t))
-                    for i in range(CHUNKS[self.kind])
-                ]
-            )
+            seeds = sample_seeds(opts.seed, first, CHUNKS[self.kind])
+            # Sample i's start row and its draft noise both come from its own seed (split-independent).
+            rows = (seeds % np.uint64(len(t))).astype(np.int64)
             start_raw = torch.from_numpy(start_tokens(layout, t, rows)).to(gen.device)
-            noise = PerSampleNoise(
-                [sample_seed(opts.seed, first + i) for i in range(CHUNKS[self.kind])], gen.device
-            )
+            noise = PerSampleNoise(seeds.tolist(), gen.device)
             raw = norm.denormalise(drafter.draft(norm.normalise(start_raw), noise))
             raw[:, 0] = start_raw  # exactly the real start, not its normalised round trip
             if sigma_start > 0 and refiner is not None:
@@ -358,7 +368,7 @@ class AutoregressiveFamily(Family):
                 )
                 raw = rnorm.denormalise(x)
                 raw[:, 0] = start_raw
-            return [e for w in raw.cpu().numpy() if (e := decode_window(layout, w)) is not None]
+            return decode_windows(layout, raw.cpu().numpy())
 
         return _collect(n, CHUNKS[self.kind], chunk)
 
@@ -405,11 +415,12 @@ FAMILIES: dict[str, Family] = {
 
 PRESETS: dict[str, dict[str, tuple[Any, TrainConfig]]] = {
     "trajectory": {
-        # Sized to train in about 15 minutes on 2 CPU cores (0.1 s per step of 128 windows).
+        # Sized to train in 15 minutes on 2 CPU cores (0.13 s per step of 128 windows; 8,000 steps took
+        # 17 min, and the validation loss moved from 0.415 at 7,000 to 0.411 at 8,000).
         "cpu-small": (
             TrajectoryConfig(channels=(32, 64), emb=64, stride=1),
             TrainConfig(
-                steps=8_000,
+                steps=7_000,
                 batch_size=128,
                 lr=1e-3,
                 weight_decay=1e-4,

@@ -123,6 +123,30 @@ class ResidualMLP(nn.Module):
         return self.out(h)
 
 
+class KVCache:
+    """Keys and values of the positions decoded so far, preallocated to ``max_len`` (B, T, heads, d_head).
+
+    Writing in place keeps one decoding step O(T): growing the cache by concatenation copies it every step.
+    """
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new positions (B, n, heads, d_head); returns all keys and values so far."""
+        if self.k is None or self.v is None:
+            b, _, h, d = k.shape
+            self.k = k.new_empty(b, max_len, h, d)
+            self.v = v.new_empty(b, max_len, h, d)
+        end = self.length + k.shape[1]
+        self.k[:, self.length : end] = k
+        self.v[:, self.length : end] = v
+        self.length = end
+        return self.k[:, :end], self.v[:, :end]
+
+
 class CausalBlock(nn.Module):
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
@@ -133,26 +157,29 @@ class CausalBlock(nn.Module):
         self.norm2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
 
-    def _split(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, max_len: int = 0) -> torch.Tensor:
+        """x (B, T, W). With ``cache`` (earlier positions, updated in place), x holds the new ones."""
         b, t, w = x.shape
-        return x.view(b, t, self.heads, w // self.heads).transpose(1, 2)
-
-    def forward(self, x: torch.Tensor, cache: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """x (B, T, W). With ``cache`` ([K, V] of earlier positions, updated in place), x holds new ones."""
-        q, k, v = self.qkv(self.norm1(x)).chunk(3, -1)
-        q, k, v = self._split(q), self._split(k), self._split(v)
-        if cache is not None:
-            if cache:
-                k = torch.cat([cache[0], k], 2)
-                v = torch.cat([cache[1], v], 2)
-                cache[0], cache[1] = k, v
-            else:
-                cache.extend([k, v])
-        # New positions are the last q.shape[2] of k: a causal mask offset by the cached length.
-        n_new, n_all = q.shape[2], k.shape[2]
-        mask = torch.ones(n_new, n_all, dtype=torch.bool, device=x.device).tril(n_all - n_new)
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        x = x + self.proj(att.transpose(1, 2).reshape(x.shape))
+        q, k, v = (z.view(b, t, self.heads, w // self.heads) for z in self.qkv(self.norm1(x)).chunk(3, -1))
+        scale = q.shape[-1] ** -0.5
+        if cache is None:
+            att = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+            ).transpose(1, 2)
+        elif t == 1:
+            # Decoding one position: it attends to every cached one. Broadcast products over the cache
+            # (B, T, heads, d) beat B·heads tiny matrix products and need no transposed copies.
+            k, v = cache.append(k, v, max_len)
+            weights = ((q * k).sum(-1) * scale).softmax(1)  # (B, T, heads)
+            att = (weights.unsqueeze(-1) * v).sum(1, keepdim=True)
+        else:
+            # Several new positions see the cache and each other causally (mask offset by the cache).
+            k, v = cache.append(k, v, max_len)
+            n_all = k.shape[1]
+            mask = torch.ones(t, n_all, dtype=torch.bool, device=x.device).tril(n_all - t)
+            scores = (q.transpose(1, 2) @ k.permute(0, 2, 3, 1)) * scale
+            att = (scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v.transpose(1, 2)).transpose(1, 2)
+        x = x + self.proj(att.reshape(b, t, w))
         return x + self.mlp(self.norm2(x))
 
 
@@ -170,24 +197,24 @@ class CausalTransformer(nn.Module):
         self.head = nn.Linear(width, 2 * dim)
 
     def _run(
-        self, x: torch.Tensor, offset: int, caches: list[list[torch.Tensor]] | None
+        self, x: torch.Tensor, offset: int, caches: list[KVCache] | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if offset + x.shape[1] > self.max_len:
             raise ValueError(f"sequence of {offset + x.shape[1]} tokens exceeds max_len {self.max_len}")
         h = self.inp(x) + self.pos[:, offset : offset + x.shape[1]]
         for i, block in enumerate(self.blocks):
-            h = block(h, None if caches is None else caches[i])
+            h = block(h, None if caches is None else caches[i], self.max_len)
         mean, logvar = self.head(self.norm(h)).chunk(2, -1)
         return mean, logvar.clamp(-12.0, 4.0)
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._run(tokens, 0, None)
 
-    def new_cache(self) -> list[list[torch.Tensor]]:
-        return [[] for _ in self.blocks]
+    def new_cache(self) -> list[KVCache]:
+        return [KVCache() for _ in self.blocks]
 
     def step(
-        self, token: torch.Tensor, position: int, caches: list[list[torch.Tensor]]
+        self, token: torch.Tensor, position: int, caches: list[KVCache]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Feed one token (B, 1, D) at ``position``; returns the next-token Gaussian (B, 1, D) twice."""
         return self._run(token, position, caches)

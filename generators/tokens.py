@@ -123,20 +123,23 @@ def start_tokens(layout: TokenLayout, t: Transitions, rows: np.ndarray) -> np.nd
     return tok.astype(np.float32)
 
 
-def decode_window(layout: TokenLayout, w: np.ndarray) -> Episode | None:
-    """One window (H, D) of raw tokens -> an episode of up to H−1 steps (``None`` if it has none)."""
+def decode_windows(layout: TokenLayout, raw: np.ndarray) -> list[Episode]:
+    """Windows (B, H, D) of raw tokens -> their episodes (windows with no step are dropped).
+
+    Actions are decoded for the whole batch at once: per window, that was a tenth of a fast sampler's time.
+    """
+    actions = layout.decode_actions(raw[:, :, layout.act])
+    return [e for w, a in zip(raw, actions, strict=True) if (e := _window_episode(layout, w, a)) is not None]
+
+
+def _window_episode(layout: TokenLayout, w: np.ndarray, actions: np.ndarray) -> Episode | None:
     h = w.shape[0]
     done = w[:, -1] > 0.5
     ends = np.flatnonzero(done[: h - 1])
     n = int(ends[0]) + 1 if ends.size else h - 1
     if n < 1:
         return None
-    return Episode.ending(
-        w[: n + 1, layout.obs],
-        layout.decode_actions(w[:n, layout.act]),
-        w[:n, -2],
-        terminated=bool(ends.size),
-    )
+    return Episode.ending(w[: n + 1, layout.obs], actions[:n], w[:n, -2], terminated=bool(ends.size))
 
 
 @dataclass(frozen=True)

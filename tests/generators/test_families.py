@@ -133,6 +133,11 @@ def test_cached_decoding_equals_the_full_pass() -> None:
     caches = net.new_cache()
     steps = [net.step(x[:, k : k + 1], k, caches)[0] for k in range(7)]
     torch.testing.assert_close(torch.cat(steps, 1), full_mean, rtol=1e-5, atol=1e-5)
+    # A prompt of several tokens at once, then one at a time: the same predictions.
+    caches = net.new_cache()
+    prompt = net.step(x[:, :3], 0, caches)[0]
+    rest = [net.step(x[:, k : k + 1], k, caches)[0] for k in range(3, 7)]
+    torch.testing.assert_close(torch.cat([prompt, *rest], 1), full_mean, rtol=1e-5, atol=1e-5)
 
 
 def test_refinement_with_sigma_start_zero_returns_the_draft(trained: dict[str, LoadedGenerator]) -> None:
