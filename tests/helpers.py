@@ -81,3 +81,22 @@ def tiny_generator(kind: str, out: Path, steps: int = 10, **overrides: Any) -> L
         train_overrides=TINY_TRAIN,
     )
     return load_generator(out, device="cpu")
+
+
+def tiny_agent(config: Any, data: Dataset | None = None, steps: int = 10, save_to: Path | None = None) -> Any:
+    """A d3rlpy algorithm from ``config`` fitted ``steps`` steps on ``data`` (default: :func:`make_dataset`);
+    saved to ``save_to`` when given (machinery, not quality)."""
+    from offline_rl.buffers import to_replay_buffer
+    from offline_rl.d3rlpy_setup import noop_logger
+
+    algo = config.create(device="cpu:0")
+    algo.fit(
+        to_replay_buffer(data if data is not None else make_dataset()),
+        n_steps=steps,
+        n_steps_per_epoch=steps,
+        logger_adapter=noop_logger(),
+        show_progress=False,
+    )
+    if save_to is not None:
+        algo.save(str(save_to))
+    return algo

@@ -8,23 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import make_dataset
+from helpers import make_dataset, tiny_agent
 
 from guidance.policies import D3rlpyPolicy, GaussianPolicy, TargetPolicy, load_policy, normal_log_prob
-from offline_rl.buffers import to_replay_buffer
-from offline_rl.d3rlpy_setup import import_d3rlpy, noop_logger
-
-
-def fit(config: object, steps: int = 10) -> object:
-    algo = config.create(device="cpu:0")  # type: ignore[attr-defined]
-    algo.fit(
-        to_replay_buffer(make_dataset()),
-        n_steps=steps,
-        n_steps_per_epoch=steps,
-        logger_adapter=noop_logger(),
-        show_progress=False,
-    )
-    return algo
+from offline_rl.d3rlpy_setup import import_d3rlpy
 
 
 def batch(n: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,7 +27,7 @@ def test_normal_log_prob_closed_form() -> None:
 
 def test_iql_is_a_gaussian_around_tanh_mu() -> None:
     d3 = import_d3rlpy()
-    pol = D3rlpyPolicy(fit(d3.algos.IQLConfig(batch_size=16)))
+    pol = D3rlpyPolicy(tiny_agent(d3.algos.IQLConfig(batch_size=16)))
     obs, act = batch()
     out = pol.module(obs)
     expected = torch.distributions.Normal(torch.tanh(out.mu), out.logstd.exp()).log_prob(act).sum(-1)
@@ -50,7 +37,7 @@ def test_iql_is_a_gaussian_around_tanh_mu() -> None:
 
 def test_cql_is_a_squashed_gaussian() -> None:
     d3 = import_d3rlpy()
-    pol = D3rlpyPolicy(fit(d3.algos.CQLConfig(batch_size=16), steps=2))
+    pol = D3rlpyPolicy(tiny_agent(d3.algos.CQLConfig(batch_size=16), steps=2))
     obs, act = batch()
     out = pol.module(obs)
     u = torch.atanh(act)
@@ -65,7 +52,7 @@ def test_deterministic_actor_with_action_scaler_includes_the_jacobian() -> None:
     lo, hi = np.full(3, -2.0, np.float32), np.full(3, 2.0, np.float32)
     scaler = d3.preprocessing.MinMaxActionScaler(minimum=lo, maximum=hi)
     pol = D3rlpyPolicy(
-        fit(d3.algos.TD3PlusBCConfig(batch_size=16, action_scaler=scaler)), deterministic_std=0.2
+        tiny_agent(d3.algos.TD3PlusBCConfig(batch_size=16, action_scaler=scaler)), deterministic_std=0.2
     )
     obs, act = batch()
     mu_env = pol.mean_action(obs)
@@ -76,7 +63,7 @@ def test_deterministic_actor_with_action_scaler_includes_the_jacobian() -> None:
 
 def test_gradients_flow_to_actions_not_parameters(tmp_path: Path) -> None:
     d3 = import_d3rlpy()
-    algo = fit(d3.algos.IQLConfig(batch_size=16))
+    algo = tiny_agent(d3.algos.IQLConfig(batch_size=16))
     path = tmp_path / "iql.d3"
     algo.save(str(path))  # type: ignore[attr-defined]
     pol = load_policy(path)

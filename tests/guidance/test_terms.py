@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import make_dataset, random_hopper, tiny_generator
+from helpers import make_dataset, random_hopper, tiny_agent, tiny_generator
 
 from datasets.errors import RlsynthError
 from generators.api import LoadedGenerator, SampleOptions, codec, sample
@@ -31,8 +31,7 @@ from guidance.terms import (
     step_index,
     world_model_guidance,
 )
-from offline_rl.buffers import to_replay_buffer
-from offline_rl.d3rlpy_setup import import_d3rlpy, noop_logger
+from offline_rl.d3rlpy_setup import import_d3rlpy
 
 H = 6
 
@@ -234,24 +233,13 @@ def test_dynamics_guidance_lowers_model_disagreement(gens: dict[str, LoadedGener
     assert disagreement(1.0) < 0.9 * disagreement(0.0)
 
 
-def fit_agent(config: object, path: Path) -> Path:
-    algo = config.create(device="cpu:0")  # type: ignore[attr-defined]
-    algo.fit(
-        to_replay_buffer(random_hopper()),
-        n_steps=30,
-        n_steps_per_epoch=30,
-        logger_adapter=noop_logger(),
-        show_progress=False,
-    )
-    algo.save(str(path))
-    return path
-
-
 @pytest.mark.parametrize("algo", ["iql", "td3plusbc"])
 def test_d3rlpy_agents_work_as_targets(gens: dict[str, LoadedGenerator], tmp_path: Path, algo: str) -> None:
     d3 = import_d3rlpy()
     config = {"iql": d3.algos.IQLConfig, "td3plusbc": d3.algos.TD3PlusBCConfig}[algo](batch_size=32)
-    pol = load_policy(fit_agent(config, tmp_path / f"{algo}.d3"))
+    path = tmp_path / f"{algo}.d3"
+    tiny_agent(config, random_hopper(), steps=30, save_to=path)
+    pol = load_policy(path)
     lls = []
     for scale in (0.0, 1.0):
         ds = sample(

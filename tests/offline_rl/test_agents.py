@@ -9,25 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import make_dataset
+from helpers import make_dataset, tiny_agent
 
 from offline_rl.agents import AgentError, agent_kind, load_agent
-from offline_rl.buffers import to_replay_buffer
-from offline_rl.d3rlpy_setup import import_d3rlpy, noop_logger
+from offline_rl.d3rlpy_setup import import_d3rlpy
 
 
 def trained(tmp_path: Path, name: str = "td3") -> Path:
-    d3 = import_d3rlpy()
-    algo = d3.algos.TD3PlusBCConfig(batch_size=16).create(device="cpu:0")
-    algo.fit(
-        to_replay_buffer(make_dataset()),
-        n_steps=5,
-        n_steps_per_epoch=5,
-        logger_adapter=noop_logger(),
-        show_progress=False,
-    )
     path = tmp_path / f"{name}.d3"
-    algo.save(str(path))
+    tiny_agent(import_d3rlpy().algos.TD3PlusBCConfig(batch_size=16), steps=5, save_to=path)
     return path
 
 
