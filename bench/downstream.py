@@ -42,6 +42,12 @@ def main() -> None:
     p.add_argument("--synthetic", type=int, default=50_000, help="transitions per synthetic set")
     p.add_argument("--pgd-synthetic", type=int, default=20_000, help="transitions per PGD regeneration")
     p.add_argument("--scale", type=float, default=0.05, help="policy guidance scale")
+    p.add_argument(
+        "--pgd-std",
+        type=float,
+        default=0.1,
+        help="PGD: a deterministic agent (TD3+BC) is read as N(μ(s), std²) for guidance",
+    )
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--algos", default="td3bc,iql")
     p.add_argument("--workers", type=int, default=2)
@@ -52,7 +58,7 @@ def main() -> None:
     real = cat.read(a.data)
     gen = load_generator(a.generator, device="cpu")
     stamp = time.strftime("%Y%m%d%H%M%S")
-    gcfg = GuidanceConfig(terms=("policy",), scale=a.scale)
+    gcfg = GuidanceConfig(terms=("policy",), scale=a.scale, deterministic_std=a.pgd_std)
     made = {}
     for label, g in (("unguided", None), ("guided", build_guidance(GuidanceConfig(terms=("policy",),
                      policy=a.target, scale=a.scale), gen.info))):  # fmt: skip
@@ -107,7 +113,8 @@ def main() -> None:
     intro = (
         f"Data `{a.data}` ({real.n_transitions:,} transitions); generator `{a.generator}`; static guidance "
         f"target `{a.target}` at scale {a.scale}; {a.synthetic:,} synthetic transitions per static set, "
-        f"{a.pgd_synthetic:,} per PGD regeneration every {a.regen} steps. Budget: {a.steps:,} gradient steps "
+        f"{a.pgd_synthetic:,} per PGD regeneration every {a.regen} steps (a TD3+BC actor read as "
+        f"N(μ(s), {a.pgd_std}²) for guidance). Budget: {a.steps:,} gradient steps "
         "per run (batch 256), a 2-core budget far below the 1M steps of published results, so absolute "
         f"scores are low. Curves: `bench/plots/downstream.png` ({cfg.eval_episodes} episodes every "
         f"{cfg.eval_every} steps); final scores over {cfg.final_episodes} episodes per seed. Wall time "

@@ -64,6 +64,9 @@ class GuidanceSection:
     """Policy guidance scale."""
     dynamics_scale: float = 0.05
     """Dynamics guidance scale."""
+    deterministic_std: float = 0.1
+    """A deterministic target actor (TD3+BC) is read as N(μ(s), std²): smaller pulls actions harder.
+    (guidance.policies.DETERMINISTIC_STD; a literal here keeps config loading free of torch.)"""
     world_model_steps: int = 0
     """Train a world model for dynamics / return guidance for this many steps (0: none)."""
 

@@ -320,6 +320,7 @@ def run_pipeline(
             "scale": gsec.scale,
             "world_model": wm["folder"] if wm else None,
             "dynamics_scale": gsec.dynamics_scale,
+            "deterministic_std": gsec.deterministic_std,
         }
         if gsec.terms
         else None
@@ -410,7 +411,8 @@ def run_pipeline(
                 conds.append(Condition("pgd", pgd=PGDSpec(
                     generator=gen["folder"], real=src["ref"], name=f"{cfg.synthesize.name}-pgd",
                     regenerate_every=a.pgd_regenerate_every, synthetic_transitions=a.pgd_transitions,
-                    guidance=GuidanceConfig(terms=("policy",), scale=gsec.scale))))  # fmt: skip
+                    guidance=GuidanceConfig(terms=("policy",), scale=gsec.scale,
+                                            deterministic_std=gsec.deterministic_std))))  # fmt: skip
         ccfg = CompareConfig(algos=a.algos, seeds=a.seeds, steps=a.steps, eval_every=a.eval_every,
                              eval_episodes=a.eval_episodes, final_episodes=a.final_episodes,
                              catalog=catalog_uri)  # fmt: skip
@@ -433,8 +435,8 @@ def run_pipeline(
         "synthetic": syn["content_hash"],
         "generator": gen["checkpoint_hash"],
     }
-    agents = runner.stage("agents", asdict(cfg.agents) | {"seed": cfg.seed, "scale": gsec.scale}, agents_in,
-                          agents_work)  # fmt: skip
+    agents_key = asdict(cfg.agents) | {"seed": cfg.seed, "scale": gsec.scale, "std": gsec.deterministic_std}
+    agents = runner.stage("agents", agents_key, agents_in, agents_work)
     metrics["stages"]["agents"] = agents
     metrics["status"] = runner.status
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, RunConfig, load_config, to_dict
+from pipeline.config import ConfigError, GuidanceSection, RunConfig, load_config, to_dict
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -55,3 +55,9 @@ def test_bad_configs_name_the_key(tmp_path: Path, text: str, message: str) -> No
 def test_missing_file_is_clear(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_guidance_defaults_match_the_guidance_package() -> None:
+    from guidance.policies import DETERMINISTIC_STD
+
+    assert GuidanceSection().deterministic_std == DETERMINISTIC_STD
