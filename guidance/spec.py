@@ -35,7 +35,9 @@ class GuidanceConfig:
     """Policy guidance scale c."""
     world_model: str | None = None
     """World-model generator folder for dynamics and return guidance."""
-    dynamics_scale: float = 0.05
+    dynamics_scale: float = 0.01
+    """Raw dynamics gradients are stiff: 0.02 and above diverged on some HalfCheetah windows, 0.01 lowered
+    the dynamics error (BENCHMARKS.md, guidance)."""
     return_scale: float = 0.05
     schedule: str = "pgd"
     at: str = "x0"

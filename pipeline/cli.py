@@ -654,7 +654,7 @@ def generator_train_cmd(
     type=click.Path(file_okay=False),
     help="World-model generator folder for dynamics / return guidance.",
 )
-@click.option("--dynamics-scale", type=click.FloatRange(min=0), default=0.05, show_default=True)
+@click.option("--dynamics-scale", type=click.FloatRange(min=0), default=0.01, show_default=True)
 @click.option("--return-scale", type=click.FloatRange(min=0), default=0.05, show_default=True)
 @click.option(
     "--schedule", type=click.Choice(["pgd", "linear", "constant"]), default="pgd", show_default=True

@@ -62,8 +62,8 @@ class GuidanceSection:
     """Guidance terms: policy (target agent), dynamics and/or return (needs world_model_steps > 0)."""
     scale: float = 0.05
     """Policy guidance scale."""
-    dynamics_scale: float = 0.05
-    """Dynamics guidance scale."""
+    dynamics_scale: float = 0.01
+    """Dynamics guidance scale (0.02 and above diverged on some HalfCheetah windows; see BENCHMARKS.md)."""
     deterministic_std: float = 0.1
     """A deterministic target actor (TD3+BC) is read as N(μ(s), std²): smaller pulls actions harder.
     (guidance.policies.DETERMINISTIC_STD; a literal here keeps config loading free of torch.)"""
