@@ -33,7 +33,7 @@ class TrajectoryConfig:
     """Step between training window starts."""
     step_scale: float = 0.0
     """α in [0, 1]: an observation dimension whose one-step change is smaller than its spread is scaled
-    by std^(1−α)·std_Δ^α instead of std (0: plain z-scoring); see :func:`generators.tokens.scales`."""
+    by std^(1−α)·std_Δ^α instead of std (0: plain z-scoring); see :func:`generators.tokens.step_scales`."""
     sample_steps: int = 20
     """Heun steps when sampling from noise."""
     s_churn: float = 0.0

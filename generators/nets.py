@@ -129,17 +129,18 @@ class KVCache:
     Writing in place keeps one decoding step O(T): growing the cache by concatenation copies it every step.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_len: int) -> None:
+        self.max_len = max_len
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
         self.length = 0
 
-    def append(self, k: torch.Tensor, v: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store new positions (B, n, heads, d_head); returns all keys and values so far."""
         if self.k is None or self.v is None:
             b, _, h, d = k.shape
-            self.k = k.new_empty(b, max_len, h, d)
-            self.v = v.new_empty(b, max_len, h, d)
+            self.k = k.new_empty(b, self.max_len, h, d)
+            self.v = v.new_empty(b, self.max_len, h, d)
         end = self.length + k.shape[1]
         self.k[:, self.length : end] = k
         self.v[:, self.length : end] = v
@@ -157,7 +158,7 @@ class CausalBlock(nn.Module):
         self.norm2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, max_len: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """x (B, T, W). With ``cache`` (earlier positions, updated in place), x holds the new ones."""
         b, t, w = x.shape
         q, k, v = (z.view(b, t, self.heads, w // self.heads) for z in self.qkv(self.norm1(x)).chunk(3, -1))
@@ -169,12 +170,12 @@ class CausalBlock(nn.Module):
         elif t == 1:
             # Decoding one position: it attends to every cached one. Broadcast products over the cache
             # (B, T, heads, d) beat B·heads tiny matrix products and need no transposed copies.
-            k, v = cache.append(k, v, max_len)
+            k, v = cache.append(k, v)
             weights = ((q * k).sum(-1) * scale).softmax(1)  # (B, T, heads)
             att = (weights.unsqueeze(-1) * v).sum(1, keepdim=True)
         else:
             # Several new positions see the cache and each other causally (mask offset by the cache).
-            k, v = cache.append(k, v, max_len)
+            k, v = cache.append(k, v)
             n_all = k.shape[1]
             mask = torch.ones(t, n_all, dtype=torch.bool, device=x.device).tril(n_all - t)
             scores = (q.transpose(1, 2) @ k.permute(0, 2, 3, 1)) * scale
@@ -203,7 +204,7 @@ class CausalTransformer(nn.Module):
             raise ValueError(f"sequence of {offset + x.shape[1]} tokens exceeds max_len {self.max_len}")
         h = self.inp(x) + self.pos[:, offset : offset + x.shape[1]]
         for i, block in enumerate(self.blocks):
-            h = block(h, None if caches is None else caches[i], self.max_len)
+            h = block(h, None if caches is None else caches[i])
         mean, logvar = self.head(self.norm(h)).chunk(2, -1)
         return mean, logvar.clamp(-12.0, 4.0)
 
@@ -211,7 +212,7 @@ class CausalTransformer(nn.Module):
         return self._run(tokens, 0, None)
 
     def new_cache(self) -> list[KVCache]:
-        return [KVCache() for _ in self.blocks]
+        return [KVCache(self.max_len) for _ in self.blocks]
 
     def step(
         self, token: torch.Tensor, position: int, caches: list[KVCache]
