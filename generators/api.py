@@ -73,6 +73,9 @@ class SampleOptions:
     """Autoregressive: refinement noise level (0: raw drafts). Default: the model's config."""
     refiner: LoadedGenerator | None = None
     """Autoregressive: the trajectory-diffusion model that refines drafts."""
+    temperature: float | None = None
+    """Autoregressive: scale of the drafter's predictive std (below 1: sharper, less diverse drafts).
+    Default: the model's config."""
     guidance: Guide | None = None
     """Diffusion families: guidance bound to the sample space; it wraps the denoiser, the sampler is
     unchanged. Autoregressive: guides the refinement."""
@@ -328,6 +331,9 @@ class AutoregressiveFamily(Family):
         drafter: Drafter = gen.model  # type: ignore[assignment]
         layout, norm = gen.layout, gen.norms["tokens"]
         sigma_start = cfg.sigma_start if opts.sigma_start is None else opts.sigma_start
+        temperature = cfg.temperature if opts.temperature is None else opts.temperature
+        if temperature < 0:
+            raise RlsynthError(f"temperature must be non-negative, got {temperature}")
         steps = opts.steps or cfg.refine_steps
         refiner = opts.refiner
         if sigma_start > 0 and refiner is None:
@@ -350,7 +356,7 @@ class AutoregressiveFamily(Family):
             rows = (seeds % np.uint64(len(t))).astype(np.int64)
             start_raw = torch.from_numpy(start_tokens(layout, t, rows)).to(gen.device)
             noise = PerSampleNoise(seeds.tolist(), gen.device)
-            raw = norm.denormalise(drafter.draft(norm.normalise(start_raw), noise))
+            raw = norm.denormalise(drafter.draft(norm.normalise(start_raw), noise, temperature))
             raw[:, 0] = start_raw  # exactly the real start, not its normalised round trip
             if sigma_start > 0 and refiner is not None:
                 rnorm = refiner.norms["tokens"]

@@ -37,6 +37,8 @@ class PGDSpec:
     synthetic_rows: int = 240
     real_rows: int = 16
     guidance: GuidanceConfig = field(default_factory=lambda: GuidanceConfig(terms=("policy",)))
+    initial_target: str | None = None
+    """Agent file guiding round 0 (None: round 0 unguided); see :class:`offline_rl.pgd.PGDConfig`."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,7 @@ def _run_job(job: Job) -> dict[str, Any]:
             synthetic_rows=p.synthetic_rows,
             real_rows=p.real_rows,
             guidance=p.guidance,
+            initial_target=p.initial_target,
             seed=job.seed,
         )
         gen = load_generator(p.generator, device="cpu")

@@ -3,9 +3,10 @@
 An agent trains on batches of ``synthetic_rows`` synthetic + ``real_rows`` real transitions (240 + 16 in
 the paper). The synthetic set is sampled from a diffusion generator and regenerated every
 ``regenerate_every`` agent steps with the current agent as the policy-guidance target; the first set is
-unguided (there is no trained agent yet). Each synthetic set is committed as the next catalog version of
-``name``; its lineage holds the round, the agent step, the agent file's SHA-256 and the previous round's
-version, so the chain can be followed back. The agent saved for each round lives in ``out/agents/``.
+unguided (there is no trained agent yet) unless ``initial_target`` names an agent from an earlier stage.
+Each synthetic set is committed as the next catalog version of ``name``; its lineage holds the round, the
+agent step, the agent file's SHA-256 and the previous round's version, so the chain can be followed back.
+The agent saved for each round lives in ``out/agents/``.
 
 The agent's observation scaler is fitted on the first round's mixture and then kept: regenerating data
 must not silently change the agent's input normalisation.
@@ -45,6 +46,10 @@ class PGDConfig:
     real_rows: int = 16
     guidance: GuidanceConfig = field(default_factory=lambda: GuidanceConfig(terms=("policy",)))
     """Guidance from round 1 on (the target agent is filled in each round)."""
+    initial_target: str | None = None
+    """An agent file from an earlier stage (e.g. trained on the real data) that guides round 0; None: round
+    0 is unguided, as in policy-guided diffusion. Our small generators' unguided data can teach an agent
+    to stand still, and a loop whose first target stands still only reinforces it."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -55,6 +60,8 @@ class PGDConfig:
                 raise RlsynthError(f"pgd {key} must be positive, got {getattr(self, key)}")
         if self.real_rows < 0:
             raise RlsynthError(f"pgd real_rows must be ≥ 0, got {self.real_rows}")
+        if self.initial_target is not None and "policy" not in self.guidance.terms:
+            raise RlsynthError("pgd initial_target needs policy guidance (guidance terms lack 'policy')")
 
     @property
     def rounds(self) -> int:
@@ -92,6 +99,8 @@ def run_pgd(
 ) -> PGDResult:
     """Run the loop; returns the final agent (``out/agent.d3``), the committed versions and the losses."""
     out = Path(out)
+    if cfg.initial_target is not None and not Path(cfg.initial_target).is_file():
+        raise RlsynthError(f"pgd initial_target {cfg.initial_target}: no such agent file")
     (out / "agents").mkdir(parents=True, exist_ok=True)
     final = out / "agent.d3"
     if final.exists():
@@ -103,11 +112,14 @@ def run_pgd(
     previous: str | None = None
     for r in range(cfg.rounds):
         start = r * cfg.regenerate_every
-        target = None
+        target: Path | None = None
         guidance = None
-        if r > 0 and cfg.guidance.terms:
+        if r == 0 and cfg.initial_target is not None:
+            target = Path(cfg.initial_target)
+        elif r > 0 and cfg.guidance.terms:
             target = out / "agents" / f"step-{start}.d3"
             save_agent(algo, target, {"pgd_round": r, "step": start, "algo": cfg.algo})
+        if target is not None:
             gcfg = replace(cfg.guidance, policy=str(target) if "policy" in cfg.guidance.terms else None)
             guidance = build_guidance(gcfg, generator.info)
         synth = sample(

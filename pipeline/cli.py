@@ -613,6 +613,13 @@ def generator_train_cmd(
     help="autoregressive: refinement noise level (0: raw drafts); default: the model's.",
 )
 @click.option(
+    "--temperature",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="autoregressive: scale of the drafter's predictive std (below 1: sharper, less diverse drafts); "
+    "default: the model's.",
+)
+@click.option(
     "--refiner",
     default=None,
     type=click.Path(file_okay=False),
@@ -690,6 +697,7 @@ def generator_sample_cmd(
     seed: int,
     steps: int | None,
     sigma_start: float | None,
+    temperature: float | None,
     refiner: str | None,
     horizon: int,
     policy_spec: str,
@@ -766,6 +774,7 @@ def generator_sample_cmd(
         sigma_start=sigma_start,
         refiner=refiner_gen,
         guidance=guidance,
+        temperature=temperature,
     )
     ds = sample(gen, source, n_transitions, opts)
     generator_lineage = {
@@ -791,6 +800,7 @@ def generator_sample_cmd(
             "policy": policy_lineage,
             "steps": steps,
             "sigma_start": sigma_start,
+            "temperature": temperature,
         },
         "seeds": {"sample": seed},
     }

@@ -111,6 +111,9 @@ class AgentsConfig:
     """PGD: agent steps between regenerations."""
     pgd_transitions: int = 2000
     """PGD: transitions per regenerated synthetic set."""
+    pgd_warm_start: bool = False
+    """PGD: guide round 0 with the run's target agent instead of sampling it unguided (the paper's way).
+    Helps when agents trained on unguided synthetic data stand still (small generators)."""
 
 
 @dataclass(frozen=True)

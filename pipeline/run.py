@@ -412,7 +412,8 @@ def run_pipeline(
                     generator=gen["folder"], real=src["ref"], name=f"{cfg.synthesize.name}-pgd",
                     regenerate_every=a.pgd_regenerate_every, synthetic_transitions=a.pgd_transitions,
                     guidance=GuidanceConfig(terms=("policy",), scale=gsec.scale,
-                                            deterministic_std=gsec.deterministic_std))))  # fmt: skip
+                                            deterministic_std=gsec.deterministic_std),
+                    initial_target=target["agent"] if a.pgd_warm_start else None)))  # fmt: skip
         ccfg = CompareConfig(algos=a.algos, seeds=a.seeds, steps=a.steps, eval_every=a.eval_every,
                              eval_episodes=a.eval_episodes, final_episodes=a.final_episodes,
                              catalog=catalog_uri)  # fmt: skip
@@ -434,7 +435,7 @@ def run_pipeline(
         "source": src["content_hash"],
         "synthetic": syn["content_hash"],
         "generator": gen["checkpoint_hash"],
-    }
+    } | ({"target": target["agent"]} if cfg.agents.pgd_warm_start else {})
     agents_key = asdict(cfg.agents) | {"seed": cfg.seed, "scale": gsec.scale, "std": gsec.deterministic_std}
     agents = runner.stage("agents", agents_key, agents_in, agents_work)
     metrics["stages"]["agents"] = agents

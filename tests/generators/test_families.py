@@ -140,6 +140,33 @@ def test_cached_decoding_equals_the_full_pass() -> None:
     torch.testing.assert_close(torch.cat([prompt, *rest], 1), full_mean, rtol=1e-5, atol=1e-5)
 
 
+def test_draft_temperature_scales_the_predictive_noise() -> None:
+    """Temperature 0 follows the predictive means (each token is the mean given the ones before it);
+    temperature τ moves the first drafted token by exactly τ·σ·ε."""
+    from helpers import TINY
+
+    from generators.autoregressive import AutoregressiveConfig
+    from generators.tokens import TokenLayout
+
+    torch.manual_seed(0)
+    layout = TokenLayout(3, 2, -np.ones(2), np.ones(2))
+    drafter = Drafter(layout, AutoregressiveConfig(**{**TINY["autoregressive"], "horizon": 6})).eval()
+    first = torch.randn(4, layout.dim)
+    eps = torch.randn(4, 5, layout.dim)
+    with torch.no_grad():
+        mean_path = drafter.draft(first, lambda shape: eps, temperature=0.0)
+        mean, logvar = drafter.net(mean_path)
+        torch.testing.assert_close(mean_path[:, 1:], mean[:, :-1], rtol=1e-5, atol=1e-5)
+        hot = drafter.draft(first, lambda shape: eps, temperature=0.5)
+    step = 0.5 * torch.exp(0.5 * logvar[:, 0]) * eps[:, 0]
+    torch.testing.assert_close(hot[:, 1] - mean_path[:, 1], step, rtol=1e-5, atol=1e-5)
+
+
+def test_negative_temperature_is_refused(trained: dict[str, LoadedGenerator]) -> None:
+    with pytest.raises(RlsynthError, match="temperature must be non-negative"):
+        sample(trained["autoregressive"], random_hopper(), 10, SampleOptions(sigma_start=0.0, temperature=-1))
+
+
 def test_refinement_with_sigma_start_zero_returns_the_draft(trained: dict[str, LoadedGenerator]) -> None:
     drafter, refiner = trained["autoregressive"], trained["trajectory"]
     raw = sample(drafter, random_hopper(), 50, SampleOptions(seed=3, sigma_start=0.0)).transitions

@@ -209,6 +209,33 @@ def test_pgd_loop_regenerates_at_the_right_steps_with_lineage(tmp_path: Path) ->
         run_pgd(cfg, gen, random_hopper(), cat, "pgd/synth", tmp_path / "run", progress=False)
 
 
+def test_pgd_initial_target_guides_round_zero(tmp_path: Path) -> None:
+    from helpers import tiny_agent
+
+    from datasets.sources import file_sha256
+    from guidance.spec import GuidanceConfig
+    from offline_rl.d3rlpy_setup import import_d3rlpy
+
+    gen = tiny_generator("trajectory", tmp_path / "gen", steps=5)
+    cat = Catalog(str(tmp_path / "cat"))
+    first_agent = tmp_path / "iql.d3"
+    tiny_agent(import_d3rlpy().algos.IQLConfig(batch_size=16), random_hopper(), steps=5, save_to=first_agent)
+    cfg = PGDConfig(algo="td3bc", steps=6, regenerate_every=4, synthetic_transitions=60, synthetic_rows=12,
+                    real_rows=4, initial_target=str(first_agent))  # fmt: skip
+    res = run_pgd(cfg, gen, random_hopper(), cat, "pgd/warm", tmp_path / "run", progress=False)
+    first, second = (cat.manifest(r.version)["lineage"] for r in res.rounds)
+    assert first["pgd"]["target"] == {"path": str(first_agent), "sha256": file_sha256(first_agent)}
+    assert first["guidance"][0]["target"]["sha256"] == file_sha256(first_agent)
+    assert second["pgd"]["target"]["path"].endswith("step-4.d3")
+    # A missing agent file is refused before anything is written; so is a target without policy guidance.
+    with pytest.raises(RlsynthError, match="no such agent file"):
+        run_pgd(replace(cfg, initial_target=str(tmp_path / "none.d3")), gen, random_hopper(), cat, "pgd/x",
+                tmp_path / "run2", progress=False)  # fmt: skip
+    assert not (tmp_path / "run2").exists() and cat.versions("pgd/x") == []
+    with pytest.raises(RlsynthError, match="needs policy guidance"):
+        replace(cfg, guidance=GuidanceConfig(terms=()))
+
+
 def test_comparison_runner_writes_table_json_and_curves(tmp_path: Path) -> None:
     from offline_rl.compare import CompareConfig, Condition, PGDSpec, compare
 

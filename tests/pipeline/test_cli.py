@@ -489,10 +489,13 @@ def test_diffusion_and_autoregressive_generators_from_the_cli(tmp_path: Path, en
             "0.3",
             "--steps",
             "1",
+            "--temperature",
+            "0.7",
             "--json",
             env=env,
         )
     )
+    assert drafted["lineage"]["sampling"]["temperature"] == 0.7
     refiner = drafted["lineage"]["generator"]["refiner"]
     assert refiner["checkpoint_hash"].startswith("sha256:") and refiner["folder"] == str(traj.resolve())
     assert drafted["transitions"] == 40
