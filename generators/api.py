@@ -10,6 +10,7 @@ does not depend on how a caller splits the work.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -42,7 +43,7 @@ from generators.diffusion import (
 )
 from generators.edm import Churn, Denoiser, EDMConfig, PerSampleNoise, generate, schedule
 from generators.tokens import TokenCodec, TokenLayout, decode_windows, start_tokens, step_scales, windows
-from generators.training import TrainConfig, TrainResult, resolve_device, split, train
+from generators.training import TrainConfig, TrainResult, check_resumable, resolve_device, split, train
 from generators.world_model import (
     ActionFn,
     WorldModel,
@@ -332,8 +333,8 @@ class AutoregressiveFamily(Family):
         layout, norm = gen.layout, gen.norms["tokens"]
         sigma_start = cfg.sigma_start if opts.sigma_start is None else opts.sigma_start
         temperature = cfg.temperature if opts.temperature is None else opts.temperature
-        if temperature < 0:
-            raise RlsynthError(f"temperature must be non-negative, got {temperature}")
+        if not math.isfinite(temperature) or temperature < 0:
+            raise RlsynthError(f"temperature must be a finite non-negative number, got {temperature}")
         steps = opts.steps or cfg.refine_steps
         refiner = opts.refiner
         if sigma_start > 0 and refiner is None:
@@ -588,11 +589,13 @@ def train_generator(
     existing = out / "config.json"
     if existing.exists() and read_json(existing).get("data") != config["data"]:
         raise CheckpointError(f"{out}: holds a generator trained on other data; use a new --out folder")
+    fingerprint = {"kind": kind, "model": asdict(model_cfg), "data": config["data"]}
+    # Refuse a resume of another configuration before config.json is rewritten (train() checks too late).
+    check_resumable(out, train_cfg, fingerprint)
     write_json(out / "config.json", config)
     write_json(out / "normaliser.json", {k: v.to_json() for k, v in norms.items()})
     torch.manual_seed(train_cfg.seed)
     model = family.build(dataset.info, model_cfg)
-    fingerprint = {"kind": kind, "model": asdict(model_cfg), "data": config["data"]}
     result = train(model, data, train_cfg, out, fingerprint=fingerprint, desc=f"train {kind}")
     family.finish(model, data, train_cfg, out)
     write_json(out / "train.json", asdict(result))

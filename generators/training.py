@@ -226,6 +226,23 @@ def _load_state(
     return int(meta["step"]), list(meta["history"])
 
 
+def resume_fingerprint(cfg: TrainConfig, fingerprint: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What a state must have been saved under to be resumed, in its JSON form (tuples become lists),
+    as state.json holds it; progress, device and threads may change between runs."""
+    train_cfg = asdict(cfg) | {"progress": None, "device": None, "threads": None}
+    blob = {"train": train_cfg, **dict(fingerprint or {})}
+    return dict(json.loads(json.dumps(blob)))
+
+
+def check_resumable(out: Path, cfg: TrainConfig, fingerprint: Mapping[str, Any] | None) -> None:
+    """Raise :class:`CheckpointError` if ``out`` holds training state of another configuration."""
+    state = out / STATE_JSON
+    if state.exists() and read_json(state).get("fingerprint") != resume_fingerprint(cfg, fingerprint):
+        raise CheckpointError(
+            f"{out}: holds training state for another configuration; use a new --out folder"
+        )
+
+
 def train(
     model: nn.Module,
     data: Mapping[str, torch.Tensor],
@@ -249,15 +266,7 @@ def train(
     if n < 2:
         raise CheckpointError(f"need at least 2 training samples, got {n}")
     out.mkdir(parents=True, exist_ok=True)
-    # Compared with what state.json holds, so in its JSON form (tuples become lists).
-    fp = json.loads(
-        json.dumps(
-            {
-                "train": asdict(cfg) | {"progress": None, "device": None, "threads": None},
-                **dict(fingerprint or {}),
-            }
-        )
-    )
+    fp = resume_fingerprint(cfg, fingerprint)
     model.to(device).train()
     ema = copy.deepcopy(model).eval() if cfg.ema_decay > 0 else None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -40,6 +40,15 @@ class PGDSpec:
     initial_target: str | None = None
     """Agent file guiding round 0 (None: round 0 unguided); see :class:`offline_rl.pgd.PGDConfig`."""
 
+    def __post_init__(self) -> None:
+        if self.initial_target is not None and "policy" not in self.guidance.terms:
+            raise RlsynthError("pgd initial_target needs policy guidance (guidance terms lack 'policy')")
+
+    def check_files(self) -> None:
+        """Fail before any job runs (the loop's own check comes after the other conditions trained)."""
+        if self.initial_target is not None and not Path(self.initial_target).is_file():
+            raise RlsynthError(f"pgd initial_target {self.initial_target}: no such agent file")
+
 
 @dataclass(frozen=True)
 class Condition:
@@ -237,6 +246,9 @@ def plot_curves(results: list[dict[str, Any]], path: Path) -> None:
 
 def compare(conditions: list[Condition], cfg: CompareConfig, out: Path) -> dict[str, Any]:
     """Run every job, write results.json / results.md / curves.png into ``out``, return the results."""
+    for c in conditions:
+        if c.pgd is not None:
+            c.pgd.check_files()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = jobs_for(conditions, cfg, out)

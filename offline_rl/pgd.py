@@ -45,7 +45,8 @@ class PGDConfig:
     synthetic_rows: int = 240
     real_rows: int = 16
     guidance: GuidanceConfig = field(default_factory=lambda: GuidanceConfig(terms=("policy",)))
-    """Guidance from round 1 on (the target agent is filled in each round)."""
+    """Guidance from round 1 on, and in round 0 with ``initial_target`` (the target agent is filled in
+    each round)."""
     initial_target: str | None = None
     """An agent file from an earlier stage (e.g. trained on the real data) that guides round 0; None: round
     0 is unguided, as in policy-guided diffusion. Our small generators' unguided data can teach an agent
@@ -74,7 +75,7 @@ class PGDRound:
     start_step: int
     version: str
     agent: str | None
-    """The guidance target's file (None in round 0: unguided)."""
+    """The guidance target's file (None in an unguided round 0)."""
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,7 @@ def run_pgd(
         target: Path | None = None
         guidance = None
         if r == 0 and cfg.initial_target is not None:
-            target = Path(cfg.initial_target)
+            target = Path(cfg.initial_target).resolve()
         elif r > 0 and cfg.guidance.terms:
             target = out / "agents" / f"step-{start}.d3"
             save_agent(algo, target, {"pgd_round": r, "step": start, "algo": cfg.algo})

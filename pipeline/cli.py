@@ -764,6 +764,11 @@ def generator_sample_cmd(
             "path": str(Path(policy_spec).resolve()),
             "sha256": file_sha256(Path(policy_spec)),
         }
+    if temperature is not None and gen.kind != "autoregressive":
+        raise click.BadParameter("applies to autoregressive generators only", param_hint="--temperature")
+    if gen.kind == "autoregressive" and temperature is None:
+        # Lineage records the value used, not null.
+        temperature = float(gen.config["model"]["temperature"])
     refiner_path = refiner or gen.config.get("refiner")
     refiner_gen = load_generator(refiner_path) if refiner_path and gen.kind == "autoregressive" else None
     opts = SampleOptions(

@@ -112,7 +112,7 @@ class AgentsConfig:
     pgd_transitions: int = 2000
     """PGD: transitions per regenerated synthetic set."""
     pgd_warm_start: bool = False
-    """PGD: guide round 0 with the run's target agent instead of sampling it unguided (the paper's way).
+    """PGD: guide round 0 with the run's target agent instead of sampling it unguided as the paper does.
     Helps when agents trained on unguided synthetic data stand still (small generators)."""
 
 
@@ -145,6 +145,8 @@ class RunConfig:
         unknown = set(self.agents.conditions) - {"real", "synthetic", "mixed", "pgd"}
         if unknown:
             raise ConfigError(f"agents.conditions: unknown {sorted(unknown)} (real, synthetic, mixed, pgd)")
+        if self.agents.pgd_warm_start and "pgd" not in self.agents.conditions:
+            raise ConfigError("agents.pgd_warm_start: needs the pgd condition in agents.conditions")
         if self.synthesize.shards < 1 or self.synthesize.transitions < self.synthesize.shards:
             raise ConfigError("synthesize: need shards ≥ 1 and at least one transition per shard")
 

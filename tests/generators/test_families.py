@@ -20,7 +20,7 @@ from datasets.validation import validate_transitions
 from generators import api
 from generators.api import KINDS, LoadedGenerator, SampleOptions, load_generator, sample
 from generators.autoregressive import Drafter
-from generators.checkpoint import read_tensors
+from generators.checkpoint import CheckpointError, read_tensors
 from generators.diffusion import TrajectoryDiffusion, TransitionDiffusion
 from generators.edm import PerSampleNoise
 from generators.nets import CausalTransformer
@@ -142,7 +142,7 @@ def test_cached_decoding_equals_the_full_pass() -> None:
 
 def test_draft_temperature_scales_the_predictive_noise() -> None:
     """Temperature 0 follows the predictive means (each token is the mean given the ones before it);
-    temperature τ moves the first drafted token by exactly τ·σ·ε."""
+    temperature τ (2, not the config's 0.5) moves the first drafted token by exactly τ·σ·ε."""
     from helpers import TINY
 
     from generators.autoregressive import AutoregressiveConfig
@@ -157,14 +157,20 @@ def test_draft_temperature_scales_the_predictive_noise() -> None:
         mean_path = drafter.draft(first, lambda shape: eps, temperature=0.0)
         mean, logvar = drafter.net(mean_path)
         torch.testing.assert_close(mean_path[:, 1:], mean[:, :-1], rtol=1e-5, atol=1e-5)
-        hot = drafter.draft(first, lambda shape: eps, temperature=0.5)
-    step = 0.5 * torch.exp(0.5 * logvar[:, 0]) * eps[:, 0]
+        hot = drafter.draft(first, lambda shape: eps, temperature=2.0)
+    step = 2.0 * torch.exp(0.5 * logvar[:, 0]) * eps[:, 0]
     torch.testing.assert_close(hot[:, 1] - mean_path[:, 1], step, rtol=1e-5, atol=1e-5)
 
 
-def test_negative_temperature_is_refused(trained: dict[str, LoadedGenerator]) -> None:
-    with pytest.raises(RlsynthError, match="temperature must be non-negative"):
-        sample(trained["autoregressive"], random_hopper(), 10, SampleOptions(sigma_start=0.0, temperature=-1))
+def test_bad_temperature_is_refused(trained: dict[str, LoadedGenerator]) -> None:
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(RlsynthError, match="temperature must be a finite non-negative number"):
+            sample(
+                trained["autoregressive"],
+                random_hopper(),
+                10,
+                SampleOptions(sigma_start=0.0, temperature=bad),
+            )
 
 
 def test_refinement_with_sigma_start_zero_returns_the_draft(trained: dict[str, LoadedGenerator]) -> None:
@@ -219,6 +225,14 @@ def test_bad_refiner_and_missing_refiner_are_clear(trained: dict[str, LoadedGene
             10,
             SampleOptions(sigma_start=0.5, refiner=trained["transition"]),
         )
+
+
+def test_resume_of_another_model_config_is_refused_before_config_json_changes(tmp_path: Path) -> None:
+    fit("autoregressive", tmp_path / "ar", steps=3)
+    before = (tmp_path / "ar" / "config.json").read_bytes()
+    with pytest.raises(CheckpointError, match="another configuration"):
+        tiny_generator("autoregressive", tmp_path / "ar", 3, temperature=0.25)
+    assert (tmp_path / "ar" / "config.json").read_bytes() == before
 
 
 def test_unknown_kind_and_preset() -> None:

@@ -224,7 +224,7 @@ def test_pgd_initial_target_guides_round_zero(tmp_path: Path) -> None:
                     real_rows=4, initial_target=str(first_agent))  # fmt: skip
     res = run_pgd(cfg, gen, random_hopper(), cat, "pgd/warm", tmp_path / "run", progress=False)
     first, second = (cat.manifest(r.version)["lineage"] for r in res.rounds)
-    assert first["pgd"]["target"] == {"path": str(first_agent), "sha256": file_sha256(first_agent)}
+    assert first["pgd"]["target"] == {"path": str(first_agent.resolve()), "sha256": file_sha256(first_agent)}
     assert first["guidance"][0]["target"]["sha256"] == file_sha256(first_agent)
     assert second["pgd"]["target"]["path"].endswith("step-4.d3")
     # A missing agent file is refused before anything is written; so is a target without policy guidance.
@@ -234,6 +234,21 @@ def test_pgd_initial_target_guides_round_zero(tmp_path: Path) -> None:
     assert not (tmp_path / "run2").exists() and cat.versions("pgd/x") == []
     with pytest.raises(RlsynthError, match="needs policy guidance"):
         replace(cfg, guidance=GuidanceConfig(terms=()))
+
+
+def test_comparison_refuses_a_missing_warm_start_agent_before_any_job(tmp_path: Path) -> None:
+    from guidance.spec import GuidanceConfig
+    from offline_rl.compare import CompareConfig, Condition, PGDSpec, compare
+
+    spec = PGDSpec(
+        generator=str(tmp_path / "gen"), real="hop@1", name="cmp", initial_target=str(tmp_path / "x.d3")
+    )
+    cfg = CompareConfig(algos=("bc",), seeds=(0,), steps=2, catalog=str(tmp_path / "cat"))
+    with pytest.raises(RlsynthError, match="no such agent file"):
+        compare([Condition("real", data=("hop@1",)), Condition("pgd", pgd=spec)], cfg, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(RlsynthError, match="needs policy guidance"):
+        replace(spec, guidance=GuidanceConfig(terms=()))
 
 
 def test_comparison_runner_writes_table_json_and_curves(tmp_path: Path) -> None:

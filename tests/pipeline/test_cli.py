@@ -496,6 +496,13 @@ def test_diffusion_and_autoregressive_generators_from_the_cli(tmp_path: Path, en
         )
     )
     assert drafted["lineage"]["sampling"]["temperature"] == 0.7
+    default = as_json(rlsynth("generator", "sample", str(ar), "--n-transitions", "40", "--name", "hc/ar",
+                              "--sigma-start", "0.3", "--steps", "1", "--json", env=env))  # fmt: skip
+    assert default["lineage"]["sampling"]["temperature"] == 0.5  # the value used, not null
+    assert default["content_hash"] != drafted["content_hash"]  # the option reaches the drafter
+    not_ar = rlsynth("generator", "sample", str(traj), "--n-transitions", "5", "--name", "hc/t",
+                     "--temperature", "0.5", env=env, check=False)  # fmt: skip
+    assert not_ar.returncode == 2 and "applies to autoregressive generators only" in not_ar.stderr
     refiner = drafted["lineage"]["generator"]["refiner"]
     assert refiner["checkpoint_hash"].startswith("sha256:") and refiner["folder"] == str(traj.resolve())
     assert drafted["transitions"] == 40

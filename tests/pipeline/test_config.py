@@ -24,6 +24,11 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
     p.write_text(yaml.safe_dump(to_dict(cfg)))
     assert load_config(p) == cfg
     assert cfg.agents.conditions == ("real", "synthetic", "mixed", "pgd")
+    warm = tmp_path / "warm.yaml"
+    warm.write_text(
+        yaml.safe_dump(to_dict(cfg) | {"agents": to_dict(cfg)["agents"] | {"pgd_warm_start": True}})
+    )
+    assert load_config(warm).agents.pgd_warm_start is True
 
 
 @pytest.mark.parametrize(
@@ -37,6 +42,11 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
         ),
         ("source: {recipe: random}\nagents: {seeds: 3}\n", "agents.seeds: expected a list"),
         ("source: {recipe: random}\nagents: {conditions: [real, dreams]}\n", "unknown ['dreams']"),
+        (
+            "source: {recipe: random}\nagents: {conditions: [real], pgd_warm_start: true}\n",
+            "needs the pgd condition",
+        ),
+        ("source: {recipe: random}\nagents: {pgd_warm_start: 3}\n", "agents.pgd_warm_start: expected bool"),
         ("source: {recipe: random, ref: a@1}\n", "exactly one of ref or recipe"),
         ("source: {recipe: random}\ngenerator: {kind: world-model}\n", "cannot be guided"),
         ("source: [1, 2]\n", "source: expected a mapping"),
