@@ -21,7 +21,7 @@ import numpy as np
 
 from datasets.errors import RlsynthError
 from guidance.spec import GuidanceConfig
-from offline_rl.pgd import PGDConfig
+from offline_rl.pgd import PGDConfig, check_initial_target, check_initial_target_file
 
 
 @dataclass(frozen=True)
@@ -41,13 +41,7 @@ class PGDSpec:
     """Agent file guiding round 0 (None: round 0 unguided); see :class:`offline_rl.pgd.PGDConfig`."""
 
     def __post_init__(self) -> None:
-        if self.initial_target is not None and "policy" not in self.guidance.terms:
-            raise RlsynthError("pgd initial_target needs policy guidance (guidance terms lack 'policy')")
-
-    def check_files(self) -> None:
-        """Fail before any job runs (the loop's own check comes after the other conditions trained)."""
-        if self.initial_target is not None and not Path(self.initial_target).is_file():
-            raise RlsynthError(f"pgd initial_target {self.initial_target}: no such agent file")
+        check_initial_target(self.initial_target, self.guidance)
 
 
 @dataclass(frozen=True)
@@ -246,9 +240,10 @@ def plot_curves(results: list[dict[str, Any]], path: Path) -> None:
 
 def compare(conditions: list[Condition], cfg: CompareConfig, out: Path) -> dict[str, Any]:
     """Run every job, write results.json / results.md / curves.png into ``out``, return the results."""
+    # Before any job: the loop's own check would come after the other conditions had trained.
     for c in conditions:
         if c.pgd is not None:
-            c.pgd.check_files()
+            check_initial_target_file(c.pgd.initial_target)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = jobs_for(conditions, cfg, out)

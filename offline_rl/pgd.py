@@ -31,6 +31,18 @@ from offline_rl.mixture import Mixture
 from offline_rl.train import ALGOS, Callback, TrainingLog, build_algo, fit, save_agent
 
 
+def check_initial_target(initial_target: str | None, guidance: GuidanceConfig) -> None:
+    """A warm-start agent only makes sense with policy guidance (shared by PGDConfig and PGDSpec)."""
+    if initial_target is not None and "policy" not in guidance.terms:
+        raise RlsynthError("pgd initial_target needs policy guidance (guidance terms lack 'policy')")
+
+
+def check_initial_target_file(initial_target: str | None) -> None:
+    """The warm-start agent file exists (checked before anything is written)."""
+    if initial_target is not None and not Path(initial_target).is_file():
+        raise RlsynthError(f"pgd initial_target {initial_target}: no such agent file")
+
+
 @dataclass(frozen=True)
 class PGDConfig:
     """The loop's settings (defaults follow policy-guided diffusion, scaled for a CPU)."""
@@ -61,8 +73,7 @@ class PGDConfig:
                 raise RlsynthError(f"pgd {key} must be positive, got {getattr(self, key)}")
         if self.real_rows < 0:
             raise RlsynthError(f"pgd real_rows must be ≥ 0, got {self.real_rows}")
-        if self.initial_target is not None and "policy" not in self.guidance.terms:
-            raise RlsynthError("pgd initial_target needs policy guidance (guidance terms lack 'policy')")
+        check_initial_target(self.initial_target, self.guidance)
 
     @property
     def rounds(self) -> int:
@@ -100,8 +111,7 @@ def run_pgd(
 ) -> PGDResult:
     """Run the loop; returns the final agent (``out/agent.d3``), the committed versions and the losses."""
     out = Path(out)
-    if cfg.initial_target is not None and not Path(cfg.initial_target).is_file():
-        raise RlsynthError(f"pgd initial_target {cfg.initial_target}: no such agent file")
+    check_initial_target_file(cfg.initial_target)
     (out / "agents").mkdir(parents=True, exist_ok=True)
     final = out / "agent.d3"
     if final.exists():
