@@ -77,6 +77,10 @@ class SampleOptions:
     temperature: float | None = None
     """Autoregressive: scale of the drafter's predictive std (below 1: sharper, less diverse drafts).
     Default: the model's config."""
+    churn: float | None = None
+    """Diffusion families: EDM's S_churn (0: the deterministic ODE; per-step noise is capped at γ = √2 − 1,
+    reached when churn ≥ 0.41 × steps). Autoregressive: the refinement's (default 0). Default: the
+    model's config."""
     guidance: Guide | None = None
     """Diffusion families: guidance bound to the sample space; it wraps the denoiser, the sampler is
     unchanged. Autoregressive: guides the refinement."""
@@ -264,6 +268,7 @@ class TrajectoryFamily(Family):
     def sample(self, gen: LoadedGenerator, source: Dataset, n: int, opts: SampleOptions) -> list[Episode]:
         cfg: TrajectoryConfig = gen.model.cfg  # type: ignore[assignment]
         layout, norm = gen.layout, gen.norms["tokens"]
+        used = used_settings(gen, opts)
 
         def chunk(first: int) -> list[Episode]:
             x = _diffuse(
@@ -271,9 +276,9 @@ class TrajectoryFamily(Family):
                 (CHUNKS[self.kind], cfg.horizon, layout.dim),
                 first,
                 opts,
-                opts.steps or cfg.sample_steps,
+                used["steps"],
                 cfg.edm,
-                cfg.s_churn,
+                used["churn"],
             )
             raw = norm.denormalise(x).cpu().numpy()
             return decode_windows(layout, raw)
@@ -299,6 +304,7 @@ class TransitionFamily(Family):
         cfg: TransitionConfig = gen.model.cfg  # type: ignore[assignment]
         model: TransitionDiffusion = gen.model  # type: ignore[assignment]
         norm = gen.norms["features"]
+        used = used_settings(gen, opts)
 
         def chunk(first: int) -> list[Episode]:
             x = _diffuse(
@@ -306,9 +312,9 @@ class TransitionFamily(Family):
                 (CHUNKS[self.kind], model.dim),
                 first,
                 opts,
-                opts.steps or cfg.sample_steps,
+                used["steps"],
                 cfg.edm,
-                cfg.s_churn,
+                used["churn"],
             )
             return decode_transitions(gen.layout, norm.denormalise(x).cpu().numpy())
 
@@ -331,11 +337,8 @@ class AutoregressiveFamily(Family):
         cfg: AutoregressiveConfig = gen.model.cfg  # type: ignore[assignment]
         drafter: Drafter = gen.model  # type: ignore[assignment]
         layout, norm = gen.layout, gen.norms["tokens"]
-        sigma_start = cfg.sigma_start if opts.sigma_start is None else opts.sigma_start
-        temperature = cfg.temperature if opts.temperature is None else opts.temperature
-        if not math.isfinite(temperature) or temperature < 0:
-            raise RlsynthError(f"temperature must be a finite non-negative number, got {temperature}")
-        steps = opts.steps or cfg.refine_steps
+        used = used_settings(gen, opts)
+        sigma_start, temperature, steps = used["sigma_start"], used["temperature"], used["steps"]
         refiner = opts.refiner
         if sigma_start > 0 and refiner is None:
             raise RlsynthError(
@@ -368,7 +371,7 @@ class AutoregressiveFamily(Family):
                     replace(opts, seed=opts.seed + 1),
                     steps,
                     rcfg.edm,
-                    0.0,
+                    used["churn"],
                     x_init=rnorm.normalise(raw),
                     sigma_start=sigma_start,
                     condition=_inpaint_first(rnorm.normalise(start_raw)),
@@ -641,6 +644,32 @@ def load_generator(folder: str | Path, device: str = "auto") -> LoadedGenerator:
         raise CheckpointError(f"{f}: weights do not match the config ({e})") from None
     model.to(resolve_device(device)).eval()
     return LoadedGenerator(kind=kind, folder=f, config=config, model=model, norms=norms, info=info)
+
+
+def _finite_non_negative(name: str, value: float) -> float:
+    if not math.isfinite(value) or value < 0:
+        raise RlsynthError(f"{name} must be a finite non-negative number, got {value}")
+    return value
+
+
+def used_settings(gen: LoadedGenerator, opts: SampleOptions) -> dict[str, Any]:
+    """The sampler settings ``sample`` uses for ``gen`` with ``opts``, defaults resolved from the model's
+    config (the one place they are resolved: the families sample with these and lineage records them)."""
+    cfg = gen.model.cfg
+    if isinstance(cfg, TrajectoryConfig | TransitionConfig):
+        churn = cfg.s_churn if opts.churn is None else opts.churn
+        return {"steps": opts.steps or cfg.sample_steps, "churn": _finite_non_negative("churn", churn)}
+    if isinstance(cfg, AutoregressiveConfig):
+        temperature = cfg.temperature if opts.temperature is None else opts.temperature
+        return {
+            "steps": opts.steps or cfg.refine_steps,
+            "sigma_start": _finite_non_negative(
+                "sigma_start", cfg.sigma_start if opts.sigma_start is None else opts.sigma_start
+            ),
+            "temperature": _finite_non_negative("temperature", temperature),
+            "churn": _finite_non_negative("churn", opts.churn or 0.0),
+        }
+    return {"horizon": opts.horizon or 32}
 
 
 def sample(

@@ -528,6 +528,13 @@ def generator() -> None:
 )
 @click.option("--seed", type=int, default=None, help="Override the preset's seed.")
 @click.option(
+    "--churn",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Diffusion kinds: EDM S_churn, noise re-injected per Heun step (0: deterministic); default: the "
+    "model's (autoregressive: 0, for the refinement).",
+)
+@click.option(
     "--refiner",
     default=None,
     type=click.Path(file_okay=False),
@@ -698,6 +705,7 @@ def generator_sample_cmd(
     steps: int | None,
     sigma_start: float | None,
     temperature: float | None,
+    churn: float | None,
     refiner: str | None,
     horizon: int,
     policy_spec: str,
@@ -720,7 +728,7 @@ def generator_sample_cmd(
     rollouts take --policy as the acting agent."""
     from datasets.catalog import check_name
     from datasets.sources import file_sha256, load_source
-    from generators.api import SampleOptions, load_generator, sample
+    from generators.api import SampleOptions, load_generator, sample, used_settings
     from guidance.spec import GuidanceConfig, build_guidance
 
     check_name(name)
@@ -766,9 +774,8 @@ def generator_sample_cmd(
         }
     if temperature is not None and gen.kind != "autoregressive":
         raise click.BadParameter("applies to autoregressive generators only", param_hint="--temperature")
-    if gen.kind == "autoregressive" and temperature is None:
-        # Lineage records the value used, not null.
-        temperature = float(gen.config["model"]["temperature"])
+    if churn is not None and not diffused:
+        raise click.BadParameter("applies to diffusion kinds only", param_hint="--churn")
     refiner_path = refiner or gen.config.get("refiner")
     refiner_gen = load_generator(refiner_path) if refiner_path and gen.kind == "autoregressive" else None
     opts = SampleOptions(
@@ -780,7 +787,9 @@ def generator_sample_cmd(
         refiner=refiner_gen,
         guidance=guidance,
         temperature=temperature,
+        churn=churn,
     )
+    used = used_settings(gen, opts)
     ds = sample(gen, source, n_transitions, opts)
     generator_lineage = {
         "kind": gen.kind,
@@ -803,9 +812,8 @@ def generator_sample_cmd(
             "n_transitions": n_transitions,
             "horizon": horizon,
             "policy": policy_lineage,
-            "steps": steps,
-            "sigma_start": sigma_start,
-            "temperature": temperature,
+            # The settings used (the model's defaults resolved), not the flags as given.
+            **used,
         },
         "seeds": {"sample": seed},
     }

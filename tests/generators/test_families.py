@@ -173,6 +173,48 @@ def test_bad_temperature_is_refused(trained: dict[str, LoadedGenerator]) -> None
             )
 
 
+def test_used_settings_resolve_the_model_defaults_and_the_options(
+    trained: dict[str, LoadedGenerator],
+) -> None:
+    traj_cfg = trained["trajectory"].model.cfg  # type: ignore[union-attr]
+    assert api.used_settings(trained["trajectory"], SampleOptions()) == {
+        "steps": traj_cfg.sample_steps,
+        "churn": traj_cfg.s_churn,
+    }
+    assert api.used_settings(trained["transition"], SampleOptions(steps=3, churn=2.5)) == {
+        "steps": 3,
+        "churn": 2.5,
+    }
+    ar_cfg = trained["autoregressive"].model.cfg  # type: ignore[union-attr]
+    assert api.used_settings(trained["autoregressive"], SampleOptions(temperature=0.9)) == {
+        "steps": ar_cfg.refine_steps,
+        "sigma_start": ar_cfg.sigma_start,
+        "temperature": 0.9,
+        "churn": 0.0,
+    }
+    assert api.used_settings(trained["world-model"], SampleOptions(horizon=6)) == {"horizon": 6}
+
+
+@pytest.mark.parametrize("kind", ["trajectory", "transition"])
+def test_churn_changes_samples_and_keeps_them_split_independent(
+    trained: dict[str, LoadedGenerator], kind: str
+) -> None:
+    gen = trained[kind]
+    plain = sample(gen, random_hopper(), 60, SampleOptions(seed=1, steps=4, churn=0.0)).transitions
+    churned = sample(gen, random_hopper(), 60, SampleOptions(seed=1, steps=4, churn=3.0)).transitions
+    assert not np.array_equal(plain.observations, churned.observations)
+    # Churn noise comes from each sample's own noise source: a larger request repeats the first samples.
+    more = sample(gen, random_hopper(), 400, SampleOptions(seed=1, steps=4, churn=3.0)).transitions
+    np.testing.assert_array_equal(more.observations[:59], churned.observations[:59])
+
+
+@pytest.mark.parametrize("kind", ["trajectory", "autoregressive"])
+def test_bad_churn_is_refused(trained: dict[str, LoadedGenerator], kind: str) -> None:
+    for bad in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(RlsynthError, match="churn must be a finite non-negative number"):
+            sample(trained[kind], random_hopper(), 10, SampleOptions(sigma_start=0.0, churn=bad))
+
+
 def test_refinement_with_sigma_start_zero_returns_the_draft(trained: dict[str, LoadedGenerator]) -> None:
     drafter, refiner = trained["autoregressive"], trained["trajectory"]
     raw = sample(drafter, random_hopper(), 50, SampleOptions(seed=3, sigma_start=0.0)).transitions

@@ -476,6 +476,12 @@ def test_diffusion_and_autoregressive_generators_from_the_cli(tmp_path: Path, en
     )
     assert made["transitions"] == 40 and made["lineage"]["generator"]["kind"] == "trajectory"
     assert made["lineage"]["sampling"]["steps"] == 2
+    model_cfg = json.loads((traj / "config.json").read_text())["model"]
+    assert made["lineage"]["sampling"]["churn"] == model_cfg["s_churn"]
+    churned = as_json(rlsynth("generator", "sample", str(traj), "--n-transitions", "40", "--name", "hc/traj",
+                              "--steps", "2", "--churn", "5", "--json", env=env))  # fmt: skip
+    assert churned["lineage"]["sampling"]["churn"] == 5.0
+    assert churned["content_hash"] != made["content_hash"]  # the option reaches the sampler
     drafted = as_json(
         rlsynth(
             "generator",
@@ -587,3 +593,6 @@ def test_agent_train_and_guided_sampling(tmp_path: Path, env: dict[str, str]) ->
     wm_guided = rlsynth("generator", "sample", str(wm), "--n-transitions", "10", "--name", "hop/w",
                         "--guidance", "policy", "--policy", str(agent), env=env, check=False)  # fmt: skip
     assert wm_guided.returncode == 2 and "steered by --policy" in wm_guided.stderr
+    wm_churn = rlsynth("generator", "sample", str(wm), "--n-transitions", "10", "--name", "hop/w",
+                       "--churn", "5", env=env, check=False)  # fmt: skip
+    assert wm_churn.returncode == 2 and "applies to diffusion kinds only" in wm_churn.stderr
