@@ -528,13 +528,6 @@ def generator() -> None:
 )
 @click.option("--seed", type=int, default=None, help="Override the preset's seed.")
 @click.option(
-    "--churn",
-    type=click.FloatRange(min=0),
-    default=None,
-    help="Diffusion kinds: EDM S_churn, noise re-injected per Heun step (0: deterministic); default: the "
-    "model's (autoregressive: 0, for the refinement).",
-)
-@click.option(
     "--refiner",
     default=None,
     type=click.Path(file_okay=False),
@@ -625,6 +618,13 @@ def generator_train_cmd(
     default=None,
     help="autoregressive: scale of the drafter's predictive std (below 1: sharper, less diverse drafts); "
     "default: the model's.",
+)
+@click.option(
+    "--churn",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Diffusion kinds: EDM S_churn, noise re-injected per Heun step (0: deterministic); default: the "
+    "model's (autoregressive: 0, for the refinement).",
 )
 @click.option(
     "--refiner",
