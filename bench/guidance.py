@@ -33,7 +33,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 from datasets.catalog import Catalog
 from datasets.fidelity import EvalConfig, evaluate
 from datasets.types import Dataset
-from generators.api import SampleOptions, load_generator, sample, train_generator
+from generators.api import SampleOptions, load_generator, sample, train_generator, used_settings
 from guidance.policies import D3rlpyPolicy, load_policy
 from guidance.spec import GuidanceConfig, build_guidance
 from offline_rl.train import train_agent
@@ -199,9 +199,11 @@ def main() -> None:
         targets["TD3+BC (σ 0.1)"] = ensure_agent(Path(a.td3bc), "td3bc", 10_000, ds, a.data)
     results = {name: run_target(name, path, gen, wm, ds, conds) for name, path in targets.items()}
     plot(results)
+    used = used_settings(load_generator(gen, device="cpu"), SampleOptions())
+    sampler = f"{used['steps']} Heun steps, churn {used['churn']:g}"
     body = [
         f"Data `{a.data}` ({len(ds.transitions):,} transitions, {ds.info.env_id}); trajectory diffusion "
-        f"(`{a.generator}`, 20 Heun steps), {N:,} transitions per condition from the same seeds; "
+        f"(`{a.generator}`, {sampler}), {N:,} transitions per condition from the same seeds; "
         f"the simulator judges {EVAL.sample:,} rows. Guidance: pgd schedule, gradients at the x0 estimate, "
         "raw (un-normalised) gradients. Plot: `bench/plots/guidance.png`.",
     ]
