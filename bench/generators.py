@@ -71,34 +71,37 @@ def linear_yardstick(ds: Dataset) -> float:
     return float((err**2).mean())
 
 
-# Diffusion families are judged at the current defaults (read from the config classes, so a model reused
-# from an older run samples as a new one would) and at 20 deterministic Heun steps, the earlier default.
-ODE20 = SampleOptions(seed=0, steps=20, churn=0.0)
-ROW_NAMES = {
-    "world-model": "world model (yardstick), 32-step rollouts",
-    "transition-ode20": "transition diffusion (SynthER-style), 20 Heun steps, no churn",
-    "transition": f"transition diffusion (SynthER-style), {TransitionConfig().sample_steps} Heun steps, "
-    f"churn {TransitionConfig().s_churn:g} (default)",
-    "trajectory-ode20": "trajectory diffusion, 20 Heun steps, no churn",
-    "trajectory": f"trajectory diffusion, {TrajectoryConfig().sample_steps} Heun steps, "
-    f"churn {TrajectoryConfig().s_churn:g} (default)",
-}
+# Diffusion families are judged at two sampler settings, 20 deterministic Heun steps and 40 with churn 40
+# (read against the config classes' defaults, so a model reused from an older run samples as a new one).
+SETTINGS = {"ode20": (20, 0.0), "churn40": (40, 40.0)}
+FAMILY_CFG = {"transition": TransitionConfig(), "trajectory": TrajectoryConfig()}
+FAMILY_NAME = {"transition": "transition diffusion (SynthER-style)", "trajectory": "trajectory diffusion"}
 
 
-def sampling_rows() -> list[tuple[str, str, SampleOptions]]:
-    """(row key, generator kind, options) of the one-row-per-setting table; "trajectory" (the default
-    settings) is the yardstick the autoregressive sweep is measured against."""
-    default = {
-        kind: SampleOptions(seed=0, steps=cfg.sample_steps, churn=cfg.s_churn)
-        for kind, cfg in (("transition", TransitionConfig()), ("trajectory", TrajectoryConfig()))
-    }
-    return [
-        ("world-model", "world-model", SampleOptions(seed=0, horizon=32)),
-        ("transition-ode20", "transition", ODE20),
-        ("transition", "transition", default["transition"]),
-        ("trajectory-ode20", "trajectory", ODE20),
-        ("trajectory", "trajectory", default["trajectory"]),
-    ]
+def default_key(kind: str) -> str:
+    """Row key of ``kind`` sampled at its config's default settings (the AR sweep's yardstick)."""
+    cfg = FAMILY_CFG[kind]
+    for name, setting in SETTINGS.items():
+        if setting == (cfg.sample_steps, cfg.s_churn):
+            return f"{kind}:{name}"
+    return f"{kind}:default"
+
+
+def sampling_rows() -> list[tuple[str, str, SampleOptions, str]]:
+    """(row key, generator kind, options, label) of the one-row-per-setting table."""
+    out = [("world-model", "world-model", SampleOptions(seed=0, horizon=32), "world model (yardstick), "
+            "32-step rollouts")]  # fmt: skip
+    for kind, cfg in FAMILY_CFG.items():
+        settings = dict(SETTINGS)
+        if default_key(kind).endswith(":default"):
+            settings["default"] = (cfg.sample_steps, cfg.s_churn)
+        for name, (steps, churn) in settings.items():
+            key = f"{kind}:{name}"
+            stochastic = f"churn {churn:g}" if churn else "no churn"
+            label = f"{FAMILY_NAME[kind]}, {steps} Heun steps, {stochastic}"
+            label += " (default)" if key == default_key(kind) else ""
+            out.append((key, kind, SampleOptions(seed=0, steps=steps, churn=churn), label))
+    return out
 
 
 def timed_sample(gen: LoadedGenerator, ds: Dataset, n: int, opts: SampleOptions) -> tuple[Dataset, float]:
@@ -155,9 +158,9 @@ def main() -> None:
             res = train_generator(kind, ds, root / kind, steps=steps, seed=0)
             rows[kind] = {"train_s": time.perf_counter() - t0, "steps": res.steps, "val_loss": res.val_loss}
         gens[kind] = load_generator(root / kind, device="cpu")
-    for key, kind, o in sampling_rows():
+    for key, kind, o, label in sampling_rows():
         synth, rate = timed_sample(gens[kind], ds, N_SAMPLES, o)
-        rows[key] = {**rows[kind], "rate": rate, **judge(synth, ds)}
+        rows[key] = {**rows[kind], "rate": rate, "label": label, **judge(synth, ds)}
     sweep = []
     for temp, sigma, k in SWEEP:
         o = SampleOptions(
@@ -185,7 +188,7 @@ def fmt(x: float | None, spec: str = ".3g") -> str:
 def report(
     data: str, ds: Dataset, rows: dict[str, dict[str, Any]], sweep: list[dict[str, Any]], lin: float
 ) -> str:
-    traj = rows["trajectory"]
+    traj = rows[default_key("trajectory")]
     lines = [
         f"Data `{data}` ({len(ds.transitions):,} transitions, {ds.info.env_id}); cpu-small presets; "
         f"{N_SAMPLES:,} transitions sampled per model (rates: median of {REPEATS} runs); the simulator "
@@ -199,8 +202,8 @@ def report(
         f"| linear next-state regression (yardstick, on the data) | least squares | — | {lin:.3g} | "
         "— | — | — | — | — | — |",
     ]
-    for kind, name in ROW_NAMES.items():
-        r = rows[kind]
+    for r in (v for v in rows.values() if "label" in v):
+        name = r["label"]
         lines.append(
             f"| {name} | {r['steps']} steps, {r['train_s']:.0f} s | {r['rate']:,.0f} | "
             f"{fmt(r['one_step'])} | {fmt(r['one_step_median'])} | "

@@ -34,12 +34,13 @@ class TrajectoryConfig:
     step_scale: float = 0.0
     """α in [0, 1]: an observation dimension whose one-step change is smaller than its spread is scaled
     by std^(1−α)·std_Δ^α instead of std (0: plain z-scoring); see :func:`generators.tokens.step_scales`."""
-    sample_steps: int = 40
+    sample_steps: int = 20
     """Heun steps when sampling from noise."""
-    s_churn: float = 40.0
-    """EDM churn (0: deterministic ODE sampling). 40 Heun steps with churn 40 (γ = √2 − 1 at every step)
-    cut the one-step dynamics error by a quarter against 20 deterministic steps on HalfCheetah
-    medium-replay (BENCHMARKS.md, generators); churn helps only with enough steps to correct the noise."""
+    s_churn: float = 0.0
+    """EDM churn (0: deterministic ODE sampling). 40 steps with churn 40 (γ = √2 − 1 every step) cut the
+    one-step dynamics error by a third on HalfCheetah medium-replay (0.196 → 0.133), but policy-guided
+    data sampled that way trained worse TD3+BC agents (9.8 vs 11.8; BENCHMARKS.md), so it is an option
+    (``--steps 40 --churn 40``), not the default."""
     edm: EDMConfig = field(default_factory=EDMConfig)
 
     @classmethod
@@ -57,7 +58,9 @@ class TransitionConfig:
     sample_steps: int = 40
     """Heun steps when sampling from noise."""
     s_churn: float = 40.0
-    """EDM churn; as trajectory diffusion (this halved SynthER-style samples' one-step error there)."""
+    """EDM churn. With 40 steps it cut this family's one-step dynamics error from 0.118 to 0.069 on
+    HalfCheetah medium-replay (BENCHMARKS.md, generators); unlike trajectory diffusion, no downstream
+    measurement argues against it here."""
     edm: EDMConfig = field(default_factory=EDMConfig)
 
     @classmethod
