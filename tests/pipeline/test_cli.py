@@ -478,9 +478,10 @@ def test_diffusion_and_autoregressive_generators_from_the_cli(tmp_path: Path, en
     assert made["lineage"]["sampling"]["steps"] == 2
     model_cfg = json.loads((traj / "config.json").read_text())["model"]
     assert made["lineage"]["sampling"]["churn"] == model_cfg["s_churn"]
+    other = "0" if model_cfg["s_churn"] else "5"  # whichever differs from the model's setting
     churned = as_json(rlsynth("generator", "sample", str(traj), "--n-transitions", "40", "--name", "hc/traj",
-                              "--steps", "2", "--churn", "0", "--json", env=env))  # fmt: skip
-    assert churned["lineage"]["sampling"]["churn"] == 0.0  # default 40 caps γ at 2 steps: 0 differs
+                              "--steps", "2", "--churn", other, "--json", env=env))  # fmt: skip
+    assert churned["lineage"]["sampling"]["churn"] == float(other)
     assert churned["content_hash"] != made["content_hash"]  # the option reaches the sampler
     drafted = as_json(
         rlsynth(
