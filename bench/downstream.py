@@ -61,7 +61,7 @@ def main() -> None:
     a = p.parse_args()
     cat = Catalog(a.catalog)
     real = cat.read(a.data)
-    gen = load_generator(a.generator, device="cpu")
+    gen = load_generator(a.generator)  # CUDA if present
     stamp = time.strftime("%Y%m%d%H%M%S")
     gcfg = GuidanceConfig(terms=("policy",), scale=a.scale, deterministic_std=a.pgd_std)
     made = {}

@@ -132,7 +132,8 @@ class PolicyTerm(Term):
         s = self.codec.steps(z)
         b, t = s.valid.shape
         lp = self.policy.log_prob(s.obs.reshape(b * t, -1), s.act.reshape(b * t, -1)).reshape(b, t)
-        return (lp.to(z.dtype) * s.valid).sum(1)
+        # The target may live on another device than the sample (a CPU agent guiding a CUDA generator).
+        return (lp.to(z.device, z.dtype) * s.valid).sum(1)
 
 
 class _WorldModelTerm(Term):
@@ -147,8 +148,12 @@ class _WorldModelTerm(Term):
         for p in model.parameters():
             p.requires_grad_(False)
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     def elite_means(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-        """Elite members' mean predictions (E', N, o+1) in normalised units: [Δŝ, r̂]."""
+        """Elite members' mean predictions (E', N, o+1), normalised: [Δŝ, r̂]; inputs on the model's device."""
         x = torch.cat([self.norms.obs.normalise(obs), self.norms.act.normalise(act)], 1)
         mean, _, _ = self.model(x.unsqueeze(0).expand(self.model.cfg.ensemble, -1, -1))
         return mean[self.model.elite_idx]
@@ -160,10 +165,12 @@ class DynamicsTerm(_WorldModelTerm):
     def objective(self, z: torch.Tensor) -> torch.Tensor:
         s = self.codec.steps(z)
         b, t = s.valid.shape
-        obs, nxt = s.obs.reshape(b * t, -1), s.next_obs.reshape(b * t, -1)
-        pred = self.elite_means(obs, s.act.reshape(b * t, -1))[..., : self.model.obs_dim]
+        # The world model may live on another device than the sample: compute there, answer here.
+        dev = self.device
+        obs, nxt = s.obs.reshape(b * t, -1).to(dev), s.next_obs.reshape(b * t, -1).to(dev)
+        pred = self.elite_means(obs, s.act.reshape(b * t, -1).to(dev))[..., : self.model.obs_dim]
         delta = self.norms.delta.normalise(nxt - obs)
-        err = ((delta.unsqueeze(0) - pred) ** 2).sum(-1).mean(0).reshape(b, t)
+        err = ((delta.unsqueeze(0) - pred) ** 2).sum(-1).mean(0).reshape(b, t).to(z.device)
         return -0.5 * (err * s.valid).sum(1)
 
 
@@ -173,8 +180,9 @@ class ReturnTerm(_WorldModelTerm):
     def objective(self, z: torch.Tensor) -> torch.Tensor:
         s = self.codec.steps(z)
         b, t = s.valid.shape
-        pred = self.elite_means(s.obs.reshape(b * t, -1), s.act.reshape(b * t, -1))
-        reward = pred[..., -1].mean(0).reshape(b, t)
+        dev = self.device
+        pred = self.elite_means(s.obs.reshape(b * t, -1).to(dev), s.act.reshape(b * t, -1).to(dev))
+        reward = pred[..., -1].mean(0).reshape(b, t).to(z.device)
         return (reward * s.valid).sum(1)
 
 

@@ -73,6 +73,8 @@ class CompareConfig:
     catalog: str | None = None
     env_id: str | None = None
     """Environment to evaluate in (default: the first dataset's)."""
+    generator_device: str = "auto"
+    """Where the PGD loop's generator samples (``auto``: CUDA if present); agents train on the CPU."""
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,7 @@ def _run_job(job: Job) -> dict[str, Any]:
             initial_target=p.initial_target,
             seed=job.seed,
         )
-        gen = load_generator(p.generator, device="cpu")
+        gen = load_generator(p.generator, device=cfg.generator_device)
         res = run_pgd(
             pcfg, gen, real, cat, f"{p.name}/{job.algo}-s{job.seed}", out,
             every=cfg.eval_every, callback=callback, progress=False,

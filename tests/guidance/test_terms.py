@@ -12,7 +12,7 @@ import torch
 from helpers import make_dataset, random_hopper, tiny_agent, tiny_generator
 
 from datasets.errors import RlsynthError
-from generators.api import LoadedGenerator, SampleOptions, codec, sample
+from generators.api import LoadedGenerator, SampleOptions, codec, load_generator, sample
 from generators.checkpoint import Normaliser
 from generators.edm import karras_sigmas
 from generators.tokens import TokenCodec, TokenLayout, windows
@@ -263,3 +263,34 @@ def test_world_models_and_autoregressive_drafts_refuse_or_accept_guidance(
         sample(gens["world-model"], random_hopper(), 10, SampleOptions(guidance=guided(toy_target(), 1.0)))
     with pytest.raises(RlsynthError, match="cannot be guided"):
         codec(gens["world-model"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["trajectory", "transition"])
+def test_cpu_agent_and_world_model_guide_a_cuda_generator(
+    gens: dict[str, LoadedGenerator], tmp_path: Path, kind: str
+) -> None:
+    # The PGD loop trains its agent on the CPU while the generator samples on the GPU: every term must
+    # compute on its own model's device and answer on the sample's.
+    d3 = import_d3rlpy()
+    path = tmp_path / "td3.d3"
+    tiny_agent(d3.algos.TD3PlusBCConfig(batch_size=32), random_hopper(), steps=30, save_to=path)
+    pol = load_policy(path)
+    wm_gen = gens["world-model"]
+    wm = world_model_guidance(
+        "dynamics",
+        wm_gen.model,  # type: ignore[arg-type]
+        WorldModelNormalisers.from_map(wm_gen.norms),
+        TermOptions(scale=0.5, normalise=True),
+        {},
+    )
+    gen = load_generator(gens[kind].folder, device="cuda")
+    lls = []
+    for scale in (0.0, 1.0):
+        g = guided(pol, scale, normalise=True) + wm
+        t = sample(gen, random_hopper(), 200, SampleOptions(seed=5, steps=8, guidance=g)).transitions
+        assert np.isfinite(t.observations).all() and np.isfinite(t.actions).all()
+        with torch.no_grad():
+            obs, act = torch.from_numpy(t.observations), torch.from_numpy(t.actions)
+            lls.append(float(pol.log_prob(obs, act).mean()))
+    assert lls[1] > lls[0] + 1.0, lls
