@@ -27,6 +27,13 @@ from offline_rl.compare import CompareConfig, Condition, PGDSpec, compare
 from pipeline.bench_report import write_section
 
 PLOT = Path(__file__).resolve().parent / "plots" / "downstream.png"
+CONDITIONS = {
+    "real": "real",
+    "unguided": "unguided synthetic",
+    "guided": "policy-guided synthetic",
+    "mix": "unguided 240 + real 16",
+    "pgd": "PGD loop (240 + 16)",
+}
 
 
 def main() -> None:
@@ -58,15 +65,27 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", default="/tmp/rlsynth-downstream")
     p.add_argument("--no-write", action="store_true")
+    p.add_argument(
+        "--conditions",
+        default=",".join(CONDITIONS),
+        help=f"comma-separated subset of {','.join(CONDITIONS)} (the static sets are sampled only if used)",
+    )
     a = p.parse_args()
+    keys = a.conditions.split(",")
+    unknown = sorted(set(keys) - set(CONDITIONS))
+    if unknown or not keys:
+        p.error(f"--conditions: unknown {unknown}; choose from {','.join(CONDITIONS)}")
     cat = Catalog(a.catalog)
     real = cat.read(a.data)
     gen = load_generator(a.generator)  # CUDA if present
     stamp = time.strftime("%Y%m%d%H%M%S")
     gcfg = GuidanceConfig(terms=("policy",), scale=a.scale, deterministic_std=a.pgd_std)
     made = {}
-    for label, g in (("unguided", None), ("guided", build_guidance(GuidanceConfig(terms=("policy",),
-                     policy=a.target, scale=a.scale), gen.info))):  # fmt: skip
+    static = [("unguided", None)] if {"unguided", "mix"} & set(keys) else []
+    if "guided" in keys:
+        static.append(("guided", build_guidance(GuidanceConfig(terms=("policy",), policy=a.target,
+                       scale=a.scale), gen.info)))  # fmt: skip
+    for label, g in static:
         t0 = time.perf_counter()
         ds = sample(gen, real, a.synthetic, SampleOptions(seed=1, guidance=g))
         ref = cat.write(f"bench/downstream-{stamp}/{label}", ds, lineage={"bench": "downstream", "guidance":
@@ -82,13 +101,14 @@ def main() -> None:
         guidance=gcfg,
         initial_target=a.target if a.pgd_warm_start else None,
     )
-    conditions = [
-        Condition("real", data=(a.data,)),
-        Condition("unguided synthetic", data=(made["unguided"],)),
-        Condition("policy-guided synthetic", data=(made["guided"],)),
-        Condition("unguided 240 + real 16", data=(made["unguided"],), mix=((a.data, 16),)),
-        Condition("PGD loop (240 + 16)", pgd=pgd),
-    ]
+    build = {
+        "real": lambda: Condition(CONDITIONS["real"], data=(a.data,)),
+        "unguided": lambda: Condition(CONDITIONS["unguided"], data=(made["unguided"],)),
+        "guided": lambda: Condition(CONDITIONS["guided"], data=(made["guided"],)),
+        "mix": lambda: Condition(CONDITIONS["mix"], data=(made["unguided"],), mix=((a.data, 16),)),
+        "pgd": lambda: Condition(CONDITIONS["pgd"], pgd=pgd),
+    }
+    conditions = [build[k]() for k in CONDITIONS if k in keys]
     cfg = CompareConfig(
         algos=tuple(a.algos.split(",")),
         seeds=tuple(int(s) for s in a.seeds.split(",")),
@@ -105,15 +125,15 @@ def main() -> None:
     table = (Path(a.out) / "results.md").read_text()
     rows = {(r["condition"], r["algo"]): r for r in report["aggregate"]}
     verdict = []
-    for algo in cfg.algos:
-        pgd_r, real_r = rows[("PGD loop (240 + 16)", algo)], rows[("real", algo)]
-        ung = rows[("unguided synthetic", algo)]
+    for algo in cfg.algos if {"pgd", "real"} <= set(keys) else ():
+        pgd_r, real_r = rows[(CONDITIONS["pgd"], algo)], rows[(CONDITIONS["real"], algo)]
         vs_real = "≥" if pgd_r["mean"] >= real_r["mean"] else "<"
-        vs_ung = ">" if pgd_r["mean"] > ung["mean"] else "≤"
-        verdict.append(
-            f"- {algo}: PGD loop {pgd_r['mean']:.1f} {vs_real} real {real_r['mean']:.1f}; "
-            f"PGD loop {vs_ung} unguided synthetic {ung['mean']:.1f}"
-        )
+        line = f"- {algo}: PGD loop {pgd_r['mean']:.1f} {vs_real} real {real_r['mean']:.1f}"
+        if "unguided" in keys:
+            ung = rows[(CONDITIONS["unguided"], algo)]
+            vs_ung = ">" if pgd_r["mean"] > ung["mean"] else "≤"
+            line += f"; PGD loop {vs_ung} unguided synthetic {ung['mean']:.1f}"
+        verdict.append(line)
     intro = (
         f"Data `{a.data}` ({real.n_transitions:,} transitions); generator `{a.generator}`; static guidance "
         f"target `{a.target}` at scale {a.scale}; {a.synthetic:,} synthetic transitions per static set, "
