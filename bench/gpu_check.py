@@ -4,7 +4,8 @@ Made for the lent GPU machine (see BENCHMARKS.md, "GPU check"): it needs CUDA, M
 the D4RL-layout file it trains on. Jobs run one after another: processes sharing one GPU are time-sliced,
 and nine of them at once crawled (an H200 did 20 steps/s of a small MLP). A deadline stops the rest.
 
-    python bench/gpu_check.py --data halfcheetah-medium-replay.hdf5 --jobs trajectory:gpu-paper:3000 --out OUT
+    python bench/gpu_check.py --data halfcheetah-medium-replay.hdf5 --jobs trajectory:gpu-paper:11000 \
+        --sample 12000 --samplers 20:0,40:40 --seeds 1,2 --out OUT
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +26,38 @@ import torch
 from datasets.fidelity import EvalConfig, evaluate
 from datasets.sources import load_source
 from datasets.types import Dataset
-from generators.api import SampleOptions, load_generator, sample, train_generator
+from generators.api import SampleOptions, load_generator, sample, train_generator, used_settings
+
+# (sampled transitions, judged rows, (steps, churn) samplers with (0, 0) the model's own, sampling seeds)
+Judge = tuple[int, int, tuple[tuple[int, float], ...], tuple[int, ...]]
 
 
-def job(spec: str, ds: Dataset, root: Path) -> dict[str, Any]:
+def judged(gen: Any, ds: Dataset, judge: Judge, opts: SampleOptions) -> list[dict[str, Any]]:
+    """Sampling speed and simulator-judged errors per (sampler, seed)."""
+    n, rows, samplers, seeds = judge
+    out = []
+    for steps, churn in samplers:
+        for seed in seeds:
+            o = replace(opts, seed=seed, steps=steps or None, churn=churn if steps else None)
+            t0 = time.perf_counter()
+            synth = sample(gen, ds, n, o)
+            if gen.device.type == "cuda":
+                torch.cuda.synchronize()
+            rec: dict[str, Any] = {"sampler": used_settings(gen, o), "seed": seed}
+            rec["sample_transitions_per_s"] = n / (time.perf_counter() - t0)
+            r = evaluate(
+                synth, reference=ds, config=EvalConfig(sample=rows, horizons=(1, 8, 31), windows=128)
+            )
+            one = r["one_step"]
+            keys = ("obs_mse_normalised", "obs_mse_normalised_median", "reward_mae", "penetration_over_1cm",
+                    "penetration_over_5cm")  # fmt: skip
+            rec |= {k: one[k] for k in keys}
+            rec |= {f"h{h}": v["obs_mse_normalised"] for h, v in r["horizons"].items()}
+            out.append(rec)
+    return out
+
+
+def job(spec: str, ds: Dataset, root: Path, judge: Judge) -> dict[str, Any]:
     """``KIND:PRESET:STEPS`` → training time, sampling speed, simulator-judged errors, GPU→CPU agreement."""
     kind, preset_name, steps = spec.split(":")
     out = root / spec.replace(":", "-")
@@ -36,16 +66,12 @@ def job(spec: str, ds: Dataset, root: Path) -> dict[str, Any]:
     rec: dict[str, Any] = {"job": spec, "train_s": time.perf_counter() - t0, "val_loss": res.val_loss}
     gen = load_generator(out)
     rec["device"] = torch.cuda.get_device_name(0) if gen.device.type == "cuda" else "cpu"
+    diffusion = kind in ("trajectory", "transition")
+    # Samplers (steps, churn) apply to the diffusion families; the others sample their own way.
+    j = judge if diffusion else (judge[0], judge[1], ((0, 0.0),), judge[3])
     opts = SampleOptions(seed=1, sigma_start=0.0 if kind == "autoregressive" else None)
-    t0 = time.perf_counter()
-    synth = sample(gen, ds, 6000, opts)
-    rec["sample_transitions_per_s"] = 6000 / (time.perf_counter() - t0)
-    judge = EvalConfig(sample=3000, horizons=(1, 8, 31), windows=128, seed=0)
-    r = evaluate(synth, reference=ds, config=judge)
-    one = r["one_step"]
-    rec |= {k: one[k] for k in ("obs_mse_normalised", "obs_mse_normalised_median", "reward_mae")}
-    rec |= {f"h{h}": v["obs_mse_normalised"] for h, v in r["horizons"].items()}
-    if kind in ("trajectory", "transition"):
+    rec["judged"] = judged(gen, ds, j, opts)
+    if diffusion:
         # The same checkpoint on the CPU follows the same noise: differences are float error, amplified
         # by the ODE (chaotic dynamics), not a different model.
         cpu = load_generator(out, device="cpu")
@@ -61,6 +87,14 @@ def main() -> None:
     p.add_argument("--data", required=True, help="D4RL-layout HDF5 file (or catalog NAME@N)")
     p.add_argument("--jobs", required=True, help="comma-separated KIND:PRESET:STEPS")
     p.add_argument("--budget", type=float, default=400.0, help="seconds; later jobs are skipped")
+    p.add_argument("--sample", type=int, default=6000, help="transitions sampled per (sampler, seed)")
+    p.add_argument("--rows", type=int, default=3000, help="rows the simulator judges one step ahead")
+    p.add_argument(
+        "--samplers",
+        default="0:0",
+        help="diffusion samplers STEPS:CHURN, comma-separated (0:0: the model's own)",
+    )
+    p.add_argument("--seeds", default="1", help="sampling seeds, comma-separated")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     if not torch.cuda.is_available():
@@ -68,13 +102,15 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     ds = load_source(a.data)
+    samplers = tuple((int(x.split(":")[0]), float(x.split(":")[1])) for x in a.samplers.split(","))
+    judge: Judge = (a.sample, a.rows, samplers, tuple(int(x) for x in a.seeds.split(",")))
     deadline = time.time() + a.budget
     rows = []
     for spec in a.jobs.split(","):
         if time.time() > deadline:
             print("skipped (deadline):", spec, flush=True)
             continue
-        rows.append(job(spec, ds, Path("/tmp/gpu-check")))
+        rows.append(job(spec, ds, Path("/tmp/gpu-check"), judge))
         print(json.dumps(rows[-1]), flush=True)
         (out / "gpu_check.json").write_text(json.dumps(rows, indent=1))
 

@@ -15,7 +15,7 @@ The oracle restores the simulator state from an observation and steps it with th
 Metrics (all errors normalised per dimension by the reference data's standard deviation):
 
 * ``one_step``: next-observation MSE, reward absolute error, agreement of the terminal flag with the env's
-  own termination rule;
+  own termination rule, and how often the restored states interpenetrate (contact depth > 1 cm / 5 cm);
 * ``horizons``: open-loop error growth — from a restorable row, replay the next H recorded actions in the
   simulator and compare the states it reaches with the recorded ones (windows never cross episodes);
 * ``policy_log_likelihood``: mean over rows of log π(a|s), summed over action dimensions (given a policy);
@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import mujoco
 import numpy as np
 
 from datasets.envs import make_env
@@ -42,6 +43,8 @@ from datasets.types import Dataset, Transitions
 PROBE_VELOCITY = 1e4
 DEFAULT_HORIZONS = (1, 8, 32)
 STD_FLOOR = 1e-6
+# MuJoCo locomotion models are in metres.
+PENETRATION_CM = 0.01
 
 
 class NoOracleError(RlsynthError):
@@ -126,6 +129,16 @@ class MujocoOracle:
         qvel = np.asarray(obs[self.n_qpos : self.n_qpos + self.n_qvel], np.float64)
         self.u.set_state(qpos, qvel)
 
+    def penetration(self) -> float:
+        """Depth (model length units, ≥ 0) of the deepest contact of the restored state.
+
+        The simulator answers an interpenetrating state with a contact impulse that the recorded next
+        state knows nothing of, so this separates physically impossible states from wrong dynamics.
+        """
+        d = self.u.data
+        mujoco.mj_forward(self.u.model, d)  # contacts of the state just restored
+        return max(0.0, -min((float(d.contact[j].dist) for j in range(d.ncon)), default=0.0))
+
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool]:
         obs, reward, terminated, _, _ = self.u.step(np.asarray(action, np.float64))
         return np.asarray(obs, np.float64), float(reward), bool(terminated)
@@ -140,8 +153,10 @@ def _one_step(oracle: MujocoOracle, t: Transitions, rows: np.ndarray, std: np.nd
     sim_next = np.empty((n, d))
     sim_rew = np.empty(n)
     sim_term = np.empty(n, bool)
+    depth = np.empty(n)
     for k, i in enumerate(rows):
         oracle.restore(t.observations[i].astype(np.float64))
+        depth[k] = oracle.penetration()
         sim_next[k], sim_rew[k], sim_term[k] = oracle.step(t.actions[i])
     err = sim_next - t.next_observations[rows].astype(np.float64)
     sq_norm = (err / std) ** 2
@@ -167,6 +182,11 @@ def _one_step(oracle: MujocoOracle, t: Transitions, rows: np.ndarray, std: np.nd
         "reward_mae_all_rows": mean(rew_err),
         "terminal_agreement_all_rows": mean(agree.astype(float)),
         "per_dim_obs_mse_normalised": sq_norm[ok].mean(0).tolist() if ok.any() else None,
+        # Fractions of the restored states that put a body into another (or the floor) by more than 1 / 5 cm,
+        # and the one-step error of the deeper ones: where a generator's error is physically impossible states.
+        "penetration_over_1cm": mean((depth[ok] > PENETRATION_CM).astype(float)),
+        "penetration_over_5cm": mean((depth[ok] > 5 * PENETRATION_CM).astype(float)),
+        "obs_mse_normalised_penetrating": mean(sq_norm[ok & (depth > PENETRATION_CM)]),
     }
 
 

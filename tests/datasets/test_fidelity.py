@@ -166,3 +166,29 @@ def test_other_locomotion_envs_have_an_exact_oracle(env_id: str) -> None:
     r = evaluate(real(env_id, n=150), config=EvalConfig(horizons=(1,), windows=4))
     assert r["one_step"]["obs_mse_normalised"] <= 1e-8
     assert r["one_step"]["terminal_agreement"] == 1.0
+
+
+def test_penetration_is_the_contact_depth_and_is_reported() -> None:
+    oracle = MujocoOracle("Hopper-v5")
+    oracle.env.reset(seed=0)
+    obs = np.asarray(oracle.u._get_obs(), np.float64)
+    depth = []
+    for drop in (0.0, 0.08, 0.10, 0.13):  # obs[0] is the torso height: lowering it sinks the foot
+        lowered = obs.copy()
+        lowered[0] -= drop
+        oracle.restore(lowered)
+        depth.append(oracle.penetration())
+    oracle.close()
+    assert depth[0] == 0.0
+    # Once the foot is in the floor, the depth grows one for one with the drop (a rigid body moved down).
+    np.testing.assert_allclose(np.diff(depth[1:]), [0.02, 0.03], atol=1e-6)
+    ds = real("Hopper-v5")
+    one = evaluate(ds, config=FAST)["one_step"]
+    assert one["penetration_over_5cm"] == 0.0
+    t = ds.transitions
+    cols = {c: getattr(t, c) for c in Transitions.columns()}
+    cols["observations"] = t.observations.copy()
+    cols["observations"][:, 0] -= 0.3  # every state sunk 30 cm: every row penetrates
+    sunk = evaluate(Dataset(ds.info, Transitions(**cols), "sunk"), reference=ds, config=FAST)["one_step"]
+    assert sunk["penetration_over_1cm"] == 1.0 and sunk["penetration_over_5cm"] == 1.0
+    assert sunk["obs_mse_normalised_penetrating"] == pytest.approx(sunk["obs_mse_normalised"])
