@@ -182,8 +182,8 @@ def _one_step(oracle: MujocoOracle, t: Transitions, rows: np.ndarray, std: np.nd
         "reward_mae_all_rows": mean(rew_err),
         "terminal_agreement_all_rows": mean(agree.astype(float)),
         "per_dim_obs_mse_normalised": sq_norm[ok].mean(0).tolist() if ok.any() else None,
-        # Fractions of the restored states that put a body into another (or the floor) by more than 1 / 5 cm,
-        # and the one-step error of the deeper ones: where a generator's error is physically impossible states.
+        # Restored states that put a body into another (or the floor) by more than 1 / 5 cm, and the
+        # one-step error of the > 1 cm ones: how much of a generator's error is impossible states.
         "penetration_over_1cm": mean((depth[ok] > PENETRATION_CM).astype(float)),
         "penetration_over_5cm": mean((depth[ok] > 5 * PENETRATION_CM).astype(float)),
         "obs_mse_normalised_penetrating": mean(sq_norm[ok & (depth > PENETRATION_CM)]),

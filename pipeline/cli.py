@@ -438,6 +438,11 @@ def evaluate_cmd(
         f"({one['unrecoverable_rows']} unrecoverable; all rows {one['obs_mse_normalised_all_rows']:.3g})"
     )
     click.echo(f"  reward MAE {one['reward_mae']:.3g}, terminal agreement {one['terminal_agreement']:.4f}")
+    if one["penetration_over_1cm"] is not None:
+        click.echo(
+            f"  states into contact by > 1 cm: {one['penetration_over_1cm']:.1%} "
+            f"(> 5 cm: {one['penetration_over_5cm']:.1%})"
+        )
     for h, v in result["horizons"].items():
         val = "n/a" if v["obs_mse_normalised"] is None else f"{v['obs_mse_normalised']:.3g}"
         click.echo(f"  horizon {h}: normalised obs MSE {val} ({v['windows']} windows)")

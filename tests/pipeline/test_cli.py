@@ -243,8 +243,13 @@ def test_evaluate_records_fidelity_without_touching_the_data(tmp_path: Path, env
         "rows",
         "unrecoverable_rows",
         "obs_mse_normalised_all_rows",
+        "penetration_over_1cm",
     } <= one.keys()
     assert one["obs_mse_normalised"] <= 1e-8 and one["terminal_agreement"] == 1.0
+    text = rlsynth("datasets", "evaluate", "hc", "--horizons", "1", "--windows", "4", "--plot", str(png),
+                   "--no-store", env=env).stdout  # fmt: skip
+    pct = f"{one['penetration_over_1cm']:.1%}"
+    assert f"states into contact by > 1 cm: {pct}" in text
     assert set(res["horizons"]) == {"1", "4"} and "policy_log_likelihood" in res and "novelty" in res
     assert png.read_bytes()[:4] == b"\x89PNG"
     shown = as_json(rlsynth("datasets", "show", "hc", "--json", env=env))
