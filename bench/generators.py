@@ -92,14 +92,14 @@ def sampling_rows() -> list[tuple[str, str, SampleOptions, str]]:
     out = [("world-model", "world-model", SampleOptions(seed=0, horizon=32), "world model (yardstick), "
             "32-step rollouts")]  # fmt: skip
     for kind, cfg in FAMILY_CFG.items():
-        settings = dict(SETTINGS)
-        if default_key(kind).endswith(":default"):
+        settings, default = dict(SETTINGS), default_key(kind)
+        if default.endswith(":default"):
             settings["default"] = (cfg.sample_steps, cfg.s_churn)
         for name, (steps, churn) in settings.items():
             key = f"{kind}:{name}"
             stochastic = f"churn {churn:g}" if churn else "no churn"
             label = f"{FAMILY_NAME[kind]}, {steps} Heun steps, {stochastic}"
-            label += " (default)" if key == default_key(kind) else ""
+            label += " (default)" if key == default else ""
             out.append((key, kind, SampleOptions(seed=0, steps=steps, churn=churn), label))
     return out
 

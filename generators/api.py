@@ -661,11 +661,10 @@ def used_settings(gen: LoadedGenerator, opts: SampleOptions) -> dict[str, Any]:
         return {"steps": opts.steps or cfg.sample_steps, "churn": _finite_non_negative("churn", churn)}
     if isinstance(cfg, AutoregressiveConfig):
         temperature = cfg.temperature if opts.temperature is None else opts.temperature
+        sigma_start = cfg.sigma_start if opts.sigma_start is None else opts.sigma_start
         return {
             "steps": opts.steps or cfg.refine_steps,
-            "sigma_start": _finite_non_negative(
-                "sigma_start", cfg.sigma_start if opts.sigma_start is None else opts.sigma_start
-            ),
+            "sigma_start": _finite_non_negative("sigma_start", sigma_start),
             "temperature": _finite_non_negative("temperature", temperature),
             "churn": _finite_non_negative("churn", opts.churn or 0.0),
         }
