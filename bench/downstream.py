@@ -48,6 +48,11 @@ def main() -> None:
     p.add_argument("--regen", type=int, default=1000, help="PGD: agent steps between regenerations")
     p.add_argument("--synthetic", type=int, default=50_000, help="transitions per synthetic set")
     p.add_argument("--pgd-synthetic", type=int, default=20_000, help="transitions per PGD regeneration")
+    p.add_argument(
+        "--pgd-mix",
+        default="240:16",
+        help="PGD: synthetic:real rows per batch (they must add up to the batch size, 256)",
+    )
     p.add_argument("--scale", type=float, default=0.05, help="policy guidance scale")
     p.add_argument(
         "--pgd-std",
@@ -72,6 +77,13 @@ def main() -> None:
     )
     a = p.parse_args()
     keys = a.conditions.split(",")
+    try:
+        syn_rows, real_rows = (int(x) for x in a.pgd_mix.split(":"))
+    except ValueError:
+        p.error(f"--pgd-mix: expected SYNTHETIC:REAL rows, got {a.pgd_mix!r}")
+    if syn_rows < 1 or real_rows < 0 or syn_rows + real_rows != 256:
+        p.error(f"--pgd-mix: {a.pgd_mix} must be positive synthetic rows and real rows adding up to 256")
+    CONDITIONS["pgd"] = f"PGD loop ({syn_rows} + {real_rows})"
     unknown = sorted(set(keys) - set(CONDITIONS))
     if unknown or not keys:
         p.error(f"--conditions: unknown {unknown}; choose from {','.join(CONDITIONS)}")
@@ -98,6 +110,8 @@ def main() -> None:
         name=f"bench/downstream-{stamp}/pgd",
         regenerate_every=a.regen,
         synthetic_transitions=a.pgd_synthetic,
+        synthetic_rows=syn_rows,
+        real_rows=real_rows,
         guidance=gcfg,
         initial_target=a.target if a.pgd_warm_start else None,
     )
@@ -137,7 +151,8 @@ def main() -> None:
     intro = (
         f"Data `{a.data}` ({real.n_transitions:,} transitions); generator `{a.generator}`; static guidance "
         f"target `{a.target}` at scale {a.scale}; {a.synthetic:,} synthetic transitions per static set, "
-        f"{a.pgd_synthetic:,} per PGD regeneration every {a.regen} steps (a TD3+BC actor read as "
+        f"{a.pgd_synthetic:,} per PGD regeneration every {a.regen} steps, batches of {syn_rows} synthetic + "
+        f"{real_rows} real rows (a TD3+BC actor read as "
         f"N(μ(s), {a.pgd_std}²) for guidance; round 0 "
         f"{'guided by the static target' if a.pgd_warm_start else 'unguided'}). "
         f"Budget: {a.steps:,} gradient steps per run (batch 256), a 2-core budget far below the 1M steps "
