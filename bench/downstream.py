@@ -83,9 +83,9 @@ def main() -> None:
         p.error(f"--pgd-mix: expected SYNTHETIC:REAL rows, got {a.pgd_mix!r}")
     if syn_rows < 1 or real_rows < 0 or syn_rows + real_rows != 256:
         p.error(f"--pgd-mix: {a.pgd_mix} must be positive synthetic rows and real rows adding up to 256")
-    CONDITIONS["pgd"] = f"PGD loop ({syn_rows} + {real_rows})"
+    names = {**CONDITIONS, "pgd": f"PGD loop ({syn_rows} + {real_rows})"}
     unknown = sorted(set(keys) - set(CONDITIONS))
-    if unknown or not keys:
+    if unknown:
         p.error(f"--conditions: unknown {unknown}; choose from {','.join(CONDITIONS)}")
     cat = Catalog(a.catalog)
     real = cat.read(a.data)
@@ -116,11 +116,11 @@ def main() -> None:
         initial_target=a.target if a.pgd_warm_start else None,
     )
     build = {
-        "real": lambda: Condition(CONDITIONS["real"], data=(a.data,)),
-        "unguided": lambda: Condition(CONDITIONS["unguided"], data=(made["unguided"],)),
-        "guided": lambda: Condition(CONDITIONS["guided"], data=(made["guided"],)),
-        "mix": lambda: Condition(CONDITIONS["mix"], data=(made["unguided"],), mix=((a.data, 16),)),
-        "pgd": lambda: Condition(CONDITIONS["pgd"], pgd=pgd),
+        "real": lambda: Condition(names["real"], data=(a.data,)),
+        "unguided": lambda: Condition(names["unguided"], data=(made["unguided"],)),
+        "guided": lambda: Condition(names["guided"], data=(made["guided"],)),
+        "mix": lambda: Condition(names["mix"], data=(made["unguided"],), mix=((a.data, 16),)),
+        "pgd": lambda: Condition(names["pgd"], pgd=pgd),
     }
     conditions = [build[k]() for k in CONDITIONS if k in keys]
     cfg = CompareConfig(
@@ -140,11 +140,11 @@ def main() -> None:
     rows = {(r["condition"], r["algo"]): r for r in report["aggregate"]}
     verdict = []
     for algo in cfg.algos if {"pgd", "real"} <= set(keys) else ():
-        pgd_r, real_r = rows[(CONDITIONS["pgd"], algo)], rows[(CONDITIONS["real"], algo)]
+        pgd_r, real_r = rows[(names["pgd"], algo)], rows[(names["real"], algo)]
         vs_real = "≥" if pgd_r["mean"] >= real_r["mean"] else "<"
         line = f"- {algo}: PGD loop {pgd_r['mean']:.1f} {vs_real} real {real_r['mean']:.1f}"
         if "unguided" in keys:
-            ung = rows[(CONDITIONS["unguided"], algo)]
+            ung = rows[(names["unguided"], algo)]
             vs_ung = ">" if pgd_r["mean"] > ung["mean"] else "≤"
             line += f"; PGD loop {vs_ung} unguided synthetic {ung['mean']:.1f}"
         verdict.append(line)

@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +28,26 @@ from datasets.sources import load_source
 from datasets.types import Dataset
 from generators.api import SampleOptions, load_generator, sample, train_generator, used_settings
 
-# (sampled transitions, judged rows, (steps, churn) samplers with (0, 0) the model's own, sampling seeds)
-Judge = tuple[int, int, tuple[tuple[int, float], ...], tuple[int, ...]]
+
+@dataclass(frozen=True)
+class Judge:
+    """How each trained model is sampled and judged."""
+
+    sample: int
+    """Transitions sampled per (sampler, seed)."""
+    rows: int
+    """Rows the simulator judges one step ahead."""
+    samplers: tuple[tuple[int, float], ...]
+    """Diffusion samplers (steps, churn); (0, 0) is the model's own."""
+    seeds: tuple[int, ...]
 
 
 def judged(gen: Any, ds: Dataset, judge: Judge, opts: SampleOptions) -> list[dict[str, Any]]:
     """Sampling speed and simulator-judged errors per (sampler, seed)."""
-    n, rows, samplers, seeds = judge
+    n, rows = judge.sample, judge.rows
     out = []
-    for steps, churn in samplers:
-        for seed in seeds:
+    for steps, churn in judge.samplers:
+        for seed in judge.seeds:
             o = replace(opts, seed=seed, steps=steps or None, churn=churn if steps else None)
             t0 = time.perf_counter()
             synth = sample(gen, ds, n, o)
@@ -68,7 +78,7 @@ def job(spec: str, ds: Dataset, root: Path, judge: Judge) -> dict[str, Any]:
     rec["device"] = torch.cuda.get_device_name(0) if gen.device.type == "cuda" else "cpu"
     diffusion = kind in ("trajectory", "transition")
     # Samplers (steps, churn) apply to the diffusion families; the others sample their own way.
-    j = judge if diffusion else (judge[0], judge[1], ((0, 0.0),), judge[3])
+    j = judge if diffusion else replace(judge, samplers=((0, 0.0),))
     opts = SampleOptions(seed=1, sigma_start=0.0 if kind == "autoregressive" else None)
     rec["judged"] = judged(gen, ds, j, opts)
     if diffusion:
@@ -102,8 +112,9 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     ds = load_source(a.data)
-    samplers = tuple((int(x.split(":")[0]), float(x.split(":")[1])) for x in a.samplers.split(","))
-    judge: Judge = (a.sample, a.rows, samplers, tuple(int(x) for x in a.seeds.split(",")))
+    pairs = [x.split(":") for x in a.samplers.split(",")]
+    seeds = tuple(int(x) for x in a.seeds.split(","))
+    judge = Judge(a.sample, a.rows, tuple((int(st), float(ch)) for st, ch in pairs), seeds)
     deadline = time.time() + a.budget
     rows = []
     for spec in a.jobs.split(","):

@@ -32,7 +32,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import mujoco
 import numpy as np
 
 from datasets.envs import make_env
@@ -130,13 +129,13 @@ class MujocoOracle:
         self.u.set_state(qpos, qvel)
 
     def penetration(self) -> float:
-        """Depth (model length units, ≥ 0) of the deepest contact of the restored state.
+        """Depth (model length units, ≥ 0) of the deepest contact of the state :meth:`restore` set.
 
         The simulator answers an interpenetrating state with a contact impulse that the recorded next
         state knows nothing of, so this separates physically impossible states from wrong dynamics.
+        No forward pass here: ``set_state`` (inside ``restore``) already ran one and found the contacts.
         """
         d = self.u.data
-        mujoco.mj_forward(self.u.model, d)  # contacts of the state just restored
         return max(0.0, -min((float(d.contact[j].dist) for j in range(d.ncon)), default=0.0))
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool]:

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from generators.edm import Denoiser
-from generators.tokens import TokenCodec
+from generators.tokens import Steps, TokenCodec
 from generators.world_model import WorldModel, WorldModelNormalisers
 from guidance.policies import TargetPolicy
 
@@ -148,9 +148,15 @@ class _WorldModelTerm(Term):
         for p in model.parameters():
             p.requires_grad_(False)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+    def flat_steps(self, s: Steps) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(obs, act, next_obs) of decoded steps, flattened to rows and moved to the model's device: the
+        world model may live on another device than the sample (compute there, answer on the sample's)."""
+        dev = next(self.model.parameters()).device
+
+        def flat(x: torch.Tensor) -> torch.Tensor:
+            return x.reshape(-1, x.shape[-1]).to(dev)
+
+        return flat(s.obs), flat(s.act), flat(s.next_obs)
 
     def elite_means(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         """Elite members' mean predictions (E', N, o+1), normalised: [Δŝ, r̂]; inputs on the model's device."""
@@ -165,10 +171,8 @@ class DynamicsTerm(_WorldModelTerm):
     def objective(self, z: torch.Tensor) -> torch.Tensor:
         s = self.codec.steps(z)
         b, t = s.valid.shape
-        # The world model may live on another device than the sample: compute there, answer here.
-        dev = self.device
-        obs, nxt = s.obs.reshape(b * t, -1).to(dev), s.next_obs.reshape(b * t, -1).to(dev)
-        pred = self.elite_means(obs, s.act.reshape(b * t, -1).to(dev))[..., : self.model.obs_dim]
+        obs, act, nxt = self.flat_steps(s)
+        pred = self.elite_means(obs, act)[..., : self.model.obs_dim]
         delta = self.norms.delta.normalise(nxt - obs)
         err = ((delta.unsqueeze(0) - pred) ** 2).sum(-1).mean(0).reshape(b, t).to(z.device)
         return -0.5 * (err * s.valid).sum(1)
@@ -180,8 +184,8 @@ class ReturnTerm(_WorldModelTerm):
     def objective(self, z: torch.Tensor) -> torch.Tensor:
         s = self.codec.steps(z)
         b, t = s.valid.shape
-        dev = self.device
-        pred = self.elite_means(s.obs.reshape(b * t, -1).to(dev), s.act.reshape(b * t, -1).to(dev))
+        obs, act, _ = self.flat_steps(s)
+        pred = self.elite_means(obs, act)
         reward = pred[..., -1].mean(0).reshape(b, t).to(z.device)
         return (reward * s.valid).sum(1)
 
