@@ -21,9 +21,11 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from datasets.catalog import Catalog
+from datasets.errors import RlsynthError
 from generators.api import SampleOptions, load_generator, sample
 from guidance.spec import GuidanceConfig, build_guidance
 from offline_rl.compare import CompareConfig, Condition, PGDSpec, compare
+from offline_rl.train import ALGOS
 from pipeline.bench_report import write_section
 
 PLOT = Path(__file__).resolve().parent / "plots" / "downstream.png"
@@ -36,11 +38,15 @@ CONDITIONS = {
 }
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parsed and checked options (a bad one exits 2 with one line, before anything runs); adds
+    ``keys`` (conditions asked for), ``mix`` (synthetic, real rows) and ``names`` (condition labels)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True)
     p.add_argument("--catalog", default=None)
-    p.add_argument("--generator", required=True, help="trained trajectory generator folder")
+    p.add_argument(
+        "--generator", required=True, help="trained trajectory or transition diffusion generator folder"
+    )
     p.add_argument(
         "--target", required=True, help="agent (.d3) trained on --data: the static guidance target"
     )
@@ -75,7 +81,7 @@ def main() -> None:
         default=",".join(CONDITIONS),
         help=f"comma-separated subset of {','.join(CONDITIONS)} (the static sets are sampled only if used)",
     )
-    a = p.parse_args()
+    a = p.parse_args(argv)
     keys = a.conditions.split(",")
     try:
         syn_rows, real_rows = (int(x) for x in a.pgd_mix.split(":"))
@@ -83,13 +89,36 @@ def main() -> None:
         p.error(f"--pgd-mix: expected SYNTHETIC:REAL rows, got {a.pgd_mix!r}")
     if syn_rows < 1 or real_rows < 0 or syn_rows + real_rows != 256:
         p.error(f"--pgd-mix: {a.pgd_mix} must be positive synthetic rows and real rows adding up to 256")
-    names = {**CONDITIONS, "pgd": f"PGD loop ({syn_rows} + {real_rows})"}
     unknown = sorted(set(keys) - set(CONDITIONS))
     if unknown:
         p.error(f"--conditions: unknown {unknown}; choose from {','.join(CONDITIONS)}")
+    for flag in ("steps", "regen", "synthetic", "pgd_synthetic", "workers"):
+        if getattr(a, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(a, flag)}")
+    if not a.scale > 0 or not a.pgd_std > 0:
+        p.error(f"--scale and --pgd-std must be positive, got {a.scale} and {a.pgd_std}")
+    try:
+        seeds = [int(x) for x in a.seeds.split(",")]
+    except ValueError:
+        p.error(f"--seeds: expected comma-separated integers, got {a.seeds!r}")
+    algos = a.algos.split(",")
+    bad_algos = sorted(set(algos) - set(ALGOS))
+    if bad_algos:
+        p.error(f"--algos: unknown {bad_algos}; choose from {','.join(ALGOS)}")
+    a.keys, a.mix, a.seed_list, a.algo_list = keys, (syn_rows, real_rows), tuple(seeds), tuple(algos)
+    a.names = {**CONDITIONS, "pgd": f"PGD loop ({syn_rows} + {real_rows})"}
+    return a
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
+    keys, names = a.keys, a.names
+    syn_rows, real_rows = a.mix
     cat = Catalog(a.catalog)
     real = cat.read(a.data)
     gen = load_generator(a.generator)  # CUDA if present
+    if gen.kind not in ("trajectory", "transition"):
+        raise RlsynthError(f"--generator {a.generator} is a {gen.kind} model; guidance needs a diffusion one")
     stamp = time.strftime("%Y%m%d%H%M%S")
     gcfg = GuidanceConfig(terms=("policy",), scale=a.scale, deterministic_std=a.pgd_std)
     made = {}
@@ -124,8 +153,8 @@ def main() -> None:
     }
     conditions = [build[k]() for k in CONDITIONS if k in keys]
     cfg = CompareConfig(
-        algos=tuple(a.algos.split(",")),
-        seeds=tuple(int(s) for s in a.seeds.split(",")),
+        algos=a.algo_list,
+        seeds=a.seed_list,
         steps=a.steps,
         eval_every=max(1, a.steps // 4),
         eval_episodes=2,
@@ -171,4 +200,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except RlsynthError as e:
+        sys.exit(f"downstream: {e}")

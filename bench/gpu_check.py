@@ -26,7 +26,7 @@ import torch
 from datasets.fidelity import EvalConfig, evaluate
 from datasets.sources import load_source
 from datasets.types import Dataset
-from generators.api import SampleOptions, load_generator, sample, train_generator, used_settings
+from generators.api import PRESETS, SampleOptions, load_generator, sample, train_generator, used_settings
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,15 @@ def job(spec: str, ds: Dataset, root: Path, judge: Judge) -> dict[str, Any]:
     return rec
 
 
-def main() -> None:
+def _ints(p: argparse.ArgumentParser, flag: str, text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        p.error(f"{flag}: expected comma-separated integers, got {text!r}")
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Judge]:
+    """Parsed and checked options (a bad one exits 2 with one line before anything trains)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="D4RL-layout HDF5 file (or catalog NAME@N)")
     p.add_argument("--jobs", required=True, help="comma-separated KIND:PRESET:STEPS")
@@ -106,15 +114,35 @@ def main() -> None:
     )
     p.add_argument("--seeds", default="1", help="sampling seeds, comma-separated")
     p.add_argument("--out", required=True)
-    a = p.parse_args()
+    a = p.parse_args(argv)
+    for spec in a.jobs.split(","):
+        parts = spec.split(":")
+        if len(parts) != 3 or not parts[2].isdigit() or int(parts[2]) < 1:
+            p.error(f"--jobs: expected KIND:PRESET:STEPS with positive STEPS, got {spec!r}")
+        if parts[0] not in PRESETS or parts[1] not in PRESETS[parts[0]]:
+            p.error(f"--jobs: {spec!r}: unknown kind or preset (kinds: {', '.join(PRESETS)})")
+    samplers = []
+    for pair in a.samplers.split(","):
+        steps, _, churn = pair.partition(":")
+        try:
+            sampler = (int(steps), float(churn))
+        except ValueError:
+            p.error(f"--samplers: expected STEPS:CHURN pairs, got {pair!r}")
+        if sampler[0] < 0 or not 0 <= sampler[1] < float("inf"):
+            p.error(f"--samplers: {pair!r} needs steps ≥ 0 and a finite churn ≥ 0")
+        samplers.append(sampler)
+    if a.sample < 1 or a.rows < 1:
+        p.error(f"--sample and --rows must be positive, got {a.sample} and {a.rows}")
+    return a, Judge(a.sample, a.rows, tuple(samplers), _ints(p, "--seeds", a.seeds))
+
+
+def main(argv: list[str] | None = None) -> None:
+    a, judge = parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("gpu_check: CUDA is not available on this machine")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     ds = load_source(a.data)
-    pairs = [x.split(":") for x in a.samplers.split(",")]
-    seeds = tuple(int(x) for x in a.seeds.split(","))
-    judge = Judge(a.sample, a.rows, tuple((int(st), float(ch)) for st, ch in pairs), seeds)
     deadline = time.time() + a.budget
     rows = []
     for spec in a.jobs.split(","):
