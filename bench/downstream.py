@@ -26,7 +26,7 @@ from generators.api import SampleOptions, load_generator, sample
 from guidance.spec import GuidanceConfig, build_guidance
 from offline_rl.compare import CompareConfig, Condition, PGDSpec, compare
 from offline_rl.train import ALGOS
-from pipeline.bench_report import write_section
+from pipeline.bench_report import int_list, write_section
 
 PLOT = Path(__file__).resolve().parent / "plots" / "downstream.png"
 CONDITIONS = {
@@ -97,15 +97,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(a, flag)}")
     if not a.scale > 0 or not a.pgd_std > 0:
         p.error(f"--scale and --pgd-std must be positive, got {a.scale} and {a.pgd_std}")
-    try:
-        seeds = [int(x) for x in a.seeds.split(",")]
-    except ValueError:
-        p.error(f"--seeds: expected comma-separated integers, got {a.seeds!r}")
+    seeds = int_list(p, "--seeds", a.seeds)
     algos = a.algos.split(",")
     bad_algos = sorted(set(algos) - set(ALGOS))
     if bad_algos:
         p.error(f"--algos: unknown {bad_algos}; choose from {','.join(ALGOS)}")
-    a.keys, a.mix, a.seed_list, a.algo_list = keys, (syn_rows, real_rows), tuple(seeds), tuple(algos)
+    a.keys, a.mix, a.seed_list, a.algo_list = keys, (syn_rows, real_rows), seeds, tuple(algos)
     a.names = {**CONDITIONS, "pgd": f"PGD loop ({syn_rows} + {real_rows})"}
     return a
 
@@ -114,11 +111,11 @@ def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     keys, names = a.keys, a.names
     syn_rows, real_rows = a.mix
-    cat = Catalog(a.catalog)
-    real = cat.read(a.data)
     gen = load_generator(a.generator)  # CUDA if present
     if gen.kind not in ("trajectory", "transition"):
         raise RlsynthError(f"--generator {a.generator} is a {gen.kind} model; guidance needs a diffusion one")
+    cat = Catalog(a.catalog)
+    real = cat.read(a.data)
     stamp = time.strftime("%Y%m%d%H%M%S")
     gcfg = GuidanceConfig(terms=("policy",), scale=a.scale, deterministic_std=a.pgd_std)
     made = {}

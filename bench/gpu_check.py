@@ -27,6 +27,7 @@ from datasets.fidelity import EvalConfig, evaluate
 from datasets.sources import load_source
 from datasets.types import Dataset
 from generators.api import PRESETS, SampleOptions, load_generator, sample, train_generator, used_settings
+from pipeline.bench_report import int_list
 
 
 @dataclass(frozen=True)
@@ -92,13 +93,6 @@ def job(spec: str, ds: Dataset, root: Path, judge: Judge) -> dict[str, Any]:
     return rec
 
 
-def _ints(p: argparse.ArgumentParser, flag: str, text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        p.error(f"{flag}: expected comma-separated integers, got {text!r}")
-
-
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Judge]:
     """Parsed and checked options (a bad one exits 2 with one line before anything trains)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -133,7 +127,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Judge
         samplers.append(sampler)
     if a.sample < 1 or a.rows < 1:
         p.error(f"--sample and --rows must be positive, got {a.sample} and {a.rows}")
-    return a, Judge(a.sample, a.rows, tuple(samplers), _ints(p, "--seeds", a.seeds))
+    return a, Judge(a.sample, a.rows, tuple(samplers), int_list(p, "--seeds", a.seeds))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import os
 import platform
@@ -10,6 +11,14 @@ import sys
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+
+
+def int_list(parser: argparse.ArgumentParser, flag: str, text: str) -> tuple[int, ...]:
+    """A benchmark option of comma-separated integers (seeds), or one clear line and exit 2."""
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        parser.error(f"{flag}: expected comma-separated integers, got {text!r}")
 
 
 def machine() -> str:
