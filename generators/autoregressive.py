@@ -30,6 +30,9 @@ class AutoregressiveConfig:
     width: int = 128
     depth: int = 3
     heads: int = 4
+    kv_heads: int | None = None
+    """Key/value heads shared by the query heads (None: one per head). Drafting on a CPU is bound by
+    reading the key/value cache, so fewer of them draft faster (bench/generators.py)."""
     stride: int = 1
     temperature: float = 0.5
     """Scale of the drafter's predictive std when sampling. Picked with ``sigma_start`` and ``refine_steps``
@@ -51,7 +54,9 @@ class Drafter(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.layout = layout
-        self.net = CausalTransformer(layout.dim, cfg.width, cfg.depth, cfg.heads, max_len=cfg.horizon)
+        self.net = CausalTransformer(
+            layout.dim, cfg.width, cfg.depth, cfg.heads, max_len=cfg.horizon, kv_heads=cfg.kv_heads
+        )
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """Gaussian NLL of token t+1 given tokens ≤ t (teacher forcing)."""

@@ -2,6 +2,8 @@
 
 * :class:`TemporalUNet1D` — trajectory diffusion's denoiser (Janner et al. 2022's temporal U-Net shape):
   residual 1-D conv blocks with GroupNorm, FiLM conditioning on the noise level, two resolutions down and up.
+* :class:`LocalTokenMLP` — the fine expert of a two-expert trajectory denoiser: per-token MLPs mixed by
+  depthwise temporal convolutions (a receptive field of a few steps), for the low noise levels.
 * :class:`ResidualMLP` — SynthER's denoiser (Lu et al. 2023): pre-norm residual MLP blocks.
 * :class:`CausalTransformer` — the autoregressive drafter: each position attends to itself and earlier
   positions only, and :meth:`CausalTransformer.step` decodes one token at a time with a key/value cache.
@@ -96,6 +98,55 @@ class TemporalUNet1D(nn.Module):
         return self.out(h).transpose(1, 2)
 
 
+class TokenBlock(nn.Module):
+    """h + gate · MLP(FiLM(LayerNorm(h + depthwise_conv(h)))) over (B, H, W) tokens."""
+
+    def __init__(self, width: int, emb: int, kernel: int = 5, mult: int = 4) -> None:
+        super().__init__()
+        self.mix = nn.Conv1d(width, width, kernel, padding=kernel // 2, groups=width)
+        self.norm = nn.LayerNorm(width, elementwise_affine=False)
+        self.film = nn.Linear(emb, 3 * width)
+        # Zero FiLM: every block starts as the same unconditioned MLP, and the noise level only
+        # scales, shifts and gates it as training finds that useful.
+        nn.init.zeros_(self.film.weight)
+        nn.init.zeros_(self.film.bias)
+        self.fc1 = nn.Linear(width, mult * width)
+        self.fc2 = nn.Linear(mult * width, width)
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        scale, shift, gate = self.film(e)[:, None].chunk(3, -1)
+        z = h + self.mix(h.transpose(1, 2)).transpose(1, 2)
+        z = self.norm(z) * (1 + scale) + shift
+        return h + (1 + gate) * self.fc2(F.silu(self.fc1(z)))
+
+
+class LocalTokenMLP(nn.Module):
+    """x (B, H, D), c_noise (B,) -> (B, H, D) with a receptive field of 3 + depth·(kernel − 1) steps.
+
+    At low noise a window's remaining error is local (one step's velocities against its neighbours'
+    positions), which wide per-token MLPs fit better than the U-Net's coarse channels: on HalfCheetah
+    medium-replay its median one-step error was half the U-Net's, but alone it leaves heavy tails
+    because nothing sees the whole window at high noise (BENCHMARKS.md, session 7).
+    """
+
+    def __init__(self, dim: int, width: int = 256, depth: int = 3, emb: int = 64, kernel: int = 5) -> None:
+        super().__init__()
+        self.embed = FourierEmbedding(emb)
+        self.inp = nn.Conv1d(dim, width, 3, padding=1)
+        self.blocks = nn.ModuleList(TokenBlock(width, emb, kernel) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+        self.out = nn.Linear(width, dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+        e = F.silu(self.embed(c_noise))
+        h = self.inp(x.transpose(1, 2)).transpose(1, 2)
+        for b in self.blocks:
+            h = b(h, e)
+        return self.out(self.norm(h))
+
+
 class ResidualMLP(nn.Module):
     """x (B, D), c_noise (B,) -> (B, D): SynthER's residual MLP (pre-LayerNorm blocks, noise added in)."""
 
@@ -149,11 +200,19 @@ class KVCache:
 
 
 class CausalBlock(nn.Module):
-    def __init__(self, width: int, heads: int) -> None:
+    """Pre-norm transformer block; ``kv_heads`` < ``heads`` shares each key/value head among
+    heads / kv_heads query heads (grouped-query attention; 1 is multi-query attention)."""
+
+    def __init__(self, width: int, heads: int, kv_heads: int | None = None) -> None:
         super().__init__()
-        self.heads = heads
+        kv = heads if kv_heads is None else kv_heads
+        if width % heads or kv < 1 or heads % kv:
+            raise ValueError(
+                f"width {width}, heads {heads}, kv_heads {kv}: need heads | width, kv_heads | heads"
+            )
+        self.heads, self.kv_heads = heads, kv
         self.norm1 = nn.LayerNorm(width)
-        self.qkv = nn.Linear(width, 3 * width)
+        self.qkv = nn.Linear(width, width + 2 * kv * (width // heads))
         self.proj = nn.Linear(width, width)
         self.norm2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
@@ -161,21 +220,33 @@ class CausalBlock(nn.Module):
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """x (B, T, W). With ``cache`` (earlier positions, updated in place), x holds the new ones."""
         b, t, w = x.shape
-        q, k, v = (z.view(b, t, self.heads, w // self.heads) for z in self.qkv(self.norm1(x)).chunk(3, -1))
-        scale = q.shape[-1] ** -0.5
+        h, kv = self.heads, self.kv_heads
+        d = w // h
+        q, k, v = self.qkv(self.norm1(x)).split([w, kv * d, kv * d], -1)
+        q, k, v = q.view(b, t, h, d), k.view(b, t, kv, d), v.view(b, t, kv, d)
+        scale = d**-0.5
         if cache is None:
             att = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=kv < h
             ).transpose(1, 2)
-        elif t == 1:
+        elif t == 1 and kv == h:
             # Decoding one position: it attends to every cached one. Broadcast products over the cache
             # (B, T, heads, d) beat B·heads tiny matrix products and need no transposed copies.
             k, v = cache.append(k, v)
             weights = ((q * k).sum(-1) * scale).softmax(1)  # (B, T, heads)
             att = (weights.unsqueeze(-1) * v).sum(1, keepdim=True)
+        elif t == 1:
+            # Grouped: each key/value head serves heads/kv query heads, so one (heads/kv × d)·(d × T)
+            # product per sample and group reads the cache once — a quarter of the multi-head memory
+            # traffic at kv = heads/4, which is what decoding on a CPU is bound by.
+            k, v = cache.append(k, v)
+            qg = q.reshape(b, kv, h // kv, d)
+            weights = (torch.matmul(qg, k.permute(0, 2, 3, 1)) * scale).softmax(-1)  # (B, kv, g, T)
+            att = torch.matmul(weights, v.permute(0, 2, 1, 3)).reshape(b, 1, h, d)
         else:
             # Several new positions see the cache and each other causally (mask offset by the cache).
             k, v = cache.append(k, v)
+            k, v = k.repeat_interleave(h // kv, 2), v.repeat_interleave(h // kv, 2)
             n_all = k.shape[1]
             mask = torch.ones(t, n_all, dtype=torch.bool, device=x.device).tril(n_all - t)
             scores = (q.transpose(1, 2) @ k.permute(0, 2, 3, 1)) * scale
@@ -187,13 +258,21 @@ class CausalBlock(nn.Module):
 class CausalTransformer(nn.Module):
     """tokens (B, T, D) -> per-position Gaussian over the next token: mean, logvar (B, T, D)."""
 
-    def __init__(self, dim: int, width: int = 128, depth: int = 3, heads: int = 4, max_len: int = 64) -> None:
+    def __init__(
+        self,
+        dim: int,
+        width: int = 128,
+        depth: int = 3,
+        heads: int = 4,
+        max_len: int = 64,
+        kv_heads: int | None = None,
+    ) -> None:
         super().__init__()
         self.max_len = max_len
         self.inp = nn.Linear(dim, width)
         self.pos = nn.Parameter(torch.zeros(1, max_len, width))
         nn.init.normal_(self.pos, std=0.02)
-        self.blocks = nn.ModuleList(CausalBlock(width, heads) for _ in range(depth))
+        self.blocks = nn.ModuleList(CausalBlock(width, heads, kv_heads) for _ in range(depth))
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, 2 * dim)
 

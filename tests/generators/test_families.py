@@ -21,7 +21,7 @@ from generators import api
 from generators.api import KINDS, LoadedGenerator, SampleOptions, load_generator, sample
 from generators.autoregressive import Drafter
 from generators.checkpoint import CheckpointError, read_tensors
-from generators.diffusion import TrajectoryDiffusion, TransitionDiffusion
+from generators.diffusion import FineExpertConfig, TrajectoryDiffusion, TransitionDiffusion
 from generators.edm import PerSampleNoise
 from generators.nets import CausalTransformer
 from generators.world_model import WorldModel
@@ -34,21 +34,29 @@ CLASSES = {
 }
 
 
-def fit(kind: str, out: Path, steps: int = 10) -> LoadedGenerator:
-    return tiny_generator(kind, out, steps)
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    **{k: (k, {}) for k in KINDS},
+    # Split at σ = 0.5 so that both experts denoise during a 3-step sampling run.
+    "trajectory-two-expert": ("trajectory", {"fine": FineExpertConfig(width=16, depth=1, sigma_split=0.5)}),
+}
+
+
+def fit(variant: str, out: Path, steps: int = 10) -> LoadedGenerator:
+    kind, overrides = VARIANTS[variant]
+    return tiny_generator(kind, out, steps, **overrides)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, LoadedGenerator]:
     root = tmp_path_factory.mktemp("families")
-    return {k: fit(k, root / k) for k in KINDS}
+    return {k: fit(k, root / k) for k in VARIANTS}
 
 
 def opts(kind: str, seed: int) -> SampleOptions:
     return SampleOptions(seed=seed, horizon=6 if kind == "world-model" else None)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", VARIANTS)
 def test_samples_have_the_right_shape_and_are_valid(trained: dict[str, LoadedGenerator], kind: str) -> None:
     ds = sample(trained[kind], random_hopper(), 123, opts(kind, 0))
     t = ds.transitions
@@ -58,7 +66,7 @@ def test_samples_have_the_right_shape_and_are_valid(trained: dict[str, LoadedGen
     assert (np.abs(t.actions) <= 1.0).all()
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", VARIANTS)
 def test_seeds_decide_samples_not_the_split(trained: dict[str, LoadedGenerator], kind: str) -> None:
     gen = trained[kind]
     a = sample(gen, random_hopper(), 60, opts(kind, 1)).transitions
@@ -71,7 +79,7 @@ def test_seeds_decide_samples_not_the_split(trained: dict[str, LoadedGenerator],
     np.testing.assert_array_equal(more.observations[:59], a.observations[:59])
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", VARIANTS)
 def test_save_load_round_trip(trained: dict[str, LoadedGenerator], kind: str) -> None:
     gen = trained[kind]
     again = load_generator(gen.folder, device="cpu")
@@ -85,12 +93,12 @@ def test_save_load_round_trip(trained: dict[str, LoadedGenerator], kind: str) ->
     assert not list(gen.folder.glob("*.pt")) and not list(gen.folder.glob("*.pkl"))
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", VARIANTS)
 def test_interrupted_training_resumes_to_the_same_weights(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
 ) -> None:
     full = fit(kind, tmp_path / "full", steps=12)
-    cls = CLASSES[kind]
+    cls = CLASSES[VARIANTS[kind][0]]
     original = cls.loss
     calls = {"n": 0}
 
@@ -112,9 +120,10 @@ def test_interrupted_training_resumes_to_the_same_weights(
         torch.testing.assert_close(v, v2, rtol=tol, atol=tol)
 
 
-def test_drafter_prediction_at_t_ignores_later_tokens() -> None:
+@pytest.mark.parametrize("kv_heads", [None, 2, 1])
+def test_drafter_prediction_at_t_ignores_later_tokens(kv_heads: int | None) -> None:
     torch.manual_seed(0)
-    net = CausalTransformer(dim=5, width=16, depth=2, heads=2, max_len=10).eval()
+    net = CausalTransformer(dim=5, width=16, depth=2, heads=4, max_len=10, kv_heads=kv_heads).eval()
     x = torch.randn(3, 10, 5)
     y = x.clone()
     y[:, 6:] = torch.randn(3, 4, 5) * 10
@@ -125,9 +134,10 @@ def test_drafter_prediction_at_t_ignores_later_tokens() -> None:
     assert not torch.allclose(m1[:, 6:], m2[:, 6:])
 
 
-def test_cached_decoding_equals_the_full_pass() -> None:
+@pytest.mark.parametrize("kv_heads", [None, 2, 1])
+def test_cached_decoding_equals_the_full_pass(kv_heads: int | None) -> None:
     torch.manual_seed(0)
-    net = CausalTransformer(dim=5, width=16, depth=2, heads=2, max_len=10).eval()
+    net = CausalTransformer(dim=5, width=16, depth=2, heads=4, max_len=10, kv_heads=kv_heads).eval()
     x = torch.randn(2, 7, 5)
     full_mean, _ = net(x)
     caches = net.new_cache()
@@ -138,6 +148,28 @@ def test_cached_decoding_equals_the_full_pass() -> None:
     prompt = net.step(x[:, :3], 0, caches)[0]
     rest = [net.step(x[:, k : k + 1], k, caches)[0] for k in range(3, 7)]
     torch.testing.assert_close(torch.cat([prompt, *rest], 1), full_mean, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_key_value_heads_equal_multi_head_attention_with_shared_weights() -> None:
+    """kv_heads = 2 of 4 heads is multi-head attention whose heads 0-1 (and 2-3) have the same key and
+    value projections: copy the grouped block's weights into a multi-head block and compare."""
+    torch.manual_seed(0)
+    w, h, kv = 16, 4, 2
+    d = w // h
+    grouped = CausalTransformer(dim=5, width=w, depth=1, heads=h, max_len=8, kv_heads=kv).eval()
+    full = CausalTransformer(dim=5, width=w, depth=1, heads=h, max_len=8).eval()
+    state = grouped.state_dict()
+    for name in ("weight", "bias"):
+        p = state[f"blocks.0.qkv.{name}"]
+        q, k, v = p.split([w, kv * d, kv * d])
+        rest = p.shape[1:]
+        k, v = (z.reshape(kv, d, *rest).repeat_interleave(h // kv, 0).reshape(w, *rest) for z in (k, v))
+        state[f"blocks.0.qkv.{name}"] = torch.cat([q, k, v])
+    full.load_state_dict(state)
+    x = torch.randn(3, 8, 5)
+    torch.testing.assert_close(grouped(x)[0], full(x)[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="kv_heads"):
+        CausalTransformer(dim=5, width=16, depth=1, heads=4, kv_heads=3)
 
 
 def test_draft_temperature_scales_the_predictive_noise() -> None:
