@@ -14,20 +14,9 @@ import torch
 from torch import nn
 
 from datasets.types import Episode, Transitions
-from generators.edm import EDMConfig, EDMPrecond, SigmaSplit, edm_loss
-from generators.nets import LocalTokenMLP, ResidualMLP, TemporalUNet1D
+from generators.edm import EDMConfig, EDMPrecond, edm_loss
+from generators.nets import ResidualMLP, TemporalUNet1D
 from generators.tokens import TokenLayout
-
-
-@dataclass(frozen=True)
-class FineExpertConfig:
-    """The low-noise expert of a two-expert trajectory denoiser (a :class:`LocalTokenMLP`)."""
-
-    width: int = 256
-    depth: int = 3
-    kernel: int = 5
-    sigma_split: float = 0.2
-    """Samples at σ ≤ this go to the fine expert, the rest to the U-Net."""
 
 
 @dataclass(frozen=True)
@@ -53,20 +42,10 @@ class TrajectoryConfig:
     data sampled that way trained worse TD3+BC agents (9.8 vs 11.8; BENCHMARKS.md), so it is an option
     (``--steps 40 --churn 40``), not the default."""
     edm: EDMConfig = field(default_factory=EDMConfig)
-    fine: FineExpertConfig | None = None
-    """A second, local expert for σ ≤ ``fine.sigma_split`` (None: the U-Net denoises every σ)."""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrajectoryConfig:
-        fine = d.get("fine")
-        return cls(
-            **{
-                **d,
-                "channels": tuple(d["channels"]),
-                "edm": EDMConfig(**d["edm"]),
-                "fine": None if fine is None else FineExpertConfig(**fine),
-            }
-        )
+        return cls(**{**d, "channels": tuple(d["channels"]), "edm": EDMConfig(**d["edm"])})
 
 
 @dataclass(frozen=True)
@@ -98,12 +77,7 @@ class TrajectoryDiffusion(nn.Module):
             raise ValueError(f"horizon {cfg.horizon} must be divisible by {2 ** (len(cfg.channels) - 1)}")
         self.cfg = cfg
         self.layout = layout
-        unet = EDMPrecond(TemporalUNet1D(layout.dim, cfg.channels, cfg.emb), cfg.edm.sigma_data)
-        self.denoiser: nn.Module = unet
-        if cfg.fine is not None:
-            f = cfg.fine
-            local = LocalTokenMLP(layout.dim, f.width, f.depth, cfg.emb, f.kernel)
-            self.denoiser = SigmaSplit(unet, EDMPrecond(local, cfg.edm.sigma_data), f.sigma_split)
+        self.denoiser = EDMPrecond(TemporalUNet1D(layout.dim, cfg.channels, cfg.emb), cfg.edm.sigma_data)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return self.denoiser(x, sigma)

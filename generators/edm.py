@@ -83,30 +83,6 @@ class EDMPrecond(nn.Module):
         return c_skip * x + c_out * self.net(c_in * x, c_noise)
 
 
-class SigmaSplit(nn.Module):
-    """Two denoisers as one: ``coarse`` for samples with σ > ``split``, ``fine`` for the rest.
-
-    Routing is per sample, so a sample's output never depends on its batch, and training through it
-    with :func:`edm_loss` trains each expert on its own σ range only (eDiff-I's expert denoisers).
-    """
-
-    def __init__(self, coarse: nn.Module, fine: nn.Module, split: float) -> None:
-        super().__init__()
-        self.coarse = coarse
-        self.fine = fine
-        self.split = split
-
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        high = sigma.reshape(-1) > self.split
-        if bool(high.all()):
-            return self.coarse(x, sigma)
-        if not bool(high.any()):
-            return self.fine(x, sigma)
-        hi, lo = high.nonzero().squeeze(1), (~high).nonzero().squeeze(1)
-        out = torch.cat([self.coarse(x[hi], sigma[hi]), self.fine(x[lo], sigma[lo])])
-        return out[torch.argsort(torch.cat([hi, lo]))]
-
-
 def edm_loss(
     denoiser: Denoiser, x0: torch.Tensor, cfg: EDMConfig, mask: torch.Tensor | None = None
 ) -> torch.Tensor:

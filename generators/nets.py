@@ -2,8 +2,6 @@
 
 * :class:`TemporalUNet1D` — trajectory diffusion's denoiser (Janner et al. 2022's temporal U-Net shape):
   residual 1-D conv blocks with GroupNorm, FiLM conditioning on the noise level, two resolutions down and up.
-* :class:`LocalTokenMLP` — the fine expert of a two-expert trajectory denoiser: per-token MLPs mixed by
-  depthwise temporal convolutions (a receptive field of a few steps), for the low noise levels.
 * :class:`ResidualMLP` — SynthER's denoiser (Lu et al. 2023): pre-norm residual MLP blocks.
 * :class:`CausalTransformer` — the autoregressive drafter: each position attends to itself and earlier
   positions only, and :meth:`CausalTransformer.step` decodes one token at a time with a key/value cache.
@@ -96,55 +94,6 @@ class TemporalUNet1D(nn.Module):
                 h = b(h, e)
             h = unpool(h)
         return self.out(h).transpose(1, 2)
-
-
-class TokenBlock(nn.Module):
-    """h + gate · MLP(FiLM(LayerNorm(h + depthwise_conv(h)))) over (B, H, W) tokens."""
-
-    def __init__(self, width: int, emb: int, kernel: int = 5, mult: int = 4) -> None:
-        super().__init__()
-        self.mix = nn.Conv1d(width, width, kernel, padding=kernel // 2, groups=width)
-        self.norm = nn.LayerNorm(width, elementwise_affine=False)
-        self.film = nn.Linear(emb, 3 * width)
-        # Zero FiLM: every block starts as the same unconditioned MLP, and the noise level only
-        # scales, shifts and gates it as training finds that useful.
-        nn.init.zeros_(self.film.weight)
-        nn.init.zeros_(self.film.bias)
-        self.fc1 = nn.Linear(width, mult * width)
-        self.fc2 = nn.Linear(mult * width, width)
-
-    def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        scale, shift, gate = self.film(e)[:, None].chunk(3, -1)
-        z = h + self.mix(h.transpose(1, 2)).transpose(1, 2)
-        z = self.norm(z) * (1 + scale) + shift
-        return h + (1 + gate) * self.fc2(F.silu(self.fc1(z)))
-
-
-class LocalTokenMLP(nn.Module):
-    """x (B, H, D), c_noise (B,) -> (B, H, D) with a receptive field of 3 + depth·(kernel − 1) steps.
-
-    At low noise a window's remaining error is local (one step's velocities against its neighbours'
-    positions), which wide per-token MLPs fit better than the U-Net's coarse channels: on HalfCheetah
-    medium-replay its median one-step error was half the U-Net's, but alone it leaves heavy tails
-    because nothing sees the whole window at high noise (BENCHMARKS.md, session 7).
-    """
-
-    def __init__(self, dim: int, width: int = 256, depth: int = 3, emb: int = 64, kernel: int = 5) -> None:
-        super().__init__()
-        self.embed = FourierEmbedding(emb)
-        self.inp = nn.Conv1d(dim, width, 3, padding=1)
-        self.blocks = nn.ModuleList(TokenBlock(width, emb, kernel) for _ in range(depth))
-        self.norm = nn.LayerNorm(width)
-        self.out = nn.Linear(width, dim)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
-
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
-        e = F.silu(self.embed(c_noise))
-        h = self.inp(x.transpose(1, 2)).transpose(1, 2)
-        for b in self.blocks:
-            h = b(h, e)
-        return self.out(self.norm(h))
 
 
 class ResidualMLP(nn.Module):

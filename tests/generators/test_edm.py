@@ -12,7 +12,6 @@ from generators.edm import (
     EDMConfig,
     EDMPrecond,
     PerSampleNoise,
-    SigmaSplit,
     edm_loss,
     generate,
     karras_sigmas,
@@ -145,37 +144,3 @@ def test_refinement_from_sigma_start() -> None:
 def test_noise_source_checks_the_batch() -> None:
     with pytest.raises(ValueError, match="noise for 3 samples"):
         PerSampleNoise(range(2))((3, 4))
-
-
-def test_sigma_split_routes_each_sample_and_trains_each_expert_on_its_own_sigmas() -> None:
-    torch.manual_seed(0)
-    coarse, fine = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
-
-    def as_denoiser(net: torch.nn.Module) -> torch.nn.Module:
-        return EDMPrecond(_Net(net))
-
-    split = SigmaSplit(as_denoiser(coarse), as_denoiser(fine), 0.5)
-    x = torch.randn(5, 2)
-    sigma = torch.tensor([0.1, 2.0, 0.5, 3.0, 0.2])
-    out = split(x, sigma)
-    high = sigma > 0.5
-    torch.testing.assert_close(out[high], split.coarse(x[high], sigma[high]))
-    torch.testing.assert_close(out[~high], split.fine(x[~high], sigma[~high]))
-    # All-high and all-low batches take the single-expert paths with the same results.
-    torch.testing.assert_close(split(x[high], sigma[high]), out[high])
-    torch.testing.assert_close(split(x[~high], sigma[~high]), out[~high])
-    # A loss on high-σ samples only moves the coarse expert.
-    split(x[high], sigma[high]).sum().backward()
-    assert coarse.weight.grad is not None and coarse.weight.grad.abs().sum() > 0
-    assert fine.weight.grad is None
-
-
-class _Net(torch.nn.Module):
-    """A raw network F(x; c_noise) that ignores the noise level."""
-
-    def __init__(self, lin: torch.nn.Module) -> None:
-        super().__init__()
-        self.lin = lin
-
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
-        return self.lin(x)  # type: ignore[no-any-return]

@@ -21,7 +21,7 @@ from generators import api
 from generators.api import KINDS, LoadedGenerator, SampleOptions, load_generator, sample
 from generators.autoregressive import Drafter
 from generators.checkpoint import CheckpointError, read_tensors
-from generators.diffusion import FineExpertConfig, TrajectoryDiffusion, TransitionDiffusion
+from generators.diffusion import TrajectoryDiffusion, TransitionDiffusion
 from generators.edm import PerSampleNoise
 from generators.nets import CausalTransformer
 from generators.world_model import WorldModel
@@ -34,29 +34,21 @@ CLASSES = {
 }
 
 
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    **{k: (k, {}) for k in KINDS},
-    # Split at σ = 0.5 so that both experts denoise during a 3-step sampling run.
-    "trajectory-two-expert": ("trajectory", {"fine": FineExpertConfig(width=16, depth=1, sigma_split=0.5)}),
-}
-
-
-def fit(variant: str, out: Path, steps: int = 10) -> LoadedGenerator:
-    kind, overrides = VARIANTS[variant]
-    return tiny_generator(kind, out, steps, **overrides)
+def fit(kind: str, out: Path, steps: int = 10) -> LoadedGenerator:
+    return tiny_generator(kind, out, steps)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, LoadedGenerator]:
     root = tmp_path_factory.mktemp("families")
-    return {k: fit(k, root / k) for k in VARIANTS}
+    return {k: fit(k, root / k) for k in KINDS}
 
 
 def opts(kind: str, seed: int) -> SampleOptions:
     return SampleOptions(seed=seed, horizon=6 if kind == "world-model" else None)
 
 
-@pytest.mark.parametrize("kind", VARIANTS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_samples_have_the_right_shape_and_are_valid(trained: dict[str, LoadedGenerator], kind: str) -> None:
     ds = sample(trained[kind], random_hopper(), 123, opts(kind, 0))
     t = ds.transitions
@@ -66,7 +58,7 @@ def test_samples_have_the_right_shape_and_are_valid(trained: dict[str, LoadedGen
     assert (np.abs(t.actions) <= 1.0).all()
 
 
-@pytest.mark.parametrize("kind", VARIANTS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_seeds_decide_samples_not_the_split(trained: dict[str, LoadedGenerator], kind: str) -> None:
     gen = trained[kind]
     a = sample(gen, random_hopper(), 60, opts(kind, 1)).transitions
@@ -79,7 +71,7 @@ def test_seeds_decide_samples_not_the_split(trained: dict[str, LoadedGenerator],
     np.testing.assert_array_equal(more.observations[:59], a.observations[:59])
 
 
-@pytest.mark.parametrize("kind", VARIANTS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_save_load_round_trip(trained: dict[str, LoadedGenerator], kind: str) -> None:
     gen = trained[kind]
     again = load_generator(gen.folder, device="cpu")
@@ -93,12 +85,12 @@ def test_save_load_round_trip(trained: dict[str, LoadedGenerator], kind: str) ->
     assert not list(gen.folder.glob("*.pt")) and not list(gen.folder.glob("*.pkl"))
 
 
-@pytest.mark.parametrize("kind", VARIANTS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_interrupted_training_resumes_to_the_same_weights(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
 ) -> None:
     full = fit(kind, tmp_path / "full", steps=12)
-    cls = CLASSES[VARIANTS[kind][0]]
+    cls = CLASSES[kind]
     original = cls.loss
     calls = {"n": 0}
 
