@@ -45,7 +45,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", required=True)
     p.add_argument("--catalog", default=None)
     p.add_argument(
-        "--generator", required=True, help="trained trajectory or transition diffusion generator folder"
+        "--generator",
+        required=True,
+        help="trained trajectory or transition diffusion generator folder, or an autoregressive drafter "
+        "with a recorded refiner",
     )
     p.add_argument(
         "--target", required=True, help="agent (.d3) trained on --data: the static guidance target"
@@ -112,8 +115,10 @@ def main(argv: list[str] | None = None) -> None:
     keys, names = a.keys, a.names
     syn_rows, real_rows = a.mix
     gen = load_generator(a.generator)  # CUDA if present
-    if gen.kind not in ("trajectory", "transition"):
-        raise RlsynthError(f"--generator {a.generator} is a {gen.kind} model; guidance needs a diffusion one")
+    if gen.kind not in ("trajectory", "transition", "autoregressive"):
+        raise RlsynthError(
+            f"--generator {a.generator} is a {gen.kind} model; guidance needs a diffusion one or a drafter"
+        )
     cat = Catalog(a.catalog)
     real = cat.read(a.data)
     stamp = time.strftime("%Y%m%d%H%M%S")

@@ -33,7 +33,14 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 from datasets.catalog import Catalog
 from datasets.fidelity import EvalConfig, evaluate
 from datasets.types import Dataset
-from generators.api import SampleOptions, load_generator, sample, train_generator, used_settings
+from generators.api import (
+    SampleOptions,
+    load_generator,
+    record_refiner,
+    sample,
+    train_generator,
+    used_settings,
+)
 from guidance.policies import D3rlpyPolicy, load_policy
 from guidance.spec import GuidanceConfig, build_guidance
 from offline_rl.train import train_agent
@@ -58,31 +65,52 @@ def judge(synth: Dataset, ref: Dataset) -> dict[str, float]:
     return {"dyn": r["obs_mse_normalised"], "dyn_median": r["obs_mse_normalised_median"]}
 
 
-def conditions(scales: list[float], dyn_scale: float, combo_scale: float) -> list[tuple[str, GuidanceConfig]]:
-    out = [("unguided", GuidanceConfig())]
-    out += [(f"policy c={s:g}", GuidanceConfig(terms=("policy",), scale=s)) for s in scales]
+def conditions(
+    scales: list[float], dyn_scale: float, combo_scale: float
+) -> list[tuple[str, GuidanceConfig, float | None]]:
+    out: list[tuple[str, GuidanceConfig, float | None]] = [("unguided", GuidanceConfig(), None)]
+    out += [(f"policy c={s:g}", GuidanceConfig(terms=("policy",), scale=s), None) for s in scales]
     out.append(
         (
             f"policy c={combo_scale:g} + dynamics d={dyn_scale:g}",
             GuidanceConfig(terms=("policy", "dynamics"), scale=combo_scale, dynamics_scale=dyn_scale),
+            None,
         )
     )
     return out
 
 
+def draft_conditions(scales: list[float]) -> list[tuple[str, GuidanceConfig, float | None]]:
+    """Drafter rows: (label, guidance, sigma_start; None = the model's refinement)."""
+    out: list[tuple[str, GuidanceConfig, float | None]] = [("unguided", GuidanceConfig(), None)]
+    out += [(f"policy c={s:g}", GuidanceConfig(terms=("policy",), scale=s), None) for s in scales]
+    out.append(("raw drafts, unguided", GuidanceConfig(), 0.0))
+    top = max(scales)
+    out.append((f"raw drafts, policy c={top:g}", GuidanceConfig(terms=("policy",), scale=top), 0.0))
+    return out
+
+
 def run_target(
-    name: str, agent: Path, gen_dir: Path, wm_dir: Path, ds: Dataset, conds: list[tuple[str, GuidanceConfig]]
+    name: str,
+    agent: Path,
+    gen_dir: Path,
+    wm_dir: Path,
+    ds: Dataset,
+    conds: list[tuple[str, GuidanceConfig, float | None]],
+    refiner: Path | None = None,
 ) -> list[dict[str, Any]]:
     gen = load_generator(gen_dir, device="cpu")
+    ref = load_generator(refiner, device="cpu") if refiner is not None else None
     pol = load_policy(agent)
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"target": name, "condition": "real data", **action_scores(pol, ds), **judge(ds, ds), "rate": None}
     ]
-    for label, cfg in conds:
+    for label, cfg, sigma_start in conds:
         cfg = replace(cfg, policy=str(agent) if "policy" in cfg.terms else None, world_model=str(wm_dir))
         g = build_guidance(cfg, gen.info)
+        opts = SampleOptions(seed=0, guidance=g, refiner=ref, sigma_start=sigma_start)
         t0 = time.perf_counter()
-        synth = sample(gen, ds, N, SampleOptions(seed=0, guidance=g))
+        synth = sample(gen, ds, N, opts)
         rate = N / (time.perf_counter() - t0)
         row = {
             "target": name,
@@ -123,7 +151,9 @@ def verdict(rows: list[dict[str, Any]]) -> list[str]:
         + (", ".join(r["condition"] for r in met) if met else "no condition")
         + " (≥ +1 nat per action dimension, ≤ 0.5× distance to the target mean, ≤ 1.25× dynamics error)"
     ]
-    combo = next(r for r in rows if "dynamics" in r["condition"])
+    combo = next((r for r in rows if "dynamics" in r["condition"]), None)
+    if combo is None:
+        return lines
     alone = [r for r in rows if r["condition"].startswith("policy") and "dynamics" not in r["condition"]]
     peer = [r for r in alone if r["ll"] <= combo["ll"] + 1e-9]
     if peer:
@@ -187,6 +217,12 @@ def main() -> None:
     p.add_argument(
         "--combo-scale", type=float, default=None, help="policy scale with dynamics (default: max)"
     )
+    p.add_argument(
+        "--drafter",
+        default=None,
+        help="autoregressive generator folder (trained if empty); its drafts are refined by --generator",
+    )
+    p.add_argument("--draft-scales", default="1,3", help="policy scales of the guided drafts")
     p.add_argument("--no-write", action="store_true")
     a = p.parse_args()
     ds = Catalog(a.catalog).read(a.data)
@@ -194,11 +230,20 @@ def main() -> None:
     conds = conditions(scales, a.dynamics_scale, a.combo_scale or max(scales))
     gen = ensure_generator(Path(a.generator), "trajectory", ds)
     wm = ensure_generator(Path(a.world_model), "world-model", ds)
+    drafter = None
+    if a.drafter:
+        drafter = ensure_generator(Path(a.drafter), "autoregressive", ds)
+        record_refiner(drafter, gen)  # so later stages (bench/downstream.py) refine with the same model
     targets = {"IQL": ensure_agent(Path(a.agent), "iql", 20_000, ds, a.data)}
     if a.td3bc:
         targets["TD3+BC (σ 0.1)"] = ensure_agent(Path(a.td3bc), "td3bc", 10_000, ds, a.data)
     results = {name: run_target(name, path, gen, wm, ds, conds) for name, path in targets.items()}
-    plot(results)
+    drafts: dict[str, list[dict[str, Any]]] = {}
+    if drafter is not None:
+        dconds = draft_conditions([float(s) for s in a.draft_scales.split(",")])
+        drafts = {n: run_target(n, path, drafter, wm, ds, dconds, refiner=gen) for n, path in targets.items()}
+    plot({n: rows + [{**r, "condition": f"AR {r['condition']}"} for r in drafts.get(n, [])[1:]]
+          for n, rows in results.items()})  # fmt: skip
     used = used_settings(load_generator(gen, device="cpu"), SampleOptions())
     sampler = f"{used['steps']} Heun steps, churn {used['churn']:g}"
     body = [
@@ -209,6 +254,20 @@ def main() -> None:
     ]
     for name, rows in results.items():
         body += ["", f"Target **{name}**:", "", *table(rows), "", *[f"- {v}" for v in verdict(rows)]]
+        if name in drafts:
+            d = load_generator(drafter, device="cpu") if drafter else None
+            settings = used_settings(d, SampleOptions()) if d else {}
+            body += [
+                "",
+                f"Target **{name}**, autoregressive drafts (`{a.drafter}`, temperature "
+                f"{settings.get('temperature')}, refined from σ {settings.get('sigma_start')} by "
+                f"{settings.get('steps')} step(s) of the trajectory model above; guidance tilts each drafted "
+                "token, so its scales are not the diffusion rows'):",
+                "",
+                *table(drafts[name]),
+                "",
+                *[f"- {v}" for v in verdict(drafts[name])],
+            ]
     text = "\n".join(body)
     print(text)
     if not a.no_write:

@@ -23,7 +23,7 @@ from torch import nn
 from datasets.errors import RlsynthError
 from datasets.types import Dataset, DatasetInfo, Episode, episodes_to_transitions
 from datasets.validation import validate_episodes
-from generators.autoregressive import AutoregressiveConfig, Drafter
+from generators.autoregressive import AutoregressiveConfig, Drafter, DraftTilt
 from generators.checkpoint import (
     CheckpointError,
     Normaliser,
@@ -83,7 +83,8 @@ class SampleOptions:
     model's config."""
     guidance: Guide | None = None
     """Diffusion families: guidance bound to the sample space; it wraps the denoiser, the sampler is
-    unchanged. Autoregressive: guides the refinement."""
+    unchanged. Autoregressive: tilts every drafted token (``Guide.bind_draft``) and guides the refinement
+    steps as it guides diffusion (under the pgd schedule a single refinement step has weight 0)."""
 
 
 class Guide(Protocol):
@@ -91,6 +92,8 @@ class Guide(Protocol):
     schedule (generators never import guidance)."""
 
     def bind(self, codec: TokenCodec) -> Callable[[Denoiser, torch.Tensor], Denoiser]: ...
+
+    def bind_draft(self, codec: TokenCodec) -> DraftTilt: ...
 
 
 _MASK64 = (1 << 64) - 1
@@ -182,10 +185,12 @@ def codec(gen: LoadedGenerator) -> TokenCodec:
     if gen.kind == "transition":
         n = gen.norms["features"]
         return TokenCodec(gen.layout, n.mean, n.std, "transition")
-    if gen.kind == "trajectory":
+    if gen.kind in ("trajectory", "autoregressive"):
         n = gen.norms["tokens"]
         return TokenCodec(gen.layout, n.mean, n.std, "window")
-    raise RlsynthError(f"{gen.kind} samples are not diffused, so they cannot be guided")
+    raise RlsynthError(
+        f"{gen.kind} rollouts are not diffused, so they cannot be guided (steer them by a policy)"
+    )
 
 
 def _diffuse(
@@ -339,7 +344,7 @@ class AutoregressiveFamily(Family):
         layout, norm = gen.layout, gen.norms["tokens"]
         used = used_settings(gen, opts)
         sigma_start, temperature, steps = used["sigma_start"], used["temperature"], used["steps"]
-        refiner = opts.refiner
+        refiner = refiner_for(gen, opts) if sigma_start > 0 else opts.refiner
         if sigma_start > 0 and refiner is None:
             raise RlsynthError(
                 "refinement needs a trajectory-diffusion model: pass --refiner DIR "
@@ -353,6 +358,7 @@ class AutoregressiveFamily(Family):
                     f"horizon {cfg.horizon}"
                 )
         t = source.transitions
+        tilt = opts.guidance.bind_draft(codec(gen)) if opts.guidance is not None else None
 
         def chunk(first: int) -> list[Episode]:
             seeds = sample_seeds(opts.seed, first, CHUNKS[self.kind])
@@ -360,7 +366,7 @@ class AutoregressiveFamily(Family):
             rows = (seeds % np.uint64(len(t))).astype(np.int64)
             start_raw = torch.from_numpy(start_tokens(layout, t, rows)).to(gen.device)
             noise = PerSampleNoise(seeds.tolist(), gen.device)
-            raw = norm.denormalise(drafter.draft(norm.normalise(start_raw), noise, temperature))
+            raw = norm.denormalise(drafter.draft(norm.normalise(start_raw), noise, temperature, tilt))
             raw[:, 0] = start_raw  # exactly the real start, not its normalised round trip
             if sigma_start > 0 and refiner is not None:
                 rnorm = refiner.norms["tokens"]
@@ -647,6 +653,43 @@ def load_generator(folder: str | Path, device: str = "auto") -> LoadedGenerator:
         raise CheckpointError(f"{f}: weights do not match the config ({e})") from None
     model.to(resolve_device(device)).eval()
     return LoadedGenerator(kind=kind, folder=f, config=config, model=model, norms=norms, info=info)
+
+
+def record_refiner(folder: Path, refiner: Path) -> None:
+    """Record in a trained drafter's config the trajectory model that refines its drafts by default."""
+    config = read_json(folder / "config.json")
+    config["refiner"] = str(refiner.resolve())
+    write_json(folder / "config.json", config)
+
+
+def refiner_for(gen: LoadedGenerator, opts: SampleOptions) -> LoadedGenerator | None:
+    """The trajectory model refining ``gen``'s drafts: ``opts.refiner``, else the one recorded when it was
+    trained (``--refiner``); None for other kinds or when there is neither."""
+    if gen.kind != "autoregressive":
+        return None
+    if opts.refiner is not None:
+        return opts.refiner
+    path = gen.config.get("refiner")
+    if path is None:
+        return None
+    if not Path(path).is_dir():
+        raise RlsynthError(
+            f"{gen.folder}: its recorded refiner {path} is gone: pass --refiner DIR (or --sigma-start 0)"
+        )
+    return load_generator(path, device=str(gen.device))
+
+
+def generator_lineage(gen: LoadedGenerator, refiner: LoadedGenerator | None = None) -> dict[str, Any]:
+    """What a sampled version records about the model(s) it came from."""
+    out: dict[str, Any] = {
+        "kind": gen.kind,
+        "folder": str(gen.folder.resolve()),
+        "checkpoint_hash": gen.checkpoint_hash,
+        "preset": gen.config.get("preset"),
+    }
+    if refiner is not None:
+        out["refiner"] = {"folder": str(refiner.folder.resolve()), "checkpoint_hash": refiner.checkpoint_hash}
+    return out
 
 
 def _finite_non_negative(name: str, value: float) -> float:

@@ -5,12 +5,17 @@ predicts a per-dimension Gaussian over the next token, samples it, and repeats (
 drafting H tokens costs H single-token passes). Training is teacher-forced next-token Gaussian NLL; the
 causal mask means the prediction at step t never sees tokens after t.
 
+Guided drafting: an optional ``tilt(prev, new, var)`` moves each sampled token before the next one is
+predicted from it (policy guidance acts on every drafted action, and what follows is drafted from the
+moved token); see :func:`guidance.terms.draft_tilt`.
+
 Refinement noises the draft to ``sigma_start`` and runs K steps of a trained trajectory-diffusion model
 from there (``sigma_start = 0`` returns the draft unchanged).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +25,9 @@ from torch import nn
 from generators.edm import NoiseSource
 from generators.nets import CausalTransformer
 from generators.tokens import TokenLayout
+
+DraftTilt = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""(previous token, sampled token, its predictive variance), each (B, D) normalised -> the moved token."""
 
 
 @dataclass(frozen=True)
@@ -68,10 +76,15 @@ class Drafter(nn.Module):
 
     @torch.no_grad()
     def draft(
-        self, first: torch.Tensor, noise: NoiseSource, temperature: float | None = None
+        self,
+        first: torch.Tensor,
+        noise: NoiseSource,
+        temperature: float | None = None,
+        tilt: DraftTilt | None = None,
     ) -> torch.Tensor:
         """first (B, D) normalised start tokens -> drafts (B, H, D), sampled token by token with the
-        predictive std scaled by ``temperature`` (default: the config's; 0 gives the mean path)."""
+        predictive std scaled by ``temperature`` (default: the config's; 0 gives the mean path, which a
+        tilt cannot move: its step is scaled by the predictive variance)."""
         temp = self.cfg.temperature if temperature is None else temperature
         b, d = first.shape
         h = self.cfg.horizon
@@ -81,5 +94,8 @@ class Drafter(nn.Module):
         for k in range(h - 1):
             mean, logvar = self.net.step(tokens[-1], k, caches)
             std = torch.exp(0.5 * logvar) * temp
-            tokens.append(mean + std * eps[:, k : k + 1])
+            token = mean + std * eps[:, k : k + 1]
+            if tilt is not None:
+                token = tilt(tokens[-1][:, 0], token[:, 0], (std * std)[:, 0])[:, None]
+            tokens.append(token)
         return torch.cat(tokens, 1)

@@ -26,6 +26,11 @@ unguided step; the samplers are not touched. Normalisation is per sample (‖g_i
 batch as in the reference code: a global norm would make a sample depend on the batch it was drawn in
 (and the reference adds ε after dividing, which does not guard a zero gradient).
 
+Autoregressive drafts are guided while they are drafted, token by token (:func:`draft_tilt`): each
+sampled token moves to the maximiser of its Gaussian predictive's log density around the sample plus
+scale·J (≈ scale × its predictive variance × ∇J for small steps; damped where J curves, so a large scale
+stops at J's maximum instead of overshooting it).
+
 A scale of 0 (or a schedule weight of 0) skips the term entirely, so unguided sampling is reproduced bit
 for bit.
 """
@@ -94,11 +99,20 @@ class TermOptions:
         return {"scale": self.scale, "schedule": self.schedule, "at": self.at, "normalise": self.normalise}
 
 
+def per_sample_unit(g: torch.Tensor) -> torch.Tensor:
+    """Each sample's gradient divided by its L2 norm (+ε)."""
+    norm = g.flatten(1).norm(dim=1).reshape(-1, *([1] * (g.ndim - 1)))
+    return g / (norm + NORM_EPS)
+
+
 class Term:
     """One guidance term bound to a codec; subclasses give ``objective`` and the ``part`` they move."""
 
     name = "term"
     part = "act"
+    uses_next_obs = False
+    """Whether J reads a step's next observation (then a drafted token is judged as the previous step's
+    successor, not by a step of its own: see :func:`draft_tilt`)."""
 
     def __init__(self, codec: TokenCodec, options: TermOptions) -> None:
         self.codec = codec
@@ -108,16 +122,22 @@ class Term:
         """J per sample (B,), differentiable in z (normalised samples)."""
         raise NotImplementedError
 
+    def value_and_gradient(self, point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """J (B,) and ∇J at ``point``, the gradient zero outside the term's entries."""
+        point = point.detach().requires_grad_(True)
+        with torch.enable_grad():
+            j = self.objective(point)
+            (g,) = torch.autograd.grad(j.sum(), point)
+        return j.detach(), torch.nan_to_num(g) * self.codec.mask(point, self.part)
+
+    def masked_gradient(self, point: torch.Tensor) -> torch.Tensor:
+        """∇J at ``point``, zero outside the term's entries."""
+        return self.value_and_gradient(point)[1]
+
     def gradient(self, x: torch.Tensor, sigma: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """∇J at the evaluation point, masked to the term's entries and optionally normalised per sample."""
-        point = (x if self.options.at == "noisy" else x0).detach().requires_grad_(True)
-        with torch.enable_grad():
-            (g,) = torch.autograd.grad(self.objective(point).sum(), point)
-        g = torch.nan_to_num(g) * self.codec.mask(x, self.part)
-        if self.options.normalise:
-            norm = g.flatten(1).norm(dim=1).reshape(-1, *([1] * (g.ndim - 1)))
-            g = g / (norm + NORM_EPS)
-        return g
+        g = self.masked_gradient(x if self.options.at == "noisy" else x0)
+        return per_sample_unit(g) if self.options.normalise else g
 
 
 class PolicyTerm(Term):
@@ -167,6 +187,7 @@ class _WorldModelTerm(Term):
 
 class DynamicsTerm(_WorldModelTerm):
     name = "dynamics"
+    uses_next_obs = True
 
     def objective(self, z: torch.Tensor) -> torch.Tensor:
         s = self.codec.steps(z)
@@ -215,11 +236,101 @@ def guide(terms: Sequence[Term]) -> DenoiserWrap:
     return wrap
 
 
+DraftTilt = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+HALVINGS = 8
+
+
+def backtracked(
+    term: Term,
+    window: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    j0: torch.Tensor,
+    var: torch.Tensor,
+    step: torch.Tensor,
+) -> torch.Tensor:
+    """``step`` halved per sample until it does not lower −‖δ‖²/(2 var) + c·J (0 if it never stops);
+    ``j0`` is J at ``x``.
+
+    The secant step is exact where J is quadratic; far from that (a tanh-squashed action driven into
+    saturation) it can land where J is worse than at the start, and halving brings it back.
+    """
+    c = term.options.scale
+    with torch.no_grad():
+        for _ in range(HALVINGS + 1):
+            penalty = (step * step / (2 * var.clamp_min(1e-30))).sum(1)
+            gain = c * (term.objective(window(x + step)) - j0).to(step.dtype) - penalty
+            worse = ~(gain >= 0)  # NaN counts as worse
+            if not bool(worse.any()):
+                return step
+            step = torch.where(worse[:, None], step / 2, step)
+        return torch.where(worse[:, None], torch.zeros_like(step), step)
+
+
+def tilt_step(term: Term, prev: torch.Tensor, new: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """How far one term moves a drafted token (see :func:`draft_tilt`)."""
+    c = term.options.scale
+
+    def window(y: torch.Tensor) -> torch.Tensor:
+        # A term that reads next observations judges the step prev -> y; the others y's own step, whose
+        # successor (a stand-in) they do not read.
+        return torch.stack([prev, y] if term.uses_next_obs else [y, new], 1)
+
+    slot = 1 if term.uses_next_obs else 0
+    j0, g0 = term.value_and_gradient(window(new))
+    g0 = g0[:, slot].to(new.dtype)
+    if not term.uses_next_obs:
+        # The new token's own step is a step only if prev was not a terminal (else it is padding).
+        g0 = g0 * (term.codec.raw(prev)[:, -1:] <= 0.5).to(g0.dtype)
+    if term.options.normalise:
+        return c * var * per_sample_unit(g0)
+    step = c * var * g0
+    g1 = term.value_and_gradient(window(new + step))[1][:, slot].to(new.dtype)
+    moved = g0 != 0
+    # 1 − g₁/g₀ = c·var·(curvature) for J quadratic along the step; negative (convex) is not damped.
+    damping = torch.where(moved, 1 - g1 / torch.where(moved, g0, 1.0), 0.0).clamp_min(0.0)
+    step = step / (1 + torch.nan_to_num(damping, nan=0.0, posinf=1e12))
+    return backtracked(term, window, new, j0, var, step)
+
+
+def draft_tilt(terms: Sequence[Term]) -> DraftTilt:
+    """Guidance for autoregressive drafting: ``tilt(prev, new, var)`` moves a drafted token.
+
+    The drafter samples token t+1 as ``new`` ~ N(m, var) given the tokens up to ``prev`` (token t); both
+    (B, D), normalised. Guided drafting moves the sample to the maximiser of
+    −‖y − new‖²/(2 var) + c·J(y) (perturb-and-MAP for the tilted predictive N(m, var)·exp(c J)): for J
+    linear that is new + c·var·∇J — the tilted distribution exactly; for J quadratic per entry (a Gaussian
+    target policy in token space) the moved samples have the product's mean exactly and a spread shrunk
+    by the target's share of the precision. One secant step finds it: δ = c·var·g₀ with g₀ = ∇J(new),
+    then each entry's curvature is read off g₁ = ∇J(new + δ) and the step is divided by 1 + (1 − g₁/g₀)
+    (no division where J is not concave along the step), and halved per sample while it lowers the
+    maximised objective (:func:`backtracked`). So a large scale walks a token towards the target's mode
+    instead of past it.
+    Two gradient evaluations and a few objective evaluations per term and token; entries outside a
+    term's part do not move; the step is scaled by the predictive variance, so guidance moves what the
+    drafter is unsure of.
+
+    A term reading next observations (dynamics) judges the step prev → new; the others judge the new
+    token's own step (its observation and action), which is no step when prev was a terminal (the new
+    token is then padding and does not move). Schedules are for sampler steps and do not apply here;
+    ``normalise`` takes the step along the unit gradient (c·var·g₀/‖g₀‖), undamped.
+    """
+
+    def tilt(prev: torch.Tensor, new: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        out = new
+        for term in terms:
+            if term.options.scale != 0:
+                out = out + tilt_step(term, prev, new, var)
+        return out
+
+    return tilt
+
+
 @dataclass(frozen=True)
 class Guidance:
     """A guidance spec not yet bound to a generator: term factories plus the JSON that lineage records.
 
-    ``bind(codec)`` gives the denoiser wrapper for one generator's sample space.
+    ``bind(codec)`` gives the denoiser wrapper for one generator's sample space, ``bind_draft(codec)`` the
+    tilt of autoregressive drafting.
     """
 
     factories: tuple[TermFactory, ...]
@@ -227,6 +338,10 @@ class Guidance:
 
     def bind(self, codec: TokenCodec) -> DenoiserWrap:
         return guide([f(codec) for f in self.factories])
+
+    def bind_draft(self, codec: TokenCodec) -> DraftTilt:
+        """The tilt of autoregressive drafting for one drafter's token space (:func:`draft_tilt`)."""
+        return draft_tilt([f(codec) for f in self.factories])
 
     def __add__(self, other: Guidance) -> Guidance:
         return Guidance(self.factories + other.factories, self.spec + other.spec)

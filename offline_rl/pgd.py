@@ -25,7 +25,7 @@ from datasets.catalog import Catalog
 from datasets.errors import RlsynthError
 from datasets.sources import file_sha256
 from datasets.types import Dataset
-from generators.api import LoadedGenerator, SampleOptions, sample
+from generators.api import LoadedGenerator, SampleOptions, generator_lineage, refiner_for, sample
 from guidance.spec import GuidanceConfig, build_guidance
 from offline_rl.mixture import Mixture
 from offline_rl.train import ALGOS, Callback, TrainingLog, build_algo, fit, save_agent
@@ -121,6 +121,7 @@ def run_pgd(
     log = TrainingLog([], [])
     rounds: list[PGDRound] = []
     previous: str | None = None
+    refiner = refiner_for(generator, SampleOptions())  # autoregressive drafts: the recorded refiner
     for r in range(cfg.rounds):
         start = r * cfg.regenerate_every
         target: Path | None = None
@@ -137,15 +138,11 @@ def run_pgd(
             generator,
             real,
             cfg.synthetic_transitions,
-            SampleOptions(seed=cfg.seed * 1_000_003 + r, guidance=guidance),
+            SampleOptions(seed=cfg.seed * 1_000_003 + r, guidance=guidance, refiner=refiner),
         )
         lineage = {
             "sources": [real_lineage or {"source": real.source}],
-            "generator": {
-                "kind": generator.kind,
-                "folder": str(generator.folder.resolve()),
-                "checkpoint_hash": generator.checkpoint_hash,
-            },
+            "generator": generator_lineage(generator, refiner),
             "pgd": {
                 "round": r,
                 "agent_step": start,

@@ -557,8 +557,7 @@ def generator_train_cmd(
 ) -> None:
     """Train a generator of KIND on a dataset; checkpoints are safetensors + JSON."""
     from datasets.sources import load_source, source_lineage
-    from generators.api import load_generator, preset, train_generator
-    from generators.checkpoint import read_json, write_json
+    from generators.api import load_generator, preset, record_refiner, train_generator
 
     preset(kind, preset_name)
     if refiner is not None:
@@ -578,9 +577,7 @@ def generator_train_cmd(
         source=source_lineage(data_ref, ds, cat),
     )
     if refiner is not None:
-        config = read_json(Path(out) / "config.json")
-        config["refiner"] = str(Path(refiner).resolve())
-        write_json(Path(out) / "config.json", config)
+        record_refiner(Path(out), Path(refiner))
     summary_ = {
         "out": str(Path(out).resolve()),
         "kind": kind,
@@ -660,11 +657,16 @@ def generator_train_cmd(
     "guidance_terms",
     multiple=True,
     type=click.Choice(["policy", "dynamics", "return"]),
-    help="Diffusion kinds: guidance term (repeatable): policy (needs --policy), dynamics, return "
-    "(need --world-model).",
+    help="Guidance term (repeatable): policy (needs --policy), dynamics, return (need --world-model). "
+    "Diffusion kinds: wraps the denoiser; autoregressive: tilts every drafted token.",
 )
 @click.option(
-    "--scale", type=click.FloatRange(min=0), default=0.05, show_default=True, help="Policy scale c."
+    "--scale",
+    type=click.FloatRange(min=0),
+    default=0.05,
+    show_default=True,
+    help="Policy scale c (autoregressive drafts move once per token, by c × predictive variance × ∇: "
+    "they take larger scales, ~1-3).",
 )
 @click.option(
     "--world-model",
@@ -729,11 +731,18 @@ def generator_sample_cmd(
 ) -> None:
     """Sample a new catalog version from a trained generator, with full lineage.
 
-    Diffusion kinds (trajectory, transition, autoregressive refinement) take --guidance terms; world-model
+    Diffusion kinds (trajectory, transition) and autoregressive drafts take --guidance terms; world-model
     rollouts take --policy as the acting agent."""
     from datasets.catalog import check_name
     from datasets.sources import file_sha256, load_source
-    from generators.api import SampleOptions, load_generator, sample, used_settings
+    from generators.api import (
+        SampleOptions,
+        generator_lineage,
+        load_generator,
+        refiner_for,
+        sample,
+        used_settings,
+    )
     from guidance.spec import GuidanceConfig, build_guidance
 
     check_name(name)
@@ -781,8 +790,8 @@ def generator_sample_cmd(
         raise click.BadParameter("applies to autoregressive generators only", param_hint="--temperature")
     if churn is not None and not diffused:
         raise click.BadParameter("applies to diffusion kinds only", param_hint="--churn")
-    refiner_path = refiner or gen.config.get("refiner")
-    refiner_gen = load_generator(refiner_path) if refiner_path and gen.kind == "autoregressive" else None
+    explicit = load_generator(refiner) if refiner and gen.kind == "autoregressive" else None
+    refiner_gen = refiner_for(gen, SampleOptions(refiner=explicit))
     opts = SampleOptions(
         seed=seed,
         steps=steps,
@@ -796,21 +805,10 @@ def generator_sample_cmd(
     )
     used = used_settings(gen, opts)
     ds = sample(gen, source, n_transitions, opts)
-    generator_lineage = {
-        "kind": gen.kind,
-        "folder": str(gen.folder.resolve()),
-        "checkpoint_hash": gen.checkpoint_hash,
-        "preset": gen.config.get("preset"),
-    }
-    if refiner_gen is not None:
-        generator_lineage["refiner"] = {
-            "folder": str(refiner_gen.folder.resolve()),
-            "checkpoint_hash": refiner_gen.checkpoint_hash,
-        }
     lineage = {
         "sources": [src],
         "start_states": ref,
-        "generator": generator_lineage,
+        "generator": generator_lineage(gen, refiner_gen),
         "agent": policy_lineage if policy_spec != "data" and not diffused else None,
         "guidance": list(guidance.spec) if guidance is not None else None,
         "sampling": {

@@ -19,11 +19,12 @@ from datasets.errors import RlsynthError
 from datasets.validation import validate_transitions
 from generators import api
 from generators.api import KINDS, LoadedGenerator, SampleOptions, load_generator, sample
-from generators.autoregressive import Drafter
+from generators.autoregressive import AutoregressiveConfig, Drafter
 from generators.checkpoint import CheckpointError, read_tensors
 from generators.diffusion import TrajectoryDiffusion, TransitionDiffusion
 from generators.edm import PerSampleNoise
 from generators.nets import CausalTransformer
+from generators.tokens import TokenLayout
 from generators.world_model import WorldModel
 
 CLASSES = {
@@ -124,6 +125,34 @@ def test_drafter_prediction_at_t_ignores_later_tokens(kv_heads: int | None) -> N
     torch.testing.assert_close(m1[:, :6], m2[:, :6])
     torch.testing.assert_close(v1[:, :6], v2[:, :6])
     assert not torch.allclose(m1[:, 6:], m2[:, 6:])
+
+
+def test_a_draft_tilt_moves_each_token_before_the_next_is_predicted_from_it() -> None:
+    """The tilt sees (previous token, sampled token, its variance (temperature × std)²) and the next
+    prediction is made from the moved token: the draft equals a teacher-forced pass over itself."""
+    torch.manual_seed(0)
+    layout = TokenLayout(2, 1, np.array([-1.0]), np.array([1.0]))
+    drafter = Drafter(layout, AutoregressiveConfig(horizon=6, width=16, depth=1, heads=2)).eval()
+    first = torch.randn(3, layout.dim)
+    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def tilt(prev: torch.Tensor, new: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        seen.append((prev, new, var))
+        return new + 1.0
+
+    noise = PerSampleNoise([1, 2, 3], torch.device("cpu"))
+    out = drafter.draft(first, noise, temperature=0.5, tilt=tilt)
+    plain = drafter.draft(first, PerSampleNoise([1, 2, 3], torch.device("cpu")), temperature=0.5)
+    assert len(seen) == 5
+    mean, logvar = drafter.net(out[:, :-1])
+    plain_mean, plain_logvar = drafter.net(plain[:, :-1])
+    eps = (plain[:, 1:] - plain_mean) / (0.5 * torch.exp(0.5 * plain_logvar))  # the draft noise
+    expected = mean + 0.5 * torch.exp(0.5 * logvar) * eps + 1.0
+    torch.testing.assert_close(out[:, 1:], expected, rtol=1e-4, atol=1e-4)
+    for k, (prev, new, var) in enumerate(seen):
+        torch.testing.assert_close(prev, out[:, k])
+        torch.testing.assert_close(new + 1.0, out[:, k + 1])
+        torch.testing.assert_close(var, (0.5 * torch.exp(0.5 * logvar[:, k])) ** 2, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("kv_heads", [None, 2, 1])
@@ -291,6 +320,21 @@ def test_bad_refiner_and_missing_refiner_are_clear(trained: dict[str, LoadedGene
             10,
             SampleOptions(sigma_start=0.5, refiner=trained["transition"]),
         )
+
+
+def test_drafts_are_refined_by_the_refiner_recorded_at_training(
+    trained: dict[str, LoadedGenerator], tmp_path: Path
+) -> None:
+    drafter, traj = trained["autoregressive"], trained["trajectory"]
+    opts = SampleOptions(seed=3, sigma_start=0.5, steps=2)
+    recorded = replace(drafter, config={**drafter.config, "refiner": str(traj.folder)})
+    explicit = sample(drafter, random_hopper(), 50, replace(opts, refiner=traj)).transitions
+    implicit = sample(recorded, random_hopper(), 50, opts).transitions
+    np.testing.assert_array_equal(explicit.observations, implicit.observations)
+    assert api.refiner_for(traj, opts) is None  # only drafts are refined
+    gone = replace(drafter, config={**drafter.config, "refiner": str(tmp_path / "deleted")})
+    with pytest.raises(RlsynthError, match=r"recorded refiner .* is gone"):
+        sample(gone, random_hopper(), 10, opts)
 
 
 def test_resume_of_another_model_config_is_refused_before_config_json_changes(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from guidance.terms import (
     ReturnTerm,
     Term,
     TermOptions,
+    draft_tilt,
     guide,
     policy_guidance,
     schedule_weights,
@@ -161,13 +162,104 @@ def test_guided_denoiser_adds_the_scheduled_gradient() -> None:
     torch.testing.assert_close(out, expected)
 
 
+def own_step_gradient(term: Term, prev: torch.Tensor, new: torch.Tensor, two_tokens: bool) -> torch.Tensor:
+    """∇ over the new token's entries of J on (prev, new[, stand-in]) by central differences, the
+    stand-in successor held fixed."""
+    g = torch.zeros_like(new)
+    for d in range(new.shape[1]):
+        e = torch.zeros_like(new)
+        e[:, d] = 1e-6
+
+        def j(n: torch.Tensor) -> torch.Tensor:
+            w = [prev, n] if two_tokens else [prev, n, new]
+            return term.objective(torch.stack(w, 1))
+
+        g[:, d] = (j(new + e) - j(new - e)) / 2e-6
+    return g * term.codec.mask(new[:, None], term.part)[0]
+
+
+@pytest.mark.parametrize("kind", ["policy", "dynamics", "return"])
+def test_draft_tilt_moves_a_token_along_variance_times_its_own_gradient(kind: str) -> None:
+    c, z = window_codec()
+    wm, norms = world_model()
+    opts = TermOptions(scale=1e-4, normalise=False)
+    term: Term = (
+        PolicyTerm(c, opts, target_policy())
+        if kind == "policy"
+        else (DynamicsTerm if kind == "dynamics" else ReturnTerm)(c, opts, wm, norms)
+    )
+    prev, new = z[:, 0], z[:, 1]
+    var = torch.rand(new.shape, generator=torch.Generator().manual_seed(0), dtype=new.dtype) + 0.1
+    moved = draft_tilt([term])(prev, new, var)
+    # dynamics judges the step prev -> new; policy and return judge the new token's own step.
+    g = own_step_gradient(term, prev, new, two_tokens=kind == "dynamics")
+    assert float(g.abs().max()) > 1e-3  # the check is not vacuous
+    # To first order in the scale the token moves along var ⊙ ∇J (the exact tilt for J linear).
+    torch.testing.assert_close((moved - new) / 1e-4, var * g, rtol=2e-3, atol=1e-6)
+    part = term.codec.mask(new[:, None], term.part)[0]
+    assert float(((moved - new) * (1 - part)).abs().max()) == 0  # entries outside the part stay
+
+
+class GaussianActionTerm(Term):
+    """J = Σ over the tokens that start a step of log N(action code; μ, s²) in token space: quadratic, so
+    the tilt has a closed form."""
+
+    def __init__(self, codec: TokenCodec, options: TermOptions, mu: float, sd: float) -> None:
+        super().__init__(codec, options)
+        self.mu, self.sd = mu, sd
+
+    def objective(self, z: torch.Tensor) -> torch.Tensor:
+        a = z[:, :-1, self.codec.layout.act]
+        return -0.5 * (((a - self.mu) / self.sd) ** 2).sum((1, 2))
+
+
+@pytest.mark.parametrize("scale", [0.01, 1.0, 20.0])
+def test_draft_tilt_is_the_gaussian_product_mean_for_a_gaussian_objective(scale: float) -> None:
+    # N(y; x, v)·N(y; μ, s²)^c peaks at (x/v + cμ/s²)/(1/v + c/s²); at c·v/s² = 80 (scale 20) a plain
+    # gradient step would overshoot μ eightyfold.
+    c, z = window_codec()
+    prev, new = z[:, 0], z[:, 1]
+    var = torch.full_like(new, 0.5)
+    term = GaussianActionTerm(c, TermOptions(scale=scale, normalise=False), mu=0.7, sd=0.25)
+    moved = draft_tilt([term])(prev, new, var)
+    act = c.layout.act
+    expected = (new[:, act] / 0.5 + scale * 0.7 / 0.25**2) / (1 / 0.5 + scale / 0.25**2)
+    after_terminal = c.raw(prev)[:, -1:] > 0.5  # the new token is padding there: it stays
+    expected = torch.where(after_terminal, new[:, act], expected)
+    torch.testing.assert_close(moved[:, act], expected, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(moved[:, : act.start], new[:, : act.start])
+
+
+def test_draft_tilt_leaves_tokens_after_a_terminal_and_at_scale_zero() -> None:
+    c, z = window_codec()
+    term = PolicyTerm(c, TermOptions(scale=1.0), target_policy())
+    # Window 3 ends at its token 1 (a terminal): what follows is absorbing padding, which is not a step.
+    prev, new = z[3:4, 1], z[3:4, 2]
+    assert float(c.raw(prev)[0, -1]) > 0.5
+    torch.testing.assert_close(draft_tilt([term])(prev, new, torch.ones_like(new)), new)
+    zero = PolicyTerm(c, TermOptions(scale=0.0), target_policy())
+    new = z[:, 1]
+    assert draft_tilt([zero])(z[:, 0], new, torch.ones_like(new)) is new
+
+
+def test_normalised_draft_tilt_is_a_unit_gradient_times_variance() -> None:
+    c, z = window_codec()
+    term = PolicyTerm(c, TermOptions(scale=2.0, normalise=True), target_policy())
+    prev, new = z[:, 0], z[:, 1]
+    step = (draft_tilt([term])(prev, new, torch.full_like(new, 0.5)) - new) / (2.0 * 0.5)
+    alive = (c.raw(prev)[:, -1] <= 0.5).double()  # after a terminal there is no step to guide
+    assert 0 < float(alive.sum()) < len(alive)
+    np.testing.assert_allclose(step.norm(dim=1).numpy(), alive.numpy(), rtol=1e-6, atol=1e-12)
+
+
 # --- guided sampling with real generators -------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def gens(tmp_path_factory: pytest.TempPathFactory) -> dict[str, LoadedGenerator]:
     root = tmp_path_factory.mktemp("guided")
-    return {k: tiny_generator(k, root / k, steps=300) for k in ("trajectory", "transition", "world-model")}
+    kinds = ("trajectory", "transition", "world-model", "autoregressive")
+    return {k: tiny_generator(k, root / k, steps=300) for k in kinds}
 
 
 def toy_target() -> GaussianPolicy:
@@ -178,7 +270,7 @@ def guided(policy: object, scale: float, **kw: object) -> Guidance:
     return policy_guidance(policy, TermOptions(scale=scale, **kw), {"kind": "test"})  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("kind", ["trajectory", "transition"])
+@pytest.mark.parametrize("kind", ["trajectory", "transition", "autoregressive"])
 @pytest.mark.parametrize("at", ["noisy", "x0"])
 def test_scale_zero_is_bit_identical_to_unguided(
     gens: dict[str, LoadedGenerator], kind: str, at: str
@@ -196,17 +288,35 @@ def test_scale_zero_is_bit_identical_to_unguided(
         np.testing.assert_array_equal(getattr(plain, col), getattr(zero, col))
 
 
-@pytest.mark.parametrize("kind", ["trajectory", "transition"])
+SCALES = {"trajectory": (0.0, 0.003, 0.01, 0.03, 0.1), "transition": (0.0, 0.003, 0.01, 0.03, 0.1)}
+# A drafted token moves by scale × its predictive variance × ∇ log π once (not at every sampler step).
+SCALES["autoregressive"] = (0.0, 0.03, 0.3, 3.0)
+
+
+@pytest.mark.parametrize("kind", ["trajectory", "transition", "autoregressive"])
 def test_distance_to_the_target_mean_falls_monotonically_with_scale(
     gens: dict[str, LoadedGenerator], kind: str
 ) -> None:
     dist = []
-    for scale in (0.0, 0.003, 0.01, 0.03, 0.1):
+    for scale in SCALES[kind]:
         g = guided(toy_target(), scale, at="x0", normalise=False)
         t = sample(gens[kind], random_hopper(), 300, SampleOptions(seed=1, steps=8, guidance=g))
         dist.append(float(((t.transitions.actions - 0.5) ** 2).sum(1).mean()))
     assert all(b < a for a, b in itertools.pairwise(dist)), dist
-    assert dist[-1] < 0.1 * dist[0], dist
+    assert dist[-1] < (0.5 if kind == "autoregressive" else 0.1) * dist[0], dist
+
+
+def test_a_huge_scale_does_not_throw_drafted_actions_past_the_target(
+    gens: dict[str, LoadedGenerator],
+) -> None:
+    # A plain gradient step of scale × variance × ∇ log π would overshoot the target's mean by orders of
+    # magnitude here; the damped, backtracked tilt keeps the actions nearer the target than unguided ones.
+    def distance(scale: float) -> float:
+        g = guided(toy_target(), scale, normalise=False)
+        t = sample(gens["autoregressive"], random_hopper(), 300, SampleOptions(seed=1, guidance=g))
+        return float(((t.transitions.actions - 0.5) ** 2).sum(1).mean())
+
+    assert distance(1000.0) < 0.7 * distance(0.0)
 
 
 def test_dynamics_guidance_lowers_model_disagreement(gens: dict[str, LoadedGenerator]) -> None:

@@ -209,6 +209,20 @@ def test_pgd_loop_regenerates_at_the_right_steps_with_lineage(tmp_path: Path) ->
         run_pgd(cfg, gen, random_hopper(), cat, "pgd/synth", tmp_path / "run", progress=False)
 
 
+def test_pgd_loop_drafts_with_an_autoregressive_generator_and_records_its_refiner(tmp_path: Path) -> None:
+    traj = tiny_generator("trajectory", tmp_path / "traj", steps=5)
+    ar = tiny_generator("autoregressive", tmp_path / "ar", steps=5, sigma_start=0.5)
+    ar = replace(ar, config={**ar.config, "refiner": str(traj.folder)})  # as `--refiner` records it
+    cat = Catalog(str(tmp_path / "cat"))
+    cfg = PGDConfig(algo="td3bc", steps=6, regenerate_every=4, synthetic_transitions=60, synthetic_rows=12,
+                    real_rows=4)  # fmt: skip
+    res = run_pgd(cfg, ar, random_hopper(), cat, "pgd/ar", tmp_path / "run", progress=False)
+    first, second = (cat.manifest(r.version)["lineage"] for r in res.rounds)
+    assert first["generator"]["kind"] == "autoregressive" and first["guidance"] is None
+    assert second["generator"]["refiner"]["checkpoint_hash"] == traj.checkpoint_hash
+    assert second["guidance"][0]["term"] == "policy" and cat.read("pgd/ar@2").n_transitions == 60
+
+
 def test_pgd_initial_target_guides_round_zero(tmp_path: Path) -> None:
     from helpers import tiny_agent
 
