@@ -49,11 +49,12 @@ class TargetConfig:
 @dataclass(frozen=True)
 class GeneratorConfig:
     kind: str = "trajectory"
-    """trajectory or transition (the diffusion families that can be guided)."""
+    """trajectory, transition or autoregressive (the families that can be guided; a drafter's stage also
+    trains the trajectory model that refines its drafts)."""
     preset: str = "cpu-small"
     """cpu-small or gpu-paper."""
     steps: int | None = None
-    """Training steps (default: the preset's)."""
+    """Training steps (default: the preset's; for a drafter, also its refiner's)."""
 
 
 @dataclass(frozen=True)
@@ -138,9 +139,10 @@ class RunConfig:
     def __post_init__(self) -> None:
         if (self.source.ref is None) == (self.source.recipe is None):
             raise ConfigError("source: give exactly one of ref or recipe")
-        if self.generator.kind not in ("trajectory", "transition"):
+        if self.generator.kind not in ("trajectory", "transition", "autoregressive"):
             raise ConfigError(
-                f"generator.kind: {self.generator.kind!r} cannot be guided (trajectory, transition)"
+                f"generator.kind: {self.generator.kind!r} cannot be guided "
+                "(trajectory, transition, autoregressive)"
             )
         unknown = set(self.agents.conditions) - {"real", "synthetic", "mixed", "pgd"}
         if unknown:

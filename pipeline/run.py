@@ -120,17 +120,30 @@ def _task_train_generator(
     catalog_uri: str | None, ref: str, kind: str, preset: str, steps: int | None, seed: int, out: str
 ) -> dict[str, Any]:
     from datasets.catalog import Catalog
-    from generators.api import load_generator, train_generator
+    from generators.api import load_generator, record_refiner, train_generator
 
     cat = Catalog(catalog_uri)
     ds = cat.read(ref)
-    res = train_generator(
-        kind, ds, Path(out), preset_name=preset, steps=steps, seed=seed, progress=False, source={"ref": ref}
-    )
+
+    def fit(k: str, folder: Path) -> float | None:
+        res = train_generator(
+            k, ds, folder, preset_name=preset, steps=steps, seed=seed, progress=False, source={"ref": ref}
+        )
+        return res.val_loss
+
+    if kind == "autoregressive":
+        # A drafter needs the trajectory model that refines its drafts: trained first, next to it, and
+        # recorded in its config (so its checkpoint hash covers the choice).
+        refiner = Path(out).parent / "refiner"
+        fit("trajectory", refiner)
+        val_loss = fit(kind, Path(out))
+        record_refiner(Path(out), refiner)
+    else:
+        val_loss = fit(kind, Path(out))
     return {
         "folder": out,
         "checkpoint_hash": load_generator(out, device="cpu").checkpoint_hash,
-        "val_loss": res.val_loss,
+        "val_loss": val_loss,
     }
 
 

@@ -12,7 +12,9 @@ from pipeline.config import ConfigError, GuidanceSection, RunConfig, load_config
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
-@pytest.mark.parametrize("name", ["quickstart.yaml", "halfcheetah-pgd.yaml", "hopper-pgd.yaml"])
+@pytest.mark.parametrize(
+    "name", ["quickstart.yaml", "halfcheetah-pgd.yaml", "hopper-pgd.yaml", "halfcheetah-drafter-pgd.yaml"]
+)
 def test_shipped_configs_load(name: str) -> None:
     cfg = load_config(CONFIGS / name)
     assert isinstance(cfg, RunConfig) and cfg.name == name.removesuffix(".yaml")

@@ -183,3 +183,22 @@ def processes_mentioning(text: str) -> list[int]:
             except OSError:
                 pass
     return pids
+
+
+def test_a_drafter_stage_trains_and_records_its_refiner(tmp_path: Path) -> None:
+    from helpers import random_hopper
+
+    from datasets.catalog import Catalog
+    from generators.api import SampleOptions, load_generator, sample
+    from pipeline.run import _task_train_generator
+
+    cat = Catalog(str(tmp_path / "cat"))
+    ref = str(cat.write("tiny/src", random_hopper(), lineage={}))
+    out = tmp_path / "stage" / "model"
+    got = _task_train_generator(str(tmp_path / "cat"), ref, "autoregressive", "cpu-small", 2, 0, str(out))
+    gen = load_generator(out, device="cpu")
+    assert gen.kind == "autoregressive" and got["checkpoint_hash"] == gen.checkpoint_hash
+    refiner = load_generator(gen.config["refiner"], device="cpu")
+    assert refiner.kind == "trajectory" and refiner.folder == tmp_path / "stage" / "refiner"
+    # Shards and the PGD loop sample with no refiner given: the recorded one refines the drafts.
+    assert sample(gen, random_hopper(), 40, SampleOptions(seed=0)).n_transitions >= 40
