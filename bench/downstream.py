@@ -64,6 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--scale", type=float, default=0.05, help="policy guidance scale")
     p.add_argument(
+        "--polish", type=int, default=0, help="denoise-renoise iterations after sampling every set (0: off)"
+    )
+    p.add_argument(
         "--pgd-std",
         type=float,
         default=0.1,
@@ -100,6 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(a, flag)}")
     if not a.scale > 0 or not a.pgd_std > 0:
         p.error(f"--scale and --pgd-std must be positive, got {a.scale} and {a.pgd_std}")
+    if a.polish < 0:
+        p.error(f"--polish must be ≥ 0, got {a.polish}")
     seeds = int_list(p, "--seeds", a.seeds)
     algos = a.algos.split(",")
     bad_algos = sorted(set(algos) - set(ALGOS))
@@ -130,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
                        scale=a.scale), gen.info)))  # fmt: skip
     for label, g in static:
         t0 = time.perf_counter()
-        ds = sample(gen, real, a.synthetic, SampleOptions(seed=1, guidance=g))
+        ds = sample(gen, real, a.synthetic, SampleOptions(seed=1, guidance=g, polish=a.polish))
         ref = cat.write(f"bench/downstream-{stamp}/{label}", ds, lineage={"bench": "downstream", "guidance":
                         None if g is None else list(g.spec)})  # fmt: skip
         made[label] = str(ref)
@@ -145,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         real_rows=real_rows,
         guidance=gcfg,
         initial_target=a.target if a.pgd_warm_start else None,
+        polish=a.polish,
     )
     build = {
         "real": lambda: Condition(names["real"], data=(a.data,)),

@@ -47,19 +47,22 @@ N_SAMPLES = 31_000
 # model differed by 15% (2026-11-26), too much for the ×-trajectory-error ratios the sweep is read by.
 EVAL = EvalConfig(sample=10_000, horizons=(1, 8, 31), windows=128, seed=0)
 REPEATS = 3
-# (temperature, sigma_start, K): K = 0 is the raw draft. Settings that were never competitive in earlier
+# (temperature, sigma_start, K, polish): K = 0 is the raw draft. Settings never competitive in earlier
 # runs (K = 2 at any sigma_start, sigma_start 1.0 with K < 4, K = 4 at sigma_start 0.3 or 1.0: 1.3-1.4x
 # the trajectory error in 2026-11-26's table) were dropped to keep the run short.
 SWEEP = [
-    (1.0, 0.0, 0),
-    (1.0, 0.1, 1),
-    (1.0, 0.3, 1),
-    (0.7, 0.0, 0),
-    (0.7, 0.1, 1),
-    (0.7, 0.3, 1),
-    (0.5, 0.0, 0),
-    (0.5, 0.1, 1),
-    (0.5, 0.3, 1),
+    (1.0, 0.0, 0, 0),
+    (1.0, 0.1, 1, 0),
+    (1.0, 0.3, 1, 0),
+    (0.7, 0.0, 0, 0),
+    (0.7, 0.1, 1, 0),
+    (0.7, 0.3, 1, 0),
+    (0.5, 0.0, 0, 0),
+    (0.5, 0.1, 1, 0),
+    (0.5, 0.3, 1, 0),
+    # Refinement followed by polish iterations (generators.edm.Polish), against the polished trajectory row.
+    (0.5, 0.3, 1, 10),
+    (0.5, 0.3, 1, 30),
 ]
 
 
@@ -73,7 +76,8 @@ def linear_yardstick(ds: Dataset) -> float:
 
 # Diffusion families are judged at two sampler settings, 20 deterministic Heun steps and 40 with churn 40
 # (read against the config classes' defaults, so a model reused from an older run samples as a new one).
-SETTINGS = {"ode20": (20, 0.0), "churn40": (40, 40.0)}
+# (Heun steps, churn, polish iterations): the default ODE, EDM churn, and the ODE + denoise-renoise polish.
+SETTINGS = {"ode20": (20, 0.0, 0), "churn40": (40, 40.0, 0), "ode20-polish30": (20, 0.0, 30)}
 FAMILY_CFG = {"transition": TransitionConfig(), "trajectory": TrajectoryConfig()}
 FAMILY_NAME = {"transition": "transition diffusion (SynthER-style)", "trajectory": "trajectory diffusion"}
 
@@ -82,7 +86,7 @@ def default_key(kind: str) -> str:
     """Row key of ``kind`` sampled at its config's default settings (the AR sweep's yardstick)."""
     cfg = FAMILY_CFG[kind]
     for name, setting in SETTINGS.items():
-        if setting == (cfg.sample_steps, cfg.s_churn):
+        if setting == (cfg.sample_steps, cfg.s_churn, 0):
             return f"{kind}:{name}"
     return f"{kind}:default"
 
@@ -94,13 +98,14 @@ def sampling_rows() -> list[tuple[str, str, SampleOptions, str]]:
     for kind, cfg in FAMILY_CFG.items():
         settings, default = dict(SETTINGS), default_key(kind)
         if default.endswith(":default"):
-            settings["default"] = (cfg.sample_steps, cfg.s_churn)
-        for name, (steps, churn) in settings.items():
+            settings["default"] = (cfg.sample_steps, cfg.s_churn, 0)
+        for name, (steps, churn, polish) in settings.items():
             key = f"{kind}:{name}"
             stochastic = f"churn {churn:g}" if churn else "no churn"
             label = f"{FAMILY_NAME[kind]}, {steps} Heun steps, {stochastic}"
+            label += f", polish {polish}" if polish else ""
             label += " (default)" if key == default else ""
-            out.append((key, kind, SampleOptions(seed=0, steps=steps, churn=churn), label))
+            out.append((key, kind, SampleOptions(seed=0, steps=steps, churn=churn, polish=polish), label))
     return out
 
 
@@ -116,6 +121,7 @@ def timed_sample(gen: LoadedGenerator, ds: Dataset, n: int, opts: SampleOptions)
 
 
 def judge(synth: Dataset, ds: Dataset) -> dict[str, Any]:
+    ref_std = ds.transitions.observations.std(0)
     r = evaluate(synth, reference=ds, config=EVAL)
     return {
         "one_step": r["one_step"]["obs_mse_normalised"],
@@ -126,6 +132,9 @@ def judge(synth: Dataset, ds: Dataset) -> dict[str, Any]:
         "h31": r["horizons"]["31"]["obs_mse_normalised"],
         "novelty": r["novelty"]["mean"],
         "coverage": r["coverage"],
+        # Geometric mean over observation dimensions of std(synthetic) / std(data): below 1, the samples
+        # are narrower than the data (what a mode-seeking sampler such as polishing costs).
+        "spread": float(np.exp(np.mean(np.log(synth.transitions.observations.std(0) / ref_std)))),
     }
 
 
@@ -162,12 +171,20 @@ def main() -> None:
         synth, rate = timed_sample(gens[kind], ds, N_SAMPLES, o)
         rows[key] = {**rows[kind], "rate": rate, "label": label, **judge(synth, ds)}
     sweep = []
-    for temp, sigma, k in SWEEP:
+    for temp, sigma, k, polish in SWEEP:
         o = SampleOptions(
-            seed=0, sigma_start=sigma, steps=k or None, refiner=gens["trajectory"], temperature=temp
+            seed=0,
+            sigma_start=sigma,
+            steps=k or None,
+            refiner=gens["trajectory"],
+            temperature=temp,
+            polish=polish,
         )
         synth, rate = timed_sample(gens["autoregressive"], ds, N_SAMPLES, o)
-        sweep.append({"temperature": temp, "sigma_start": sigma, "K": k, "rate": rate, **judge(synth, ds)})
+        sweep.append(
+            {"temperature": temp, "sigma_start": sigma, "K": k, "polish": polish, "rate": rate}
+            | judge(synth, ds)
+        )
     lin = linear_yardstick(ds)
     body = report(a.data, ds, rows, sweep, lin)
     if a.reuse:
@@ -197,10 +214,10 @@ def report(
         "dimension (the data's std). H=31 is the longest horizon a 32-token window holds.",
         "",
         "| model | training | sampling transitions/s | one-step MSE | median row | reward MAE | H=8 | H=31 | "
-        "novelty | coverage |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "novelty | coverage | spread |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         f"| linear next-state regression (yardstick, on the data) | least squares | — | {lin:.3g} | "
-        "— | — | — | — | — | — |",
+        "— | — | — | — | — | — | — |",
     ]
     for r in (v for v in rows.values() if "label" in v):
         name = r["label"]
@@ -208,25 +225,29 @@ def report(
             f"| {name} | {r['steps']} steps, {r['train_s']:.0f} s | {r['rate']:,.0f} | "
             f"{fmt(r['one_step'])} | {fmt(r['one_step_median'])} | "
             f"{fmt(r['reward_mae'])} | {fmt(r['h8'])} | {fmt(r['h31'])} | {fmt(r['novelty'], '.2f')} | "
-            f"{fmt(r['coverage'], '.2f')} |"
+            f"{fmt(r['coverage'], '.2f')} | {fmt(r['spread'], '.2f')} |"
         )
     ar = rows["autoregressive"]
     lines += [
         "",
         f"Autoregressive drafter ({ar['steps']} steps, {ar['train_s']:.0f} s) + refinement by the trajectory "
-        "model — the sweep that picks the defaults:",
+        "model — the sweep that picks the defaults (rows with polish are compared with the polished "
+        "trajectory sampler, the others with the default one):",
         "",
-        "| temperature | sigma_start | K (Heun) | transitions/s | × trajectory diffusion speed | "
-        "one-step MSE | × trajectory diffusion error | median row | H=8 | H=31 | coverage |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| temperature | sigma_start | K (Heun) | polish | transitions/s | × trajectory diffusion speed | "
+        "one-step MSE | × trajectory diffusion error | median row | H=8 | H=31 | coverage | spread |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    polished = rows.get("trajectory:ode20-polish30", traj)
     for s in sweep:
         label = "raw drafts" if s["sigma_start"] == 0 else f"{s['sigma_start']}"
+        # Unpolished rows are compared with the default sampler, polished ones with the polished sampler.
+        ref = polished if s["polish"] else traj
         lines.append(
-            f"| {s['temperature']} | {label} | {s['K'] or '—'} | {s['rate']:,.0f} | "
-            f"{s['rate'] / traj['rate']:.1f}× | {fmt(s['one_step'])} | "
-            f"{s['one_step'] / traj['one_step']:.2f}× | {fmt(s['one_step_median'])} | {fmt(s['h8'])} | "
-            f"{fmt(s['h31'])} | {fmt(s['coverage'], '.2f')} |"
+            f"| {s['temperature']} | {label} | {s['K'] or '—'} | {s['polish'] or '—'} | {s['rate']:,.0f} | "
+            f"{s['rate'] / ref['rate']:.1f}× | {fmt(s['one_step'])} | "
+            f"{s['one_step'] / ref['one_step']:.2f}× | {fmt(s['one_step_median'])} | {fmt(s['h8'])} | "
+            f"{fmt(s['h31'])} | {fmt(s['coverage'], '.2f')} | {fmt(s['spread'], '.2f')} |"
         )
     return "\n".join(lines)
 

@@ -39,6 +39,8 @@ class PGDSpec:
     guidance: GuidanceConfig = field(default_factory=lambda: GuidanceConfig(terms=("policy",)))
     initial_target: str | None = None
     """Agent file guiding round 0 (None: round 0 unguided); see :class:`offline_rl.pgd.PGDConfig`."""
+    polish: int = 0
+    """Denoise–renoise iterations after sampling each set; see :class:`offline_rl.pgd.PGDConfig`."""
 
     def __post_init__(self) -> None:
         check_initial_target(self.initial_target, self.guidance)
@@ -122,6 +124,7 @@ def _run_job(job: Job) -> dict[str, Any]:
             real_rows=p.real_rows,
             guidance=p.guidance,
             initial_target=p.initial_target,
+            polish=p.polish,
             seed=job.seed,
         )
         gen = load_generator(p.generator, device=cfg.generator_device)

@@ -63,6 +63,8 @@ class PGDConfig:
     """An agent file from an earlier stage (e.g. trained on the real data) that guides round 0; None: round
     0 is unguided, as in policy-guided diffusion. Our small generators' unguided data can teach an agent
     to stand still, and a loop whose first target stands still only reinforces it."""
+    polish: int = 0
+    """Denoise–renoise iterations after sampling each set (:class:`generators.edm.Polish`; 0: off)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -71,8 +73,9 @@ class PGDConfig:
         for key in ("steps", "regenerate_every", "synthetic_transitions", "synthetic_rows"):
             if getattr(self, key) < 1:
                 raise RlsynthError(f"pgd {key} must be positive, got {getattr(self, key)}")
-        if self.real_rows < 0:
-            raise RlsynthError(f"pgd real_rows must be ≥ 0, got {self.real_rows}")
+        if self.real_rows < 0 or self.polish < 0:
+            key = "real_rows" if self.real_rows < 0 else "polish"
+            raise RlsynthError(f"pgd {key} must be ≥ 0, got {getattr(self, key)}")
         check_initial_target(self.initial_target, self.guidance)
 
     @property
@@ -138,7 +141,9 @@ def run_pgd(
             generator,
             real,
             cfg.synthetic_transitions,
-            SampleOptions(seed=cfg.seed * 1_000_003 + r, guidance=guidance, refiner=refiner),
+            SampleOptions(
+                seed=cfg.seed * 1_000_003 + r, guidance=guidance, refiner=refiner, polish=cfg.polish
+            ),
         )
         lineage = {
             "sources": [real_lineage or {"source": real.source}],

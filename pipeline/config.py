@@ -82,6 +82,9 @@ class SynthesizeConfig:
     """Catalog name of the synthetic versions."""
     guidance: GuidanceSection = field(default_factory=GuidanceSection)
     """Guidance for the synthetic data (terms: [] for unguided)."""
+    polish: int = 0
+    """Denoise–renoise iterations after sampling (``generator sample --polish``; 0: off). 30 cut the
+    cpu-small trajectory model's one-step dynamics error 2.5× on HalfCheetah medium-replay."""
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,8 @@ class RunConfig:
             raise ConfigError("agents.pgd_warm_start: needs the pgd condition in agents.conditions")
         if self.synthesize.shards < 1 or self.synthesize.transitions < self.synthesize.shards:
             raise ConfigError("synthesize: need shards ≥ 1 and at least one transition per shard")
+        if self.synthesize.polish < 0:
+            raise ConfigError(f"synthesize.polish: need ≥ 0 iterations, got {self.synthesize.polish}")
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:

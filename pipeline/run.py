@@ -157,6 +157,7 @@ def _task_shard(
     seed: int,
     guidance: dict[str, Any] | None,
     episode_offset: int,
+    polish: int = 0,
 ) -> dict[str, Any]:
     """Sample shard ``index`` and write it as part ``index`` of the open transaction (atomic per part)."""
     import numpy as np
@@ -176,7 +177,7 @@ def _task_shard(
     source = Catalog(catalog_uri).read(source_ref)
     g = build_guidance(GuidanceConfig(**guidance), gen.info) if guidance else None
     t0 = time.perf_counter()
-    ds = sample(gen, source, n, SampleOptions(seed=sample_seed(seed, index), guidance=g))
+    ds = sample(gen, source, n, SampleOptions(seed=sample_seed(seed, index), guidance=g, polish=polish))
     t = ds.transitions
     cols = {c: np.array(getattr(t, c)) for c in Transitions.columns()}
     cols["episode_id"] = cols["episode_id"] + episode_offset
@@ -354,7 +355,7 @@ def run_pipeline(
         max_in_flight = max(1, int(ray.cluster_resources().get("CPU", 1)))
         try:
             shard_args = [
-                (catalog_uri, txn, i, gen["folder"], src["ref"], n, cfg.seed, guidance, offsets[i])
+                (catalog_uri, txn, i, gen["folder"], src["ref"], n, cfg.seed, guidance, offsets[i], s.polish)
                 for i, n in enumerate(sizes)
             ]
             results = run_bounded(ray, remote["shard"], shard_args, max_in_flight, "synthesize", log)
@@ -426,7 +427,8 @@ def run_pipeline(
                     regenerate_every=a.pgd_regenerate_every, synthetic_transitions=a.pgd_transitions,
                     guidance=GuidanceConfig(terms=("policy",), scale=gsec.scale,
                                             deterministic_std=gsec.deterministic_std),
-                    initial_target=target["agent"] if a.pgd_warm_start else None)))  # fmt: skip
+                    initial_target=target["agent"] if a.pgd_warm_start else None,
+                    polish=cfg.synthesize.polish)))  # fmt: skip
         ccfg = CompareConfig(algos=a.algos, seeds=a.seeds, steps=a.steps, eval_every=a.eval_every,
                              eval_episodes=a.eval_episodes, final_episodes=a.final_episodes,
                              catalog=catalog_uri)  # fmt: skip

@@ -71,6 +71,7 @@ def test_downstream_parses_mix_conditions_seeds_and_algos(downstream: ModuleType
         (["--pgd-synthetic", "0"], "--pgd-synthetic must be positive, got 0"),
         (["--scale", "0"], "--scale and --pgd-std must be positive"),
         (["--pgd-std", "nan"], "--scale and --pgd-std must be positive"),
+        (["--polish", "-1"], "--polish must be ≥ 0"),
         (["--seeds", "0,x"], "--seeds: expected comma-separated integers, got '0,x'"),
         (["--algos", "td3bc,sac"], "--algos: unknown ['sac']"),
     ],

@@ -215,10 +215,13 @@ def test_pgd_loop_drafts_with_an_autoregressive_generator_and_records_its_refine
     ar = replace(ar, config={**ar.config, "refiner": str(traj.folder)})  # as `--refiner` records it
     cat = Catalog(str(tmp_path / "cat"))
     cfg = PGDConfig(algo="td3bc", steps=6, regenerate_every=4, synthetic_transitions=60, synthetic_rows=12,
-                    real_rows=4)  # fmt: skip
+                    real_rows=4, polish=2)  # fmt: skip
     res = run_pgd(cfg, ar, random_hopper(), cat, "pgd/ar", tmp_path / "run", progress=False)
     first, second = (cat.manifest(r.version)["lineage"] for r in res.rounds)
     assert first["generator"]["kind"] == "autoregressive" and first["guidance"] is None
+    assert first["pgd"]["config"]["polish"] == 2
+    with pytest.raises(RlsynthError, match="pgd polish must be ≥ 0, got -1"):
+        replace(cfg, polish=-1)
     assert second["generator"]["refiner"]["checkpoint_hash"] == traj.checkpoint_hash
     assert second["guidance"][0]["term"] == "policy" and cat.read("pgd/ar@2").n_transitions == 60
 

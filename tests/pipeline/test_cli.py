@@ -488,6 +488,11 @@ def test_diffusion_and_autoregressive_generators_from_the_cli(tmp_path: Path, en
                               "--steps", "2", "--churn", other, "--json", env=env))  # fmt: skip
     assert churned["lineage"]["sampling"]["churn"] == float(other)
     assert churned["content_hash"] != made["content_hash"]  # the option reaches the sampler
+    assert made["lineage"]["sampling"]["polish"] == 0
+    polished = as_json(rlsynth("generator", "sample", str(traj), "--n-transitions", "40", "--name", "hc/traj",
+                               "--steps", "2", "--polish", "3", "--json", env=env))  # fmt: skip
+    assert polished["lineage"]["sampling"]["polish"] == 3
+    assert polished["content_hash"] != made["content_hash"]
     drafted = as_json(
         rlsynth(
             "generator",
@@ -515,6 +520,16 @@ def test_diffusion_and_autoregressive_generators_from_the_cli(tmp_path: Path, en
     not_ar = rlsynth("generator", "sample", str(traj), "--n-transitions", "5", "--name", "hc/t",
                      "--temperature", "0.5", env=env, check=False)  # fmt: skip
     assert not_ar.returncode == 2 and "applies to autoregressive generators only" in not_ar.stderr
+    refined_polished = as_json(rlsynth("generator", "sample", str(ar), "--n-transitions", "40", "--name",
+                                       "hc/ar", "--sigma-start", "0.3", "--steps", "1", "--polish", "2",
+                                       "--json", env=env))  # fmt: skip
+    assert refined_polished["lineage"]["sampling"]["polish"] == 2
+    assert refined_polished["content_hash"] != default["content_hash"]  # it reaches the refinement
+    versions = len(as_json(rlsynth("datasets", "list", "--json", env=env)))
+    raw_polish = rlsynth("generator", "sample", str(ar), "--n-transitions", "40", "--name", "hc/ar",
+                         "--sigma-start", "0", "--polish", "2", env=env, check=False)  # fmt: skip
+    assert raw_polish.returncode == 1 and "raw drafts (sigma_start 0) are not refined" in raw_polish.stderr
+    assert len(as_json(rlsynth("datasets", "list", "--json", env=env))) == versions  # nothing written
     refiner = drafted["lineage"]["generator"]["refiner"]
     assert refiner["checkpoint_hash"].startswith("sha256:") and refiner["folder"] == str(traj.resolve())
     assert drafted["transitions"] == 40
@@ -602,3 +617,6 @@ def test_agent_train_and_guided_sampling(tmp_path: Path, env: dict[str, str]) ->
     wm_churn = rlsynth("generator", "sample", str(wm), "--n-transitions", "10", "--name", "hop/w",
                        "--churn", "5", env=env, check=False)  # fmt: skip
     assert wm_churn.returncode == 2 and "applies to diffusion kinds only" in wm_churn.stderr
+    wm_polish = rlsynth("generator", "sample", str(wm), "--n-transitions", "10", "--name", "hop/w",
+                        "--polish", "3", env=env, check=False)  # fmt: skip
+    assert wm_polish.returncode == 2 and "applies to diffusion kinds only" in wm_polish.stderr

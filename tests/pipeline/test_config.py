@@ -51,6 +51,7 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
         ("source: {recipe: random}\nagents: {pgd_warm_start: 3}\n", "agents.pgd_warm_start: expected bool"),
         ("source: {recipe: random, ref: a@1}\n", "exactly one of ref or recipe"),
         ("source: {recipe: random}\ngenerator: {kind: world-model}\n", "cannot be guided"),
+        ("source: {recipe: random}\nsynthesize: {polish: -2}\n", "synthesize.polish: need ≥ 0 iterations"),
         ("source: [1, 2]\n", "source: expected a mapping"),
         ("- just\n- a list\n", "must be a mapping"),
         ("source: {recipe: random\n", "not valid YAML"),

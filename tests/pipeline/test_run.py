@@ -25,7 +25,7 @@ TINY = {
     "source": {"recipe": "random", "env": "Hopper-v5", "transitions": 400, "name": "tiny/src"},
     "target": {"algo": "bc", "steps": 20},
     "generator": {"kind": "transition", "steps": 30},
-    "synthesize": {"transitions": 300, "shards": 3, "name": "tiny/syn"},
+    "synthesize": {"transitions": 300, "shards": 3, "name": "tiny/syn", "polish": 2},
     "fidelity": {"sample": 100, "horizons": [1]},
     "agents": {
         "algos": ["bc"],
@@ -66,6 +66,7 @@ def test_every_stage_runs_and_a_failed_shard_is_retried(ray_cluster: None, tmp_p
     assert cat.verify(syn["ref"])["ok"]
     assert man["lineage"]["generator"]["checkpoint_hash"] == m["stages"]["generator"]["checkpoint_hash"]
     assert man["lineage"]["guidance"]["terms"] == ["policy"]
+    assert man["lineage"]["synthesize"]["polish"] == 2  # and the shards sampled with it
     agg = {r["condition"] for r in m["stages"]["agents"]["aggregate"]}
     assert agg == {"real", "synthetic", "mixed", "pgd"}
     report = (tmp_path / "runs" / "r1" / "report.md").read_text()
