@@ -233,10 +233,12 @@ def test_used_settings_resolve_the_model_defaults_and_the_options(
     assert api.used_settings(trained["trajectory"], SampleOptions()) == {
         "steps": traj_cfg.sample_steps,
         "churn": traj_cfg.s_churn,
+        "polish": 0,
     }
-    assert api.used_settings(trained["transition"], SampleOptions(steps=3, churn=2.5)) == {
+    assert api.used_settings(trained["transition"], SampleOptions(steps=3, churn=2.5, polish=4)) == {
         "steps": 3,
         "churn": 2.5,
+        "polish": 4,
     }
     ar_cfg = trained["autoregressive"].model.cfg  # type: ignore[union-attr]
     assert api.used_settings(trained["autoregressive"], SampleOptions(temperature=0.9)) == {
@@ -244,6 +246,7 @@ def test_used_settings_resolve_the_model_defaults_and_the_options(
         "sigma_start": ar_cfg.sigma_start,
         "temperature": 0.9,
         "churn": 0.0,
+        "polish": 0,
     }
     assert api.used_settings(trained["world-model"], SampleOptions(horizon=6)) == {"horizon": 6}
 
@@ -259,6 +262,25 @@ def test_churn_changes_samples_and_keeps_them_split_independent(
     # Churn noise comes from each sample's own noise source: a larger request repeats the first samples.
     more = sample(gen, random_hopper(), 400, SampleOptions(seed=1, steps=4, churn=3.0)).transitions
     np.testing.assert_array_equal(more.observations[:59], churned.observations[:59])
+
+
+@pytest.mark.parametrize("kind", ["trajectory", "transition"])
+def test_polish_changes_samples_and_keeps_them_split_independent(
+    trained: dict[str, LoadedGenerator], kind: str
+) -> None:
+    gen = trained[kind]
+    plain = sample(gen, random_hopper(), 60, SampleOptions(seed=1, steps=4)).transitions
+    polished = sample(gen, random_hopper(), 60, SampleOptions(seed=1, steps=4, polish=3)).transitions
+    assert not np.array_equal(plain.observations, polished.observations)
+    more = sample(gen, random_hopper(), 400, SampleOptions(seed=1, steps=4, polish=3)).transitions
+    np.testing.assert_array_equal(more.observations[:59], polished.observations[:59])
+
+
+def test_bad_polish_is_refused(trained: dict[str, LoadedGenerator]) -> None:
+    with pytest.raises(RlsynthError, match="polish must be a non-negative number of iterations, got -2"):
+        sample(trained["trajectory"], random_hopper(), 10, SampleOptions(polish=-2))
+    with pytest.raises(RlsynthError, match="raw drafts"):
+        sample(trained["autoregressive"], random_hopper(), 10, SampleOptions(sigma_start=0.0, polish=2))
 
 
 @pytest.mark.parametrize("kind", ["trajectory", "autoregressive"])
