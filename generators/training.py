@@ -276,7 +276,8 @@ def train(
     if (out / STATE_JSON).exists():
         start, history = _load_state(out, model, ema, opt, gen, device, fp)
     step = start
-    loss_val = float("nan")
+    # A finished run re-run (nothing left to train) reports the last recorded loss, not NaN.
+    loss_val = float(history[-1]["loss"]) if history else float("nan")
     rng_before: dict[str, torch.Tensor] | None = None
     t0 = time.perf_counter()
     bar = tqdm(

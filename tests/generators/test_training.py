@@ -89,6 +89,10 @@ def test_interrupted_training_resumes_exactly(tmp_path: Path) -> None:
     assert res.resumed_from == 120
     for a, b in zip(full.state_dict().values(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # Re-running a finished run trains nothing and reports the last recorded loss (not NaN).
+    again = train(Quadratic(), data(), CFG, tmp_path / "part")
+    assert again.resumed_from == again.steps == res.steps
+    assert math.isfinite(again.final_loss) and again.final_loss == res.history[-1]["loss"]
 
 
 def test_resume_with_another_config_is_refused(tmp_path: Path) -> None:
