@@ -84,7 +84,8 @@ class SampleOptions:
     polish: int | None = None
     """Diffusion families and the autoregressive refinement: denoise–renoise iterations after sampling
     (:class:`generators.edm.Polish`, σ 0.5 → 0.05; 0 or None: off). 30 cut trajectory diffusion's one-step
-    dynamics error 2.5× on HalfCheetah medium-replay at 1.8× the sampling cost (BENCHMARKS.md)."""
+    dynamics error from 0.187 to 0.082 on HalfCheetah medium-replay at about half the sampling rate
+    (BENCHMARKS.md)."""
     guidance: Guide | None = None
     """Diffusion families: guidance bound to the sample space; it wraps the denoiser, the sampler is
     unchanged. Autoregressive: tilts every drafted token (``Guide.bind_draft``) and guides the refinement

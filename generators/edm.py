@@ -230,8 +230,6 @@ class Polish:
 
     def sigmas(self) -> torch.Tensor:
         """The iterations' noise levels (steps,), float64, from sigma_hi down to sigma_lo."""
-        if self.steps == 0:
-            return torch.zeros(0, dtype=torch.float64)
         hi, lo = math.log(self.sigma_hi), math.log(self.sigma_lo)
         return torch.linspace(hi, lo, self.steps, dtype=torch.float64).exp()
 
@@ -269,6 +267,6 @@ def generate(
     x = start if x_init is None else x_init + start
     sampler = sample_heun if heun else sample_euler
     x = sampler(denoiser, x, sigmas, noise=noise, churn=churn)
-    if polishing is not None and polishing.steps:
+    if polishing is not None:  # zero steps: no sigmas, polish() returns x
         x = polish(denoiser, x, polishing.sigmas(), noise=noise)
     return x

@@ -73,9 +73,9 @@ class PGDConfig:
         for key in ("steps", "regenerate_every", "synthetic_transitions", "synthetic_rows"):
             if getattr(self, key) < 1:
                 raise RlsynthError(f"pgd {key} must be positive, got {getattr(self, key)}")
-        if self.real_rows < 0 or self.polish < 0:
-            key = "real_rows" if self.real_rows < 0 else "polish"
-            raise RlsynthError(f"pgd {key} must be ≥ 0, got {getattr(self, key)}")
+        for key in ("real_rows", "polish"):
+            if getattr(self, key) < 0:
+                raise RlsynthError(f"pgd {key} must be ≥ 0, got {getattr(self, key)}")
         check_initial_target(self.initial_target, self.guidance)
 
     @property

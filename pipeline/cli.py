@@ -634,8 +634,8 @@ def generator_train_cmd(
     type=click.IntRange(min=0),
     default=None,
     help="Diffusion kinds (autoregressive: the refinement): denoise-renoise iterations after sampling, "
-    "σ 0.5 → 0.05 (30 cut trajectory diffusion's one-step dynamics error 2.5× on HalfCheetah at 1.8× the "
-    "cost; it narrows the spread a little); default: 0.",
+    "σ 0.5 → 0.05 (30 cut trajectory diffusion's one-step dynamics error from 0.187 to 0.082 on HalfCheetah "
+    "at about half the sampling rate; it narrows the spread a little); default: 0.",
 )
 @click.option(
     "--refiner",

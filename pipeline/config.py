@@ -84,7 +84,7 @@ class SynthesizeConfig:
     """Guidance for the synthetic data (terms: [] for unguided)."""
     polish: int = 0
     """Denoise–renoise iterations after sampling (``generator sample --polish``; 0: off). 30 cut the
-    cpu-small trajectory model's one-step dynamics error 2.5× on HalfCheetah medium-replay."""
+    cpu-small trajectory model's one-step dynamics error from 0.187 to 0.082 on HalfCheetah medium-replay."""
 
 
 @dataclass(frozen=True)
