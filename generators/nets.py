@@ -152,7 +152,7 @@ class CausalBlock(nn.Module):
     """Pre-norm transformer block; ``kv_heads`` < ``heads`` shares each key/value head among
     heads / kv_heads query heads (grouped-query attention; 1 is multi-query attention)."""
 
-    def __init__(self, width: int, heads: int, kv_heads: int | None = None) -> None:
+    def __init__(self, width: int, heads: int, kv_heads: int | None = None, mlp_ratio: int = 4) -> None:
         super().__init__()
         kv = heads if kv_heads is None else kv_heads
         if width % heads or kv < 1 or heads % kv:
@@ -164,7 +164,9 @@ class CausalBlock(nn.Module):
         self.qkv = nn.Linear(width, width + 2 * kv * (width // heads))
         self.proj = nn.Linear(width, width)
         self.norm2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.mlp = nn.Sequential(
+            nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width)
+        )
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """x (B, T, W). With ``cache`` (earlier positions, updated in place), x holds the new ones."""
@@ -215,13 +217,14 @@ class CausalTransformer(nn.Module):
         heads: int = 4,
         max_len: int = 64,
         kv_heads: int | None = None,
+        mlp_ratio: int = 4,
     ) -> None:
         super().__init__()
         self.max_len = max_len
         self.inp = nn.Linear(dim, width)
         self.pos = nn.Parameter(torch.zeros(1, max_len, width))
         nn.init.normal_(self.pos, std=0.02)
-        self.blocks = nn.ModuleList(CausalBlock(width, heads, kv_heads) for _ in range(depth))
+        self.blocks = nn.ModuleList(CausalBlock(width, heads, kv_heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, 2 * dim)
 

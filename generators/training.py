@@ -17,7 +17,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -46,7 +46,13 @@ class TrainConfig:
     """Optimisation settings shared by all generator families."""
 
     steps: int = 20_000
-    """Gradient steps."""
+    """Gradient steps (with ``budget_s``: the most the run may plan)."""
+    budget_s: float | None = None
+    """Wall-clock budget of the whole run in seconds. When set, the run times its own steps on this machine
+    (steps 10-60 of the process) and plans the most steps that fit (``BUDGET_MARGIN`` of the budget left
+    for validation and checkpoints), rounded down to a multiple of ``eval_every``, at most ``steps``; the
+    cosine schedule then ends there. The plan is saved with the training state: a resumed run finishes
+    the same schedule. Step counts, and so the weights, depend on the machine's speed."""
     batch_size: int = 256
     """Samples per step."""
     lr: float = 1e-3
@@ -100,6 +106,23 @@ def configure_threads(threads: int) -> None:
     n = threads or os.cpu_count() or 1
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
+
+
+BUDGET_MARGIN = 0.92
+"""Share of ``budget_s`` planned for gradient steps (validation and checkpoints measured 3-4% of a run)."""
+CALIBRATION = (10, 60)
+"""Steps of a process timed to plan a budgeted run: the first 10 are skipped (allocator and cache warm-up).
+They lie inside every preset's warm-up, whose learning rates do not depend on the planned total."""
+
+
+def plan_steps(seconds_per_step: float, cfg: TrainConfig, done: int) -> int:
+    """Steps of a ``budget_s`` run at ``seconds_per_step``: a multiple of ``eval_every`` (at least one),
+    never fewer than the ``done`` ones, never more than ``cfg.steps``."""
+    if cfg.budget_s is None:
+        return cfg.steps
+    fit = int(cfg.budget_s * BUDGET_MARGIN / max(seconds_per_step, 1e-9))
+    fit -= fit % cfg.eval_every
+    return min(cfg.steps, max(fit, cfg.eval_every, done))
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -184,6 +207,7 @@ def _save_state(
     rng: Mapping[str, torch.Tensor],
     history: list[dict[str, float]],
     fingerprint: dict[str, Any],
+    planned: int | None,
 ) -> None:
     opt_tensors, opt_skel = flatten_state(opt.state_dict())
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
@@ -197,7 +221,13 @@ def _save_state(
     write_tensors(out / MODEL_FILE, (ema or model).state_dict())
     write_json(
         out / STATE_JSON,
-        {"step": step, "optimizer": opt_skel, "history": history, "fingerprint": fingerprint},
+        {
+            "step": step,
+            "planned_steps": planned,
+            "optimizer": opt_skel,
+            "history": history,
+            "fingerprint": fingerprint,
+        },
     )
 
 
@@ -209,7 +239,7 @@ def _load_state(
     gen: torch.Generator,
     device: torch.device,
     fingerprint: dict[str, Any],
-) -> tuple[int, list[dict[str, float]]]:
+) -> tuple[int, list[dict[str, float]], int | None]:
     meta = read_json(out / STATE_JSON)
     if meta.get("fingerprint") != fingerprint:
         raise CheckpointError(
@@ -223,13 +253,16 @@ def _load_state(
         unflatten_state({k[4:]: v for k, v in tensors.items() if k.startswith("opt.")}, meta["optimizer"])
     )
     _set_rng_states(tensors, gen, device)
-    return int(meta["step"]), list(meta["history"])
+    planned = meta.get("planned_steps")
+    return int(meta["step"]), list(meta["history"]), None if planned is None else int(planned)
 
 
 def resume_fingerprint(cfg: TrainConfig, fingerprint: Mapping[str, Any] | None) -> dict[str, Any]:
     """What a state must have been saved under to be resumed, in its JSON form (tuples become lists),
     as state.json holds it; progress, device and threads may change between runs."""
     train_cfg = asdict(cfg) | {"progress": None, "device": None, "threads": None}
+    if cfg.budget_s is None:
+        train_cfg.pop("budget_s")  # states saved before budgets existed resume unchanged
     blob = {"train": train_cfg, **dict(fingerprint or {})}
     return dict(json.loads(json.dumps(blob)))
 
@@ -252,11 +285,13 @@ def train(
     fingerprint: Mapping[str, Any] | None = None,
     desc: str = "train",
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> TrainResult:
     """Train ``model`` on ``data`` (tensors sharing their first axis), checkpointing into ``out``.
 
     If ``out`` holds a state from the same ``fingerprint`` (model + train config), training resumes from it.
-    The deployable weights (EMA when enabled) end in ``out/model.safetensors``.
+    The deployable weights (EMA when enabled) end in ``out/model.safetensors``. ``clock`` times the steps
+    that plan a ``budget_s`` run.
     """
     from tqdm.auto import tqdm
 
@@ -272,16 +307,21 @@ def train(
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     train_idx, val_idx = split(n, cfg.val_fraction, cfg.seed)
-    start, history = 0, list[dict[str, float]]()
+    start, history, planned = 0, list[dict[str, float]](), None
     if (out / STATE_JSON).exists():
-        start, history = _load_state(out, model, ema, opt, gen, device, fp)
-    step = start
+        start, history, planned = _load_state(out, model, ema, opt, gen, device, fp)
+    if cfg.budget_s is None:
+        planned = cfg.steps
+    # Until a budgeted run has planned, it runs toward the cap (the warm-up does not depend on the total).
+    run = cfg if planned is None else replace(cfg, steps=planned)
+    step = saved = start
+    t_cal = 0.0
     # A finished run re-run (nothing left to train) reports the last recorded loss, not NaN.
     loss_val = float(history[-1]["loss"]) if history else float("nan")
     rng_before: dict[str, torch.Tensor] | None = None
     t0 = time.perf_counter()
     bar = tqdm(
-        total=cfg.steps,
+        total=run.steps,
         initial=start,
         desc=desc,
         disable=not cfg.progress,
@@ -289,11 +329,19 @@ def train(
         mininterval=1.0,
     )
     try:
-        while step < cfg.steps:
+        while step < run.steps:
+            if planned is None and step - start == CALIBRATION[0]:
+                t_cal = clock()
+            if planned is None and step - start == CALIBRATION[1]:
+                planned = plan_steps((clock() - t_cal) / (CALIBRATION[1] - CALIBRATION[0]), cfg, step)
+                run = replace(cfg, steps=planned)
+                bar.total = planned
+                bar.refresh()
+                continue  # the plan may end here (a resumed run already past a small budget)
             # RNG states as of the start of this step: an interruption mid-step resumes from here.
             rng_before = _rng_states(gen, device)
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, cfg)
+                group["lr"] = lr_at(step, run)
             pick = train_idx[torch.randint(len(train_idx), (cfg.batch_size,), generator=gen)]
             loss, metrics = model.loss(_take(data, pick, device))  # type: ignore[operator]
             opt.zero_grad(set_to_none=True)
@@ -311,22 +359,25 @@ def train(
                 bar.set_postfix(loss=f"{loss_val:.4f}", refresh=False)
             if on_step is not None:
                 on_step(step, metrics)
-            if step % cfg.eval_every == 0 or step == cfg.steps:
+            if step % cfg.eval_every == 0 or step == run.steps:
                 val = validation_loss(ema or model, data, val_idx, device, cfg.batch_size * 4, cfg.seed)
                 history.append(
                     {
                         "step": step,
                         "loss": loss_val,
                         "val_loss": float("nan") if val is None else val,
-                        "lr": lr_at(step - 1, cfg),
+                        "lr": lr_at(step - 1, run),
                     }
                 )
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                _save_state(out, step, model, ema, opt, _rng_states(gen, device), history, fp)
+            if step % cfg.checkpoint_every == 0 or step == run.steps:
+                _save_state(out, step, model, ema, opt, _rng_states(gen, device), history, fp, planned)
+                saved = step
+        if saved != step:
+            _save_state(out, step, model, ema, opt, _rng_states(gen, device), history, fp, planned)
     except KeyboardInterrupt:
         # An interruption mid-step resumes from the RNG states as of that step's start.
         rng = rng_before if rng_before is not None else _rng_states(gen, device)
-        _save_state(out, step, model, ema, opt, rng, history, fp)
+        _save_state(out, step, model, ema, opt, rng, history, fp, planned)
         raise
     finally:
         bar.close()

@@ -530,7 +530,10 @@ def generator() -> None:
     help="Checkpoint folder (resumes if it holds an unfinished run of the same config).",
 )
 @click.option(
-    "--steps", type=click.IntRange(min=1), default=None, help="Override the preset's gradient steps."
+    "--steps",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Train exactly this many gradient steps (replaces a preset's time budget).",
 )
 @click.option("--seed", type=int, default=None, help="Override the preset's seed.")
 @click.option(

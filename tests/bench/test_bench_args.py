@@ -154,3 +154,11 @@ def test_gpu_check_rejects_bad_options(
 ) -> None:
     base = ["--data", "x.hdf5", "--jobs", "trajectory:cpu-small:10", "--out", "o"]
     rejects(gpu_check.parse_args, [*base, *extra], capsys, message)
+
+
+def test_generators_table_says_when_a_preset_planned_its_steps() -> None:
+    gens = load("generators")
+    assert gens.trained({"steps": 21000, "train_s": 708.2, "budget_s": 840.0}) == (
+        "21000 steps (planned in a 14-min budget), 708 s"
+    )
+    assert gens.trained({"steps": 15000, "train_s": 320.4, "budget_s": None}) == "15000 steps, 320 s"

@@ -155,10 +155,13 @@ def test_a_draft_tilt_moves_each_token_before_the_next_is_predicted_from_it() ->
         torch.testing.assert_close(var, (0.5 * torch.exp(0.5 * logvar[:, k])) ** 2, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("kv_heads", [None, 2, 1])
-def test_cached_decoding_equals_the_full_pass(kv_heads: int | None) -> None:
+@pytest.mark.parametrize(("kv_heads", "mlp_ratio"), [(None, 4), (2, 4), (1, 4), (1, 2)])
+def test_cached_decoding_equals_the_full_pass(kv_heads: int | None, mlp_ratio: int) -> None:
     torch.manual_seed(0)
-    net = CausalTransformer(dim=5, width=16, depth=2, heads=4, max_len=10, kv_heads=kv_heads).eval()
+    net = CausalTransformer(
+        dim=5, width=16, depth=2, heads=4, max_len=10, kv_heads=kv_heads, mlp_ratio=mlp_ratio
+    ).eval()
+    assert net.blocks[0].mlp[0].out_features == mlp_ratio * 16
     x = torch.randn(2, 7, 5)
     full_mean, _ = net(x)
     caches = net.new_cache()

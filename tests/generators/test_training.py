@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
 from generators.checkpoint import CheckpointError, flatten_state, read_tensors, unflatten_state
-from generators.training import TrainConfig, lr_at, split, train
+from generators.training import BUDGET_MARGIN, TrainConfig, lr_at, plan_steps, split, train
 
 
 class Quadratic(nn.Module):
@@ -69,20 +70,24 @@ def test_training_learns_and_writes_safetensors(tmp_path: Path) -> None:
     torch.testing.assert_close(weights["lin.weight"], m.lin.weight.detach().cpu())  # EMA weights are deployed
 
 
-def test_interrupted_training_resumes_exactly(tmp_path: Path) -> None:
+def interrupted_at_120(cfg: TrainConfig, out: Path, **kwargs: Any) -> None:
+    """Train a fresh (seed 0) model into ``out`` and stop it with Ctrl-C after step 120."""
     torch.manual_seed(0)
-    full = Quadratic()
-    train(full, data(), CFG, tmp_path / "full")
-
-    torch.manual_seed(0)
-    part = Quadratic()
 
     def interrupt(step: int, _m: dict[str, float]) -> None:
         if step == 120:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(part, data(), CFG, tmp_path / "part", on_step=interrupt)
+        train(Quadratic(), data(), cfg, out, on_step=interrupt, **kwargs)
+
+
+def test_interrupted_training_resumes_exactly(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    full = Quadratic()
+    train(full, data(), CFG, tmp_path / "full")
+
+    interrupted_at_120(CFG, tmp_path / "part")
     torch.manual_seed(123)  # whatever the process does in between must not matter
     resumed = Quadratic()
     res = train(resumed, data(), CFG, tmp_path / "part")
@@ -93,6 +98,47 @@ def test_interrupted_training_resumes_exactly(tmp_path: Path) -> None:
     again = train(Quadratic(), data(), CFG, tmp_path / "part")
     assert again.resumed_from == again.steps == res.steps
     assert math.isfinite(again.final_loss) and again.final_loss == res.history[-1]["loss"]
+
+
+def test_plan_steps_fits_the_budget() -> None:
+    cfg = TrainConfig(steps=10_000, eval_every=100, budget_s=100.0)
+    # 100 s at 0.01 s per step: 9,200 steps fit the margin; 0.013 s: 7,076 -> 7,000 (a multiple of 100).
+    assert plan_steps(0.01, cfg, 60) == int(100 * BUDGET_MARGIN / 0.01) == 9_200
+    assert plan_steps(0.013, cfg, 60) == 7_000
+    assert plan_steps(0.001, cfg, 60) == 10_000  # the cap
+    assert plan_steps(10.0, cfg, 60) == 100  # at least one evaluation interval
+    assert plan_steps(10.0, cfg, 460) == 460  # never fewer than the steps already done
+    assert plan_steps(10.0, TrainConfig(steps=300), 60) == 300  # no budget: the configured steps
+
+
+class FakeClock:
+    """Each call is ``dt`` seconds after the previous one: the loop reads it twice to time 50 steps."""
+
+    def __init__(self, dt: float) -> None:
+        self.t, self.dt = 0.0, dt
+
+    def __call__(self) -> float:
+        self.t += self.dt
+        return self.t
+
+
+def test_budgeted_run_plans_its_steps_and_resumes_the_plan(tmp_path: Path) -> None:
+    cfg = TrainConfig(**{**CFG.__dict__, "steps": 1_000, "eval_every": 20, "budget_s": 2.0})
+    # 0.5 s over 50 timed steps = 0.01 s per step: 2 s x 0.92 / 0.01 = 184 -> 180 steps.
+    torch.manual_seed(0)
+    full = Quadratic()
+    res = train(full, data(), cfg, tmp_path / "full", clock=FakeClock(0.5))
+    assert res.steps == 180 and res.history[-1]["step"] == 180
+    assert res.history[-1]["lr"] == pytest.approx(lr_at(179, TrainConfig(**{**cfg.__dict__, "steps": 180})))
+    assert res.history[-1]["lr"] < 0.1 * cfg.lr  # the cosine ran to the planned end, not toward the cap
+
+    interrupted_at_120(cfg, tmp_path / "part", clock=FakeClock(0.5))
+    # A resumed run keeps the saved plan even on a machine 4x as fast: the same weights.
+    resumed = Quadratic()
+    again = train(resumed, data(), cfg, tmp_path / "part", clock=FakeClock(0.125))
+    assert again.resumed_from == 120 and again.steps == 180
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_resume_with_another_config_is_refused(tmp_path: Path) -> None:
