@@ -535,6 +535,13 @@ def generator() -> None:
     default=None,
     help="Train exactly this many gradient steps (replaces a preset's time budget).",
 )
+@click.option(
+    "--budget-minutes",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Plan the steps that fit this wall-clock budget on this machine (the preset's steps are the cap; "
+    "default: the preset's budget, 14 min for cpu-small trajectory and autoregressive).",
+)
 @click.option("--seed", type=int, default=None, help="Override the preset's seed.")
 @click.option(
     "--refiner",
@@ -553,6 +560,7 @@ def generator_train_cmd(
     preset_name: str,
     out: str,
     steps: int | None,
+    budget_minutes: float | None,
     seed: int | None,
     refiner: str | None,
     quiet: bool,
@@ -564,6 +572,10 @@ def generator_train_cmd(
     from generators.api import load_generator, preset, record_refiner, train_generator
 
     preset(kind, preset_name)
+    if steps is not None and budget_minutes is not None:
+        raise click.BadParameter(
+            "a fixed step count or a time budget, not both", param_hint="--budget-minutes"
+        )
     if refiner is not None:
         if kind != "autoregressive":
             raise click.BadParameter("only the autoregressive kind takes a refiner", param_hint="--refiner")
@@ -579,6 +591,7 @@ def generator_train_cmd(
         seed=seed,
         progress=not quiet,
         source=source_lineage(data_ref, ds, cat),
+        train_overrides=None if budget_minutes is None else {"budget_s": 60.0 * budget_minutes},
     )
     if refiner is not None:
         record_refiner(Path(out), Path(refiner))

@@ -376,3 +376,23 @@ def test_unknown_kind_and_preset() -> None:
     with pytest.raises(RlsynthError, match="unknown preset"):
         api.preset("trajectory", "tiny")
     assert replace(api.preset("trajectory", "cpu-small")[0]).horizon == 32
+
+
+def test_preset_budget_plans_the_steps_and_an_explicit_count_replaces_it(tmp_path: Path) -> None:
+    """The cpu-small trajectory preset is a time budget: without ``steps`` the run plans its own count (here
+    the cap, 80 steps, since 10 minutes fit far more tiny steps) and records it; ``steps=`` turns it off."""
+    from helpers import TINY, TINY_TRAIN
+
+    from generators.checkpoint import read_json
+
+    assert api.preset("trajectory", "cpu-small")[1].budget_s == 840.0
+    res = api.train_generator("trajectory", random_hopper(), tmp_path / "b", seed=0, progress=False,
+                              model_overrides=TINY["trajectory"],
+                              train_overrides={**TINY_TRAIN, "steps": 80, "budget_s": 600.0})  # fmt: skip
+    assert res.steps == 80
+    assert read_json(tmp_path / "b" / "config.json")["train"]["budget_s"] == 600.0
+    assert read_json(tmp_path / "b" / "state.json")["planned_steps"] == 80
+    fixed = api.train_generator("trajectory", random_hopper(), tmp_path / "f", steps=7, seed=0,
+                                progress=False, model_overrides=TINY["trajectory"],
+                                train_overrides=TINY_TRAIN)  # fmt: skip
+    assert fixed.steps == 7 and read_json(tmp_path / "f" / "config.json")["train"]["budget_s"] is None

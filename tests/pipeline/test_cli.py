@@ -448,6 +448,10 @@ def test_diffusion_and_autoregressive_generators_from_the_cli(tmp_path: Path, en
         check=False,
     )
     assert bad.returncode == 2 and "only the autoregressive kind takes a refiner" in bad.stderr
+    args = ["--kind", "trajectory", "--out", str(tmp_path / "y"), "--steps", "3", "--budget-minutes", "2"]
+    both = rlsynth("generator", "train", "--data", "hc@1", *args, env=env, check=False)
+    assert both.returncode == 2 and "a fixed step count or a time budget, not both" in both.stderr
+    assert not (tmp_path / "y").exists()
     rlsynth(
         "generator",
         "train",
