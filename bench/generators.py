@@ -158,8 +158,9 @@ def main() -> None:
     gens: dict[str, LoadedGenerator] = {}
     for kind in ("world-model", "transition", "trajectory", "autoregressive"):
         # Scale 1 trains the preset as a user gets it: a time-budgeted preset plans its own steps.
-        scaled = max(1, round(preset(kind, "cpu-small")[1].steps * a.steps_scale))
-        steps = None if a.steps_scale == 1.0 else scaled
+        steps = None
+        if a.steps_scale != 1.0:
+            steps = max(1, round(preset(kind, "cpu-small")[1].steps * a.steps_scale))
         done = root / kind / "train.json"
         if a.reuse and done.exists():
             prior = json.loads(done.read_text())

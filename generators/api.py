@@ -443,8 +443,8 @@ PRESETS: dict[str, dict[str, tuple[Any, TrainConfig]]] = {
     "trajectory": {
         # A 14-minute budget on the machine it runs on: the model is under-trained at any step count a
         # 2-core CPU reaches (HalfCheetah medium-replay, one-step error 0.19 at 7,000 steps, 0.117 at
-        # 24,000; BENCHMARKS.md), so it takes every step that fits. 2-core machines here have planned
-        # from ~6,500 (0.13 s per step) to ~23,000 steps (0.033 s). ``--steps`` fixes the count instead.
+        # 24,000; BENCHMARKS.md), so it takes every step that fits: 21,000 planned on a 2-core machine at
+        # 0.033 s per step, 5,000 at session 8's 0.13 s. ``--steps`` fixes the count instead.
         "cpu-small": (
             TrajectoryConfig(channels=(32, 64), emb=64, stride=1),
             TrainConfig(
