@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from datasets.errors import SourceError
-from datasets.types import BoxSpace, DatasetInfo
+from datasets.types import BoxSpace, DatasetInfo, check_env_id
 
 
 def make_env(env_id: str, **kwargs: Any) -> Any:
     """``gymnasium.make`` with a one-line error for unknown ids or missing simulators."""
     import gymnasium
 
+    check_env_id(env_id)
     try:
         return gymnasium.make(env_id, **kwargs)
     except gymnasium.error.Error as e:

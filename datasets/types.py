@@ -8,12 +8,15 @@ Both are frozen; arrays are made read-only so a shared dataset cannot be altered
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from datasets.errors import ValidationError
 
 FloatArray = npt.NDArray[np.float32]
 BoolArray = npt.NDArray[np.bool_]
@@ -93,6 +96,20 @@ class BoxSpace:
         return hash((self.shape, self.low.tobytes(), self.high.tobytes()))
 
 
+# A registered id: optional namespace, name, optional version ("ns/Name-v3"). No ':' — gymnasium reads
+# "module:Name" as "import module, then make Name", so an id from a file would run that file's code.
+ENV_ID = re.compile(r"(?:[A-Za-z0-9_.-]{1,100}/)?[A-Za-z0-9_.-]{1,100}")
+
+
+def check_env_id(env_id: object, where: str = "") -> str:
+    """``env_id`` if it has registered-id syntax, else a one-line :class:`SourceError` naming ``where``."""
+    if isinstance(env_id, str) and ENV_ID.fullmatch(env_id):
+        return env_id
+    at = f"{where}: " if where else ""
+    shown = repr(env_id)[:80]
+    raise ValidationError(f"{at}environment id {shown} is not a registered id (letters, digits, _.- , one /)")
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
     """What a dataset is about: its environment, spaces and optional reference scores."""
@@ -102,6 +119,12 @@ class DatasetInfo:
     action_space: BoxSpace
     ref_min_score: float | None = None
     ref_max_score: float | None = None
+
+    def __post_init__(self) -> None:
+        # Every env id that reaches rlsynth from a file (HDF5 attribute, manifest, Minari metadata) becomes
+        # a DatasetInfo: checking here refuses a code-running id before anything can pass it to gymnasium.
+        if self.env_id is not None:
+            check_env_id(self.env_id)
 
     def to_json(self) -> dict[str, Any]:
         return {
