@@ -43,7 +43,15 @@ from generators.diffusion import (
 )
 from generators.edm import Churn, Denoiser, EDMConfig, PerSampleNoise, Polish, generate, schedule
 from generators.tokens import TokenCodec, TokenLayout, decode_windows, start_tokens, step_scales, windows
-from generators.training import TrainConfig, TrainResult, check_resumable, resolve_device, split, train
+from generators.training import (
+    STATE_JSON,
+    TrainConfig,
+    TrainResult,
+    check_resumable,
+    resolve_device,
+    split,
+    train,
+)
 from generators.world_model import (
     ActionFn,
     WorldModel,
@@ -441,15 +449,14 @@ FAMILIES: dict[str, Family] = {
 
 PRESETS: dict[str, dict[str, tuple[Any, TrainConfig]]] = {
     "trajectory": {
-        # A 14-minute budget on the machine it runs on: the model is under-trained at any step count a
-        # 2-core CPU reaches (HalfCheetah medium-replay, one-step error 0.19 at 7,000 steps, 0.117 at
-        # 24,000; BENCHMARKS.md), so it takes every step that fits: 21,000 planned on a 2-core machine at
-        # 0.033 s per step, 5,000 at session 8's 0.13 s. ``--steps`` fixes the count instead.
+        # A fixed step count, so the same seed gives the same weights on every machine. Sized to ≤ 15 min
+        # on the slower 2-core machines: 0.19 s per step there (planned by a 14-minute budget run), so
+        # 4,000 steps take about 13 min with data preparation and validation. The model is under-trained
+        # at this count (BENCHMARKS.md); ``--steps N`` or ``--budget-minutes M`` trains longer.
         "cpu-small": (
             TrajectoryConfig(channels=(32, 64), emb=64, stride=1),
             TrainConfig(
-                steps=40_000,
-                budget_s=840.0,
+                steps=4_000,
                 batch_size=128,
                 lr=1e-3,
                 weight_decay=1e-4,
@@ -507,16 +514,13 @@ PRESETS: dict[str, dict[str, tuple[Any, TrainConfig]]] = {
         "cpu-small": (
             # Drafting speed is the point of the drafter, so the arithmetic per drafted token is cut where
             # the error allowed it (HalfCheetah medium-replay, BENCHMARKS.md): one key/value head
-            # (multi-query attention, 1.28× faster than 4 at the same refined error, session 8) and MLPs of
+            # (multi-query attention, 1.28× faster than 4 at the same refined error) and MLPs of
             # twice the width, not four (the MLP was three quarters of a step), in 2 blocks, not 3. Like
-            # the trajectory preset it takes every step a 14-minute budget allows. Session 11, refined by
-            # the same trajectory model: the old 3-block drafter, 4,000 steps, 8.5× trajectory diffusion's
-            # speed at 0.95× its error; MLP ratio 2, 12,000 steps, 13.2× at 0.57×; this preset (24,000
-            # planned steps) 15.1× at 0.66×.
+            # the trajectory preset it is a fixed step count sized to ≤ 15 min on the slower 2-core
+            # machines (0.074 s per step there, planned by a 14-minute budget run).
             AutoregressiveConfig(width=96, depth=2, heads=4, kv_heads=1, mlp_ratio=2),
             TrainConfig(
-                steps=30_000,
-                budget_s=840.0,
+                steps=10_000,
                 batch_size=128,
                 lr=1e-3,
                 weight_decay=1e-4,
@@ -573,6 +577,10 @@ PRESETS: dict[str, dict[str, tuple[Any, TrainConfig]]] = {
 }
 
 
+BUDGET_CAP_FACTOR = 10
+"""A budgeted run plans at most this many times its preset's fixed steps unless given a cap."""
+
+
 def preset(kind: str, name: str) -> tuple[Any, TrainConfig]:
     if kind not in PRESETS:
         raise RlsynthError(f"unknown generator kind '{kind}' (kinds: {', '.join(KINDS)})")
@@ -588,19 +596,26 @@ def train_generator(
     *,
     preset_name: str = "cpu-small",
     steps: int | None = None,
+    budget_s: float | None = None,
     seed: int | None = None,
     progress: bool = True,
     source: dict[str, Any] | None = None,
     model_overrides: dict[str, Any] | None = None,
     train_overrides: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Train ``kind`` on ``dataset`` into ``out`` (resuming if ``out`` holds a run of the same config)."""
+    """Train ``kind`` on ``dataset`` into ``out`` (resuming if ``out`` holds a run of the same config).
+
+    A preset trains its fixed step count (``steps`` replaces it). ``budget_s`` instead plans the steps that
+    fit that many wall-clock seconds on this machine, with ``steps`` (default: ``BUDGET_CAP_FACTOR`` × the
+    preset's) as the cap: more training where the machine allows, at the price of machine-dependent weights.
+    """
     model_cfg, train_cfg = preset(kind, preset_name)
     family = FAMILIES[kind]
     model_cfg = replace(model_cfg, **(model_overrides or {}))
     train_cfg = replace(train_cfg, progress=progress, **(train_overrides or {}))
-    if steps is not None:
-        # An explicit step count replaces a preset's time budget: the same steps on every machine.
+    if budget_s is not None:
+        train_cfg = replace(train_cfg, steps=steps or BUDGET_CAP_FACTOR * train_cfg.steps, budget_s=budget_s)
+    elif steps is not None:
         train_cfg = replace(train_cfg, steps=steps, budget_s=None)
     if seed is not None:
         train_cfg = replace(train_cfg, seed=seed)
@@ -699,6 +714,18 @@ def refiner_for(gen: LoadedGenerator, opts: SampleOptions) -> LoadedGenerator | 
     return load_generator(path, device=str(gen.device))
 
 
+def training_lineage(folder: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """How long the model trained: its step count, and the wall-clock budget that planned it if any (a
+    budgeted run's steps depend on the machine it ran on, so a version made from it says so)."""
+    train = config.get("train", {})
+    state = folder / STATE_JSON
+    trained = read_json(state).get("step") if state.is_file() else None
+    return {
+        "steps": trained if trained is not None else train.get("steps"),
+        "budget_s": train.get("budget_s"),
+    }
+
+
 def generator_lineage(gen: LoadedGenerator, refiner: LoadedGenerator | None = None) -> dict[str, Any]:
     """What a sampled version records about the model(s) it came from."""
     out: dict[str, Any] = {
@@ -706,6 +733,7 @@ def generator_lineage(gen: LoadedGenerator, refiner: LoadedGenerator | None = No
         "folder": str(gen.folder.resolve()),
         "checkpoint_hash": gen.checkpoint_hash,
         "preset": gen.config.get("preset"),
+        "training": training_lineage(gen.folder, gen.config),
     }
     if refiner is not None:
         out["refiner"] = {"folder": str(refiner.folder.resolve()), "checkpoint_hash": refiner.checkpoint_hash}

@@ -533,14 +533,14 @@ def generator() -> None:
     "--steps",
     type=click.IntRange(min=1),
     default=None,
-    help="Train exactly this many gradient steps (replaces a preset's time budget).",
+    help="Train exactly this many gradient steps (default: the preset's; with --budget-minutes, the cap).",
 )
 @click.option(
     "--budget-minutes",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
-    help="Plan the steps that fit this wall-clock budget on this machine (the preset's steps are the cap; "
-    "default: the preset's budget, 14 min for cpu-small trajectory and autoregressive).",
+    help="Plan the steps that fit this wall-clock budget on this machine instead of a fixed count (the "
+    "weights then depend on the machine; recorded in lineage). Cap: --steps, else 10x the preset's steps.",
 )
 @click.option("--seed", type=int, default=None, help="Override the preset's seed.")
 @click.option(
@@ -572,10 +572,6 @@ def generator_train_cmd(
     from generators.api import load_generator, preset, record_refiner, train_generator
 
     preset(kind, preset_name)
-    if steps is not None and budget_minutes is not None:
-        raise click.BadParameter(
-            "a fixed step count or a time budget, not both", param_hint="--budget-minutes"
-        )
     if refiner is not None:
         if kind != "autoregressive":
             raise click.BadParameter("only the autoregressive kind takes a refiner", param_hint="--refiner")
@@ -588,10 +584,10 @@ def generator_train_cmd(
         Path(out),
         preset_name=preset_name,
         steps=steps,
+        budget_s=None if budget_minutes is None else 60.0 * budget_minutes,
         seed=seed,
         progress=not quiet,
         source=source_lineage(data_ref, ds, cat),
-        train_overrides=None if budget_minutes is None else {"budget_s": 60.0 * budget_minutes},
     )
     if refiner is not None:
         record_refiner(Path(out), Path(refiner))

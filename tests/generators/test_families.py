@@ -6,6 +6,8 @@ Models are tiny and trained for a handful of steps: these tests check the machin
 
 from __future__ import annotations
 
+import multiprocessing
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -378,21 +380,58 @@ def test_unknown_kind_and_preset() -> None:
     assert replace(api.preset("trajectory", "cpu-small")[0]).horizon == 32
 
 
-def test_preset_budget_plans_the_steps_and_an_explicit_count_replaces_it(tmp_path: Path) -> None:
-    """The cpu-small trajectory preset is a time budget: without ``steps`` the run plans its own count (here
-    the cap, 80 steps, since 10 minutes fit far more tiny steps) and records it; ``steps=`` turns it off."""
+def test_presets_are_fixed_step_counts_and_a_budget_plans_under_a_cap(tmp_path: Path) -> None:
+    """Every preset trains a fixed step count (the same weights on any machine); ``budget_s=`` plans the
+    steps that fit instead, capped by ``steps`` (here 80: 10 minutes fit far more tiny steps), and the
+    version made from it says so in its lineage."""
     from helpers import TINY, TINY_TRAIN
 
     from generators.checkpoint import read_json
 
-    assert api.preset("trajectory", "cpu-small")[1].budget_s == 840.0
-    res = api.train_generator("trajectory", random_hopper(), tmp_path / "b", seed=0, progress=False,
-                              model_overrides=TINY["trajectory"],
-                              train_overrides={**TINY_TRAIN, "steps": 80, "budget_s": 600.0})  # fmt: skip
+    assert all(cfg.budget_s is None for kind in api.PRESETS.values() for _, cfg in kind.values())
+    res = api.train_generator("trajectory", random_hopper(), tmp_path / "b", steps=80, budget_s=600.0,
+                              seed=0, progress=False, model_overrides=TINY["trajectory"],
+                              train_overrides=TINY_TRAIN)  # fmt: skip
     assert res.steps == 80
     assert read_json(tmp_path / "b" / "config.json")["train"]["budget_s"] == 600.0
     assert read_json(tmp_path / "b" / "state.json")["planned_steps"] == 80
+    budgeted = api.load_generator(tmp_path / "b", device="cpu")
+    assert api.generator_lineage(budgeted)["training"] == {"steps": 80, "budget_s": 600.0}
     fixed = api.train_generator("trajectory", random_hopper(), tmp_path / "f", steps=7, seed=0,
                                 progress=False, model_overrides=TINY["trajectory"],
                                 train_overrides=TINY_TRAIN)  # fmt: skip
     assert fixed.steps == 7 and read_json(tmp_path / "f" / "config.json")["train"]["budget_s"] is None
+    lineage = api.generator_lineage(api.load_generator(tmp_path / "f", device="cpu"))
+    assert lineage["training"] == {"steps": 7, "budget_s": None}
+
+
+def _burn_cpu(seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        sum(i * i for i in range(10_000))
+
+
+def test_same_seed_gives_the_same_weights_under_cpu_load(tmp_path: Path) -> None:
+    """A preset's weights do not depend on how fast the machine runs: the same seed trained once on a
+    quiet machine and once beside two processes burning every core gives byte-identical weights."""
+    from helpers import TINY, TINY_TRAIN
+
+    from generators.checkpoint import checkpoint_hash
+
+    def run(out: Path) -> str:
+        api.train_generator("trajectory", random_hopper(), out, steps=20, seed=3, progress=False,
+                            model_overrides=TINY["trajectory"], train_overrides=TINY_TRAIN)  # fmt: skip
+        return checkpoint_hash(out)
+
+    quiet = run(tmp_path / "quiet")
+    ctx = multiprocessing.get_context("spawn")
+    burners = [ctx.Process(target=_burn_cpu, args=(60.0,)) for _ in range(2)]
+    for b in burners:
+        b.start()
+    try:
+        loaded = run(tmp_path / "loaded")
+    finally:
+        for b in burners:
+            b.terminate()
+            b.join()
+    assert loaded == quiet

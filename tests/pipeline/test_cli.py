@@ -449,9 +449,9 @@ def test_diffusion_and_autoregressive_generators_from_the_cli(tmp_path: Path, en
     )
     assert bad.returncode == 2 and "only the autoregressive kind takes a refiner" in bad.stderr
     args = ["--kind", "trajectory", "--out", str(tmp_path / "y"), "--steps", "3", "--budget-minutes", "2"]
-    both = rlsynth("generator", "train", "--data", "hc@1", *args, env=env, check=False)
-    assert both.returncode == 2 and "a fixed step count or a time budget, not both" in both.stderr
-    assert not (tmp_path / "y").exists()
+    capped = rlsynth("generator", "train", "--data", "hc@1", *args, "--json", "--quiet", env=env)
+    assert json.loads(capped.stdout)["steps"] == 3  # a budget plans under --steps as the cap
+    assert json.loads((tmp_path / "y" / "config.json").read_text())["train"]["budget_s"] == 120.0
     rlsynth(
         "generator",
         "train",
