@@ -33,6 +33,7 @@ from datasets.fidelity import (
     EvalConfig,
     MujocoOracle,
     evaluate,
+    linear_step,
     open_loop_curve,
     oracle_step,
     reference_std,
@@ -62,12 +63,6 @@ def split_episodes(ds: Dataset, test_fraction: float, seed: int) -> tuple[Datase
         )
 
     return subset(~test, "train"), subset(test, "test")
-
-
-def linear_step(train: Transitions):  # type: ignore[no-untyped-def]
-    x = np.concatenate([train.observations, train.actions, np.ones((len(train), 1))], 1).astype(np.float64)
-    w, *_ = np.linalg.lstsq(x, train.next_observations.astype(np.float64), rcond=None)
-    return lambda s, a: np.concatenate([s, a, np.ones((len(s), 1))], 1) @ w
 
 
 def world_model_step(folder: Path, mean: bool, seed: int):  # type: ignore[no-untyped-def]

@@ -27,7 +27,7 @@ import numpy as np
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from datasets.catalog import Catalog
-from datasets.fidelity import EvalConfig, evaluate, reference_std
+from datasets.fidelity import EvalConfig, evaluate, linear_yardstick
 from datasets.types import Dataset
 from generators.api import (
     LoadedGenerator,
@@ -64,14 +64,6 @@ SWEEP = [
     (0.5, 0.3, 1, 10),
     (0.5, 0.3, 1, 30),
 ]
-
-
-def linear_yardstick(ds: Dataset) -> float:
-    t = ds.transitions
-    x = np.concatenate([t.observations, t.actions, np.ones((len(t), 1))], 1).astype(np.float64)
-    w, *_ = np.linalg.lstsq(x, t.next_observations.astype(np.float64), rcond=None)
-    err = (x @ w - t.next_observations) / reference_std(t)
-    return float((err**2).mean())
 
 
 # Diffusion families are judged at two sampler settings, 20 deterministic Heun steps and 40 with churn 40
@@ -190,7 +182,7 @@ def main() -> None:
             {"temperature": temp, "sigma_start": sigma, "K": k, "polish": polish, "rate": rate}
             | judge(synth, ds)
         )
-    lin = linear_yardstick(ds)
+    lin = linear_yardstick(ds.transitions)
     body = report(a.data, ds, rows, sweep, lin)
     if a.reuse:
         body += (

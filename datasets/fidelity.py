@@ -219,6 +219,24 @@ def open_loop_curve(
     return curve
 
 
+def _linear_features(s: np.ndarray, a: np.ndarray) -> np.ndarray:
+    return np.concatenate([s, a, np.ones((len(s), 1))], 1).astype(np.float64)
+
+
+def linear_step(train: Transitions) -> BatchStep:
+    """The cheapest dynamics model a user could fit: least squares s' = [s, a, 1]·W on ``train``."""
+    x = _linear_features(train.observations, train.actions)
+    w, *_ = np.linalg.lstsq(x, train.next_observations.astype(np.float64), rcond=None)
+    return lambda s, a: _linear_features(s, a) @ w
+
+
+def linear_yardstick(t: Transitions) -> float:
+    """One-step normalised MSE of :func:`linear_step` fitted and scored on ``t``: the error a synthetic
+    dataset's one-step error should be well below to be worth more than a linear model."""
+    err = (linear_step(t)(t.observations, t.actions) - t.next_observations) / reference_std(t)
+    return float((err**2).mean())
+
+
 def oracle_step(oracle: MujocoOracle) -> BatchStep:
     """The simulator as a batched step function (restores each row, steps it)."""
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import make_dataset
 
 from datasets.envs import env_info, make_env
 from datasets.errors import RlsynthError
@@ -192,3 +194,22 @@ def test_penetration_is_the_contact_depth_and_is_reported() -> None:
     sunk = evaluate(Dataset(ds.info, Transitions(**cols), "sunk"), reference=ds, config=FAST)["one_step"]
     assert sunk["penetration_over_1cm"] == 1.0 and sunk["penetration_over_5cm"] == 1.0
     assert sunk["obs_mse_normalised_penetrating"] == pytest.approx(sunk["obs_mse_normalised"])
+
+
+def test_linear_yardstick_is_zero_on_linear_dynamics_and_the_residual_variance_otherwise() -> None:
+    """s' = A s + B a + c exactly gives 0; added noise of std σ per dimension gives σ² / std(s)²."""
+    from datasets.fidelity import linear_step, linear_yardstick, reference_std
+
+    rng = np.random.default_rng(0)
+    n, o, k = 4000, 3, 2
+    s = rng.normal(size=(n, o)).astype(np.float32)
+    a = rng.normal(size=(n, k)).astype(np.float32)
+    A, B = rng.normal(size=(o, o)) * 0.3, rng.normal(size=(k, o))
+    clean = (s @ A + a @ B + 0.5).astype(np.float32)
+    t = make_dataset(lengths=(n,)).transitions
+    exact = replace(t, observations=s, actions=a, next_observations=clean)
+    assert linear_yardstick(exact) < 1e-10
+    np.testing.assert_allclose(linear_step(exact)(s[:5], a[:5]), clean[:5], atol=1e-4)
+    noisy = replace(exact, next_observations=(clean + 0.1 * rng.normal(size=clean.shape)).astype(np.float32))
+    expected = float((0.01 / reference_std(noisy) ** 2).mean())
+    assert abs(linear_yardstick(noisy) - expected) < 0.1 * expected
