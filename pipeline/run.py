@@ -384,15 +384,17 @@ def run_pipeline(
 
     # 5. fidelity
     def fidelity_work(folder: Path) -> dict[str, Any]:
-        from datasets.fidelity import EvalConfig, evaluate, plot
+        from datasets.fidelity import EvalConfig, evaluate, linear_yardstick, plot
 
         f = cfg.fidelity
         ecfg = EvalConfig(sample=f.sample, horizons=f.horizons, windows=64, seed=cfg.seed)
-        res = evaluate(cat.read(syn["ref"]), reference=cat.read(src["ref"]), config=ecfg)
+        source = cat.read(src["ref"])
+        res = evaluate(cat.read(syn["ref"]), reference=source, config=ecfg)
         plot(res, folder / "fidelity.png")
         (folder / "fidelity.json").write_text(json.dumps(res, indent=2, default=str))
         return {"one_step": res["one_step"]["obs_mse_normalised"], "png": str(folder / "fidelity.png"),
-                "json": str(folder / "fidelity.json")}  # fmt: skip
+                "json": str(folder / "fidelity.json"),
+                "linear": linear_yardstick(source.transitions)}  # fmt: skip
 
     fid_in = {"synthetic": syn["content_hash"]}
     fid = runner.stage("fidelity", asdict(cfg.fidelity) | {"seed": cfg.seed}, fid_in, fidelity_work)
@@ -460,9 +462,44 @@ def run_pipeline(
     return metrics
 
 
+# Fewer agent seeds than this, or fewer steps, and the report says its comparison cannot rank the data.
+REPORT_MIN_SEEDS = 3
+REPORT_MIN_STEPS = 20_000
+
+
+def fidelity_lines(fid: dict[str, Any]) -> list[str]:
+    line = f"One-step normalised next-observation MSE: {fid['one_step']:.4g}"
+    lin = fid.get("linear")
+    if lin is None:
+        return [line]
+    verdict = "below" if fid["one_step"] < lin else "not below"
+    return [
+        f"{line}; a linear next-state regression fitted on the source scores {lin:.4g}, so this generator is "
+        f"{verdict} the cheapest model a user could fit ({fid['one_step'] / max(lin, 1e-12):.2f}×)."
+    ]
+
+
+def agents_caveat(cfg: RunConfig) -> list[str]:
+    a = cfg.agents
+    if len(a.seeds) >= REPORT_MIN_SEEDS and a.steps >= REPORT_MIN_STEPS:
+        return []
+    return [
+        f"**This comparison cannot rank the data**: {len(a.seeds)} agent seed(s) of {a.steps:,} steps each; "
+        f"differences between conditions at this size are within seed-to-seed noise. It shows that every "
+        f"stage runs; for measured comparisons use ≥ {REPORT_MIN_SEEDS} seeds and ≥ {REPORT_MIN_STEPS:,} "
+        "steps, or see BENCHMARKS.md.",
+        "",
+    ]
+
+
 def write_report(run_dir: Path, cfg: RunConfig, m: dict[str, Any]) -> Path:
+    """``run_dir/report.md``; images are linked relative to the report, so any Markdown viewer shows them."""
     s = m["stages"]
     syn = s["synthesize"]
+
+    def image(path: str) -> str:
+        return Path(os.path.relpath(Path(path).resolve(), run_dir.resolve())).as_posix()
+
     lines = [
         f"# rlsynth run `{cfg.name}`",
         "",
@@ -478,15 +515,16 @@ def write_report(run_dir: Path, cfg: RunConfig, m: dict[str, Any]) -> Path:
         "",
         "## Fidelity against MuJoCo",
         "",
-        f"One-step normalised next-observation MSE: {s['fidelity']['one_step']:.4g}",
+        *fidelity_lines(s["fidelity"]),
         "",
-        f"![fidelity]({s['fidelity']['png']})",
+        f"![fidelity]({image(s['fidelity']['png'])})",
         "",
         "## Agents",
         "",
+        *agents_caveat(cfg),
         s["agents"]["table"],
         "",
-        f"![learning curves]({s['agents']['curves']})",
+        f"![learning curves]({image(s['agents']['curves'])})",
         "",
     ]
     path = run_dir / "report.md"
