@@ -2,14 +2,41 @@
 
 Every failure a user can cause (a bad file, name, id, field or shape) raises a subclass of
 :class:`RlsynthError`; the CLI prints its message on one line and exits non-zero. Library code never
-lets a deep traceback from h5py, pyarrow or Minari stand in for a message.
+lets a deep traceback from h5py, pyarrow or Minari stand in for a message: it catches the library's
+exception at its boundary and re-raises one of these, quoting the library at most through :func:`brief`.
 """
 
 from __future__ import annotations
 
+# A message is printed after "error: " on one terminal line; beyond this it stops being read.
+MAX_MESSAGE_CHARS = 1000
+# What a quoted library message may add to ours: its first line, shortened.
+MAX_QUOTE_CHARS = 200
+
+# Control characters (newlines included) and Unicode line separators become visible escapes, so a name
+# or id taken from a hostile file cannot break a message into several lines or rewrite the terminal.
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(32), 127)} | {10: "\\n", 13: "\\r", 9: "\\t"}
+_ESCAPES |= {c: f"\\u{c:04x}" for c in (0x85, 0x2028, 0x2029)}
+
+
+def one_line(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``text`` with control characters escaped, cut to ``limit`` characters."""
+    flat = text.translate(_ESCAPES)
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def brief(e: BaseException) -> str:
+    """A library exception as a short quote: its type and the first line of its message."""
+    lines = str(e).strip().splitlines()
+    first = lines[0].strip() if lines else ""
+    return one_line(f"{type(e).__name__}: {first}" if first else type(e).__name__, MAX_QUOTE_CHARS)
+
 
 class RlsynthError(Exception):
-    """Base class of errors whose message is meant for the user as-is."""
+    """Base class of errors whose message is meant for the user as-is (always one line)."""
+
+    def __str__(self) -> str:
+        return one_line(super().__str__())
 
 
 class ValidationError(RlsynthError):
@@ -27,7 +54,7 @@ class ValidationError(RlsynthError):
 
 
 class SourceError(RlsynthError):
-    """A source that cannot be read: missing file, unknown id, wrong layout."""
+    """A source that cannot be read: missing file, unknown id, wrong layout, unsafe structure."""
 
 
 class CatalogError(RlsynthError):

@@ -24,7 +24,7 @@ import numpy as np
 
 from datasets.envs import box_space, make_env
 from datasets.errors import RlsynthError
-from datasets.types import Dataset, DatasetInfo, Episode, episodes_to_transitions
+from datasets.types import Dataset, DatasetInfo, Episode, check_env_id, episodes_to_transitions
 from datasets.validation import validate_episodes
 
 RECIPES = ("random", "sac-medium-replay", "sac-medium")
@@ -55,6 +55,8 @@ class RecipeConfig:
     """Show a progress bar."""
 
     def __post_init__(self) -> None:
+        # Checked when the config is made (CLI option, run config), before any recipe step runs.
+        check_env_id(self.env_id, "recipe environment")
         if self.recipe not in RECIPES:
             raise RlsynthError(f"unknown recipe '{self.recipe}' (recipes: {', '.join(RECIPES)})")
         for name in ("steps", "transitions", "batch_size"):

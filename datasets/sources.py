@@ -15,7 +15,7 @@ from datasets.catalog import Catalog, ContentHasher
 from datasets.errors import SourceError
 from datasets.hdf5 import read_hdf5
 from datasets.minari_io import read_minari
-from datasets.types import Dataset
+from datasets.types import Dataset, check_env_id
 
 
 def _is_hdf5(spec: str) -> bool:
@@ -26,6 +26,9 @@ def load_source(
     spec: str, catalog: Catalog | None = None, *, env_id: str | None = None, download: bool = False
 ) -> Dataset:
     """Read ``spec`` into a validated :class:`Dataset`. ``env_id`` overrides an HDF5 file's own."""
+    if env_id is not None:
+        # The id a user passes (--env) is checked where it enters, like the ids files carry.
+        env_id = check_env_id(env_id, "--env")
     if spec.startswith("minari:"):
         ds = read_minari(spec[len("minari:") :], download=download)
     elif _is_hdf5(spec):

@@ -102,7 +102,7 @@ ENV_ID = re.compile(r"(?:[A-Za-z0-9_.-]{1,100}/)?[A-Za-z0-9_.-]{1,100}")
 
 
 def check_env_id(env_id: object, where: str = "") -> str:
-    """``env_id`` if it has registered-id syntax, else a one-line :class:`SourceError` naming ``where``."""
+    """``env_id`` if it has registered-id syntax, else a one-line :class:`ValidationError` at ``where``."""
     if isinstance(env_id, str) and ENV_ID.fullmatch(env_id):
         return env_id
     at = f"{where}: " if where else ""

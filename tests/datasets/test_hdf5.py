@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from helpers import assert_same_transitions, make_dataset
 
-from datasets.errors import ExportError
+from datasets.errors import ExportError, SourceError, ValidationError
 from datasets.hdf5 import read_hdf5, write_hdf5
 
 KEYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
@@ -83,3 +83,60 @@ def test_env_override_and_missing_env(tmp_path: Path) -> None:
     no_env = read_hdf5(_write(tmp_path / "x.hdf5", a, env_id=None))
     assert no_env.info.env_id is None and "spaces are taken as unbounded" in no_env.notes[0]
     assert read_hdf5(tmp_path / "x.hdf5", env_id="Hopper-v5").info.env_id == "Hopper-v5"
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"compression": "gzip", "compression_opts": 9, "shuffle": True, "fletcher32": True},
+        {"compression": "lzf"},
+        {"chunks": True},
+    ],
+    ids=["gzip-shuffle-fletcher32", "lzf", "chunked"],
+)
+def test_standard_filters_read_even_at_their_best_ratio(tmp_path: Path, options: dict[str, object]) -> None:
+    """All-zero columns in single large chunks: near deflate's 1032:1, under the declared-size bound."""
+    n = 200_000
+    ends = np.zeros(n, bool)
+    a = {
+        "observations": np.zeros((n, 11), np.float32),
+        "next_observations": np.zeros((n, 11), np.float32),
+        "actions": np.zeros((n, 3), np.float32),
+        "rewards": np.zeros(n, np.float32),
+        "terminals": ends,
+        "timeouts": np.r_[ends[:-1], True],
+    }
+    path = tmp_path / "zeros.hdf5"
+    with h5py.File(path, "w") as f:
+        for k, v in a.items():
+            chunks = options.get("chunks", v.shape)
+            f.create_dataset(k, data=v, **{**options, "chunks": chunks})
+        f.attrs["env_id"] = "Hopper-v5"
+    ds = read_hdf5(path)
+    assert ds.n_transitions == n and ds.n_episodes == 1
+
+
+def test_declared_size_is_checked_before_reading(tmp_path: Path) -> None:
+    """A chunk-written file that lost most of its chunks (or never wrote them) is refused, not padded."""
+    a = _arrays()
+    path = tmp_path / "x.hdf5"
+    with h5py.File(path, "w") as f:
+        for k, v in a.items():
+            if k != "rewards":
+                f.create_dataset(k, data=v)
+        f.create_dataset("rewards", shape=(15,), dtype="f4", chunks=(1,))
+        f["rewards"][:2] = 1.0  # 2 of 15 chunks stored: the rest would read as fill values
+        f.attrs["env_id"] = "Hopper-v5"
+    with pytest.raises(SourceError, match=r"x\.hdf5: dataset 'rewards': declares shape \(15,\)"):
+        read_hdf5(path)
+
+
+@pytest.mark.parametrize("env_id", ["gymnasium.envs:Hopper-v5", "Hopper-v5\n", ""])
+def test_env_ids_are_checked_where_they_enter(tmp_path: Path, env_id: str) -> None:
+    path = _write(tmp_path / "x.hdf5", _arrays())
+    with pytest.raises(ValidationError, match="--env: environment id"):
+        read_hdf5(path, env_id=env_id)
+    if env_id:
+        _write(tmp_path / "y.hdf5", _arrays(), env_id=env_id)
+        with pytest.raises(ValidationError, match=r"y\.hdf5: attribute 'env_id': environment id"):
+            read_hdf5(tmp_path / "y.hdf5")
