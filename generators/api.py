@@ -10,8 +10,13 @@ does not depend on how a caller splits the work.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
-from collections.abc import Callable
+import os
+import shutil
+import typing
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -30,6 +35,7 @@ from generators.checkpoint import (
     checkpoint_hash,
     read_json,
     read_tensors,
+    specs_of,
     write_json,
     write_tensors,
 )
@@ -57,6 +63,7 @@ from generators.world_model import (
     WorldModel,
     WorldModelConfig,
     WorldModelNormalisers,
+    check_elites,
     sample_world_model,
     training_tensors,
 )
@@ -602,8 +609,11 @@ def train_generator(
     source: dict[str, Any] | None = None,
     model_overrides: dict[str, Any] | None = None,
     train_overrides: dict[str, Any] | None = None,
+    refiner: Path | None = None,
 ) -> TrainResult:
-    """Train ``kind`` on ``dataset`` into ``out`` (resuming if ``out`` holds a run of the same config).
+    """Train ``kind`` on ``dataset`` into ``out`` (resuming if ``out`` holds a run of the same config);
+    ``refiner`` is recorded as the drafter's default refiner. A failed run leaves no ``out`` behind
+    (:func:`training_folder`).
 
     A preset trains its fixed step count (``steps`` replaces it). ``budget_s`` instead plans the steps that
     fit that many wall-clock seconds on this machine, with ``steps`` (default: ``BUDGET_CAP_FACTOR`` × the
@@ -620,7 +630,7 @@ def train_generator(
     if seed is not None:
         train_cfg = replace(train_cfg, seed=seed)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    # Data is prepared before anything is written: data the family cannot use leaves no folder behind.
     norms, data = family.prepare(dataset, model_cfg)
     config = {
         "kind": kind,
@@ -633,21 +643,88 @@ def train_generator(
             "transitions": dataset.n_transitions,
         },
     }
-    existing = out / "config.json"
-    if existing.exists() and read_json(existing).get("data") != config["data"]:
-        raise CheckpointError(f"{out}: holds a generator trained on other data; use a new --out folder")
     fingerprint = {"kind": kind, "model": asdict(model_cfg), "data": config["data"]}
-    # Refuse a resume of another configuration before config.json is rewritten (train() checks too late).
-    check_resumable(out, train_cfg, fingerprint)
-    write_json(out / "config.json", config)
-    write_json(out / "normaliser.json", {k: v.to_json() for k, v in norms.items()})
-    torch.manual_seed(train_cfg.seed)
-    model = family.build(dataset.info, model_cfg)
-    result = train(model, data, train_cfg, out, fingerprint=fingerprint, desc=f"train {kind}")
-    family.finish(model, data, train_cfg, out)
-    write_json(out / "train.json", asdict(result))
-    _plot_history(result, out / "loss.png", kind)
+    with training_folder(out) as work:
+        existing = work / "config.json"
+        if existing.exists() and read_json(existing).get("data") != config["data"]:
+            raise CheckpointError(f"{work}: holds a generator trained on other data; use a new --out folder")
+        # Refuse a resume of another configuration before config.json is rewritten (train() checks too late).
+        check_resumable(work, train_cfg, fingerprint)
+        write_json(work / "config.json", config)
+        write_json(work / "normaliser.json", {k: v.to_json() for k, v in norms.items()})
+        torch.manual_seed(train_cfg.seed)
+        model = family.build(dataset.info, model_cfg)
+        result = train(model, data, train_cfg, work, fingerprint=fingerprint, desc=f"train {kind}")
+        family.finish(model, data, train_cfg, work)
+        if refiner is not None:
+            record_refiner(work, refiner)
+        write_json(work / "train.json", asdict(result))
+        _plot_history(result, work / "loss.png", kind)
     return result
+
+
+STAGING_SUFFIX = ".partial"
+
+
+def staging_folder(out: Path) -> Path:
+    """Where a fresh run into ``out`` trains until it succeeds: a hidden sibling, so the rename into
+    place stays on one file system."""
+    return out.parent / f".{out.name}{STAGING_SUFFIX}"
+
+
+@contextlib.contextmanager
+def training_folder(out: Path) -> Iterator[Path]:
+    """The folder a training run writes into, so that a failed run leaves no half-made ``out``.
+
+    ``out`` holding files is a run to resume (or refuse): written in place, as before. Otherwise the run
+    writes into :func:`staging_folder` and renames it to ``out`` on success. Ctrl-C (or SIGTERM, handled
+    as Ctrl-C) saves a resumable state; that folder is renamed into place too, so the same command
+    resumes. Any other failure removes what this run created; a staging folder left by a killed process
+    is resumed from by the next run into the same ``out``.
+    """
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        yield out
+        return
+    staging = staging_folder(out)
+    made = _make_folders(staging)
+    try:
+        yield staging
+    except KeyboardInterrupt:
+        if (staging / STATE_JSON).exists():
+            _move_into_place(staging, out)
+        else:
+            _remove_made(made)
+        raise
+    except BaseException:
+        _remove_made(made)
+        raise
+    _move_into_place(staging, out)
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; returns the ones created, innermost first."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _remove_made(made: list[Path]) -> None:
+    if made:
+        shutil.rmtree(made[0], ignore_errors=True)
+    for p in made[1:]:
+        with contextlib.suppress(OSError):
+            p.rmdir()  # only if still empty: another process may have written beside us
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    try:
+        os.rename(staging, out)  # replaces an empty ``out`` folder; a non-empty one is an error
+    except OSError as e:
+        raise CheckpointError(
+            f"{out}: cannot move the trained generator into place ({e.strerror}); it is in {staging}"
+        ) from None
 
 
 def _plot_history(result: TrainResult, path: Path, kind: str) -> None:
@@ -670,22 +747,145 @@ def _plot_history(result: TrainResult, path: Path, kind: str) -> None:
     plt.close(fig)
 
 
+# Upper bounds on a checkpoint's architecture sizes, far above any preset (gpu-paper's largest width is
+# 1024): a config.json is untrusted, and these keep even building a meta-device skeleton cheap.
+SIZE_LIMITS = {
+    "horizon": 1024, "width": 8192, "depth": 64, "emb": 4096, "heads": 64, "kv_heads": 64,
+    "mlp_ratio": 16, "stride": 1024, "sample_steps": 10_000, "refine_steps": 1000, "ensemble": 100,
+    "elites": 100, "hidden": 8192, "layers": 64, "channels": 8192,
+}  # fmt: skip
+MAX_CHANNEL_LEVELS = 8
+SIGNED_FLOATS = frozenset({"p_mean"})
+"""Float settings that may be negative (log σ's mean); every other one is a non-negative scale."""
+
+
+def _check_number(name: str, v: Any, hint: Any, where: Path) -> None:
+    """One model-config value against its declared type and bound."""
+    bad = f"{where}: model setting {name}={str(v)[:40]}"
+    name = name.rsplit(".", 1)[-1]
+    if hint is float:
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise CheckpointError(f"{bad} is not a finite number")
+        if v < 0 and name not in SIGNED_FLOATS:
+            raise CheckpointError(f"{bad} must not be negative")
+        return
+    if v is None and hint == (int | None):
+        return
+    limit = SIZE_LIMITS.get(name, 1_000_000)
+    lowest = 0 if name == "refine_steps" else 1
+    if type(v) is not int or not lowest <= v <= limit:
+        raise CheckpointError(f"{bad} must be an integer in [{lowest}, {limit}]")
+
+
+def _check_fields(cls: Any, d: Any, where: Path, prefix: str = "") -> None:
+    """Every field of ``d`` is one of ``cls``'s, of its type and within :data:`SIZE_LIMITS` (nested
+    dataclasses are checked the same way), before anything is built from it."""
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{where}: model config {prefix or 'model'} is not a JSON object")
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(d) - set(hints))
+    if unknown:
+        raise CheckpointError(f"{where}: unknown model setting {prefix}{unknown[0][:40]}")
+    for name, v in d.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            _check_fields(hint, v, where, f"{prefix}{name}.")
+        elif typing.get_origin(hint) is tuple:
+            if not isinstance(v, list) or not 1 <= len(v) <= MAX_CHANNEL_LEVELS:
+                raise CheckpointError(
+                    f"{where}: model setting {name} must be a list of 1-{MAX_CHANNEL_LEVELS} sizes"
+                )
+            for x in v:
+                _check_number(name, x, int, where)
+        else:
+            _check_number(f"{prefix}{name}", v, hint, where)
+
+
+def _model_config(family: Family, d: Any, where: Path) -> Any:
+    _check_fields(family.config_cls, d, where)
+    try:
+        cfg = family.config_from_dict(d)
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{where}: model config cannot be used ({e})") from None
+    if isinstance(cfg, TrajectoryConfig) and cfg.horizon % 2 ** (len(cfg.channels) - 1):
+        raise CheckpointError(
+            f"{where}: horizon {cfg.horizon} is not divisible by 2^{len(cfg.channels) - 1} "
+            f"({len(cfg.channels)} U-Net levels)"
+        )
+    return cfg
+
+
+def _checkpoint_info(config: Any, where: Path) -> DatasetInfo:
+    """The data description a checkpoint records (its env id checked: gymnasium would import a
+    ``module:Name`` id); each failure is one line naming the file."""
+    data = config.get("data")
+    if not isinstance(data, dict) or not isinstance(data.get("info"), dict):
+        raise CheckpointError(f"{where}: no data.info (not an rlsynth generator config)")
+    if not isinstance(data.get("source", {}), dict):
+        raise CheckpointError(f"{where}: data.source is not a JSON object")
+    try:
+        return DatasetInfo.from_json(data["info"])
+    except RlsynthError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{where}: data.info is malformed ({type(e).__name__}: {e})") from None
+
+
+def _skeleton(family: Family, info: DatasetInfo, cfg: Any, where: Path) -> nn.Module:
+    """The model built on the ``meta`` device: its parameter shapes, with no memory behind them."""
+    try:
+        with torch.device("meta"):
+            return family.build(info, cfg)
+    except (TypeError, ValueError, RuntimeError, AssertionError) as e:
+        raise CheckpointError(f"{where}: the model config cannot be built ({e})") from None
+
+
+def _norm_dims(kind: str, info: DatasetInfo, skeleton: nn.Module) -> dict[str, int]:
+    """The normalisers a generator of ``kind`` needs and the length of each."""
+    if kind == "transition":
+        assert isinstance(skeleton, TransitionDiffusion)
+        return {"features": skeleton.dim}
+    if kind == "world-model":
+        obs, act = info.observation_space.dim, info.action_space.dim
+        return {"obs": obs, "act": act, "delta": obs, "reward": 1}
+    return {"tokens": _layout(info).dim}
+
+
+def _read_norms(path: Path, dims: dict[str, int]) -> dict[str, Normaliser]:
+    stats = read_json(path)
+    if not isinstance(stats, dict) or set(stats) != set(dims):
+        raise CheckpointError(f"{path}: expected normalisers {sorted(dims)}")
+    return {k: Normaliser.from_json(stats[k], dims[k], f"{path} [{k}]") for k in dims}
+
+
 def load_generator(folder: str | Path, device: str = "auto") -> LoadedGenerator:
+    """A trained generator, every file checked before memory is committed to it: config values against
+    type and size bounds, the model's parameter shapes (computed on the ``meta`` device) against the
+    safetensors header, the header against the file's size, and the normalisers against the spaces."""
     f = Path(folder)
     if not f.is_dir():
         raise CheckpointError(f"{f}: no such generator folder")
-    config = read_json(f / "config.json")
-    kind = config.get("kind")
-    if kind not in FAMILIES:
-        raise CheckpointError(f"{f}: unknown generator kind {kind!r}")
+    where = f / "config.json"
+    config = read_json(where)
+    kind = config.get("kind") if isinstance(config, dict) else None
+    if not isinstance(kind, str) or kind not in FAMILIES:
+        raise CheckpointError(f"{where}: unknown generator kind {str(kind)[:40]!r}")
+    if not isinstance(config.get("refiner", ""), str):
+        raise CheckpointError(f"{where}: refiner must be a folder path")
     family = FAMILIES[kind]
-    info = DatasetInfo.from_json(config["data"]["info"])
-    norms = {k: Normaliser.from_json(v) for k, v in read_json(f / "normaliser.json").items()}
+    info = _checkpoint_info(config, where)
+    cfg = _model_config(family, config.get("model"), where)
+    skeleton = _skeleton(family, info, cfg, where)
+    norms = _read_norms(f / "normaliser.json", _norm_dims(kind, info, skeleton))
+    weights = f / "model.safetensors"
+    tensors = read_tensors(weights, specs_of(skeleton.state_dict()))
     try:
-        model = family.build(info, family.config_from_dict(config["model"]))
-        model.load_state_dict(read_tensors(f / "model.safetensors"))
+        model = family.build(info, cfg)
+        model.load_state_dict(tensors)
     except (TypeError, RuntimeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{f}: weights do not match the config ({e})") from None
+    if isinstance(model, WorldModel):
+        check_elites(model, weights)
     model.to(resolve_device(device)).eval()
     return LoadedGenerator(kind=kind, folder=f, config=config, model=model, norms=norms, info=info)
 

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import struct
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import torch
@@ -56,8 +58,31 @@ class Normaliser:
         return {"mean": self.mean.tolist(), "std": self.std.tolist()}
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> Normaliser:
-        return cls(np.asarray(d["mean"], np.float32), np.asarray(d["std"], np.float32))
+    def from_json(cls, d: Any, dim: int | None = None, where: str = "normaliser") -> Normaliser:
+        """Stats read from a file: finite means, positive finite stds, ``dim`` of each when given (a
+        normaliser of another size would broadcast into wrong samples, a zero std divides by zero)."""
+        if not isinstance(d, Mapping) or not {"mean", "std"} <= d.keys():
+            raise CheckpointError(f"{where}: expected {{'mean': [...], 'std': [...]}}")
+        mean, std = _float_list(d["mean"], f"{where} mean"), _float_list(d["std"], f"{where} std")
+        if len(mean) != len(std) or (dim is not None and len(mean) != dim):
+            want = f"{dim}" if dim is not None else "equal"
+            raise CheckpointError(f"{where}: {len(mean)} means and {len(std)} stds, expected {want} of each")
+        if not all(math.isfinite(v) for v in mean) or not all(math.isfinite(v) and v > 0 for v in std):
+            raise CheckpointError(f"{where}: means must be finite and stds finite and positive")
+        return cls(np.asarray(mean, np.float32), np.asarray(std, np.float32))
+
+
+MAX_STATS = 1 << 20
+"""The most entries one normaliser may hold (a million dimensions is far beyond any observation)."""
+
+
+def _float_list(v: Any, where: str) -> list[float]:
+    if not isinstance(v, list) or len(v) > MAX_STATS:
+        raise CheckpointError(f"{where}: expected a list of at most {MAX_STATS} numbers")
+    if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in v):
+        raise CheckpointError(f"{where}: expected numbers only")
+    # float32 overflow (1e39) is as bad as a literal Infinity.
+    return [float(np.float32(x)) if abs(x) < 3.4e38 else math.inf for x in v]
 
 
 def _atomic_write(path: Path, write: Any) -> None:
@@ -80,22 +105,148 @@ def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
     _atomic_write(path, lambda tmp: save_file(cpu, tmp))
 
 
-def read_json(path: Path) -> Any:
+MAX_JSON_BYTES = 16 * 1024**2
+"""Checkpoint JSON files (config, normaliser, training state with its loss history) stay far below this;
+a bigger one is refused before it is read."""
+
+
+def read_json(path: Path, limit: int = MAX_JSON_BYTES) -> Any:
+    """A checkpoint's JSON file, bounded in size; every failure is one line naming the file."""
     try:
-        return json.loads(path.read_text())
+        size = path.stat().st_size
+        if size > limit:
+            raise CheckpointError(f"{path}: {size} bytes, more than a checkpoint file holds ({limit})")
+        with open(path, "rb") as f:
+            return json.loads(f.read(limit + 1))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing (not a complete rlsynth checkpoint)") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot be read ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: cannot be read ({_first_line(e)})") from None
 
 
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]
+
+
+# safetensors' own limit on its JSON header: a larger length field is a damaged or hostile file.
+MAX_HEADER_BYTES = 100 * 1024**2
+DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+TORCH_DTYPES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor as a safetensors header declares it: dtype name (``F32``...) and shape."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def read_header(path: Path) -> dict[str, TensorSpec]:
+    """The tensors a safetensors file declares, checked against the file's size before any is read.
+
+    The format: an 8-byte little-endian header length, that many bytes of JSON
+    (``{name: {"dtype", "shape", "data_offsets": [begin, end]}}``), then the data. Every tensor's byte
+    range must be its shape × itemsize, inside the file, and the ranges must tile the data exactly, so
+    no declared shape can make a reader allocate more than the file holds.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: not a valid safetensors file (shorter than its header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(MAX_HEADER_BYTES, size - 8):
+                raise CheckpointError(
+                    f"{path}: not a valid safetensors file (header length {n} exceeds its {size} bytes)"
+                )
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (not a complete rlsynth checkpoint)") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({_first_line(e)})") from None
+    return _check_header(path, header, size - 8 - n)
+
+
+def _check_header(path: Path, header: Any, data_bytes: int) -> dict[str, TensorSpec]:
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a valid safetensors file (header is not a JSON object)")
+    specs: dict[str, TensorSpec] = {}
+    ranges: list[tuple[int, int]] = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        bad = f"{path}: not a valid safetensors file (tensor {name[:60]!r}: "
+        if not isinstance(entry, dict) or entry.get("dtype") not in DTYPE_BYTES:
+            raise CheckpointError(bad + "missing or unknown dtype)")
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not _ints(shape) or not _ints(offsets) or len(offsets) != 2:
+            raise CheckpointError(bad + "shape and data_offsets must be lists of non-negative integers)")
+        begin, end = offsets
+        if not begin <= end <= data_bytes or math.prod(shape) * DTYPE_BYTES[entry["dtype"]] != end - begin:
+            raise CheckpointError(
+                bad + f"shape {shape[:8]} does not fit bytes {begin}-{end} of {data_bytes})"
+            )
+        specs[name] = TensorSpec(entry["dtype"], tuple(shape))
+        ranges.append((begin, end))
+    position = 0
+    for begin, end in sorted(ranges):
+        if begin != position:
+            raise CheckpointError(
+                f"{path}: not a valid safetensors file (tensor byte ranges overlap or leave gaps)"
+            )
+        position = end
+    if position != data_bytes:
+        raise CheckpointError(
+            f"{path}: not a valid safetensors file ({data_bytes - position} bytes unaccounted for)"
+        )
+    return specs
+
+
+def _ints(v: Any) -> TypeGuard[list[int]]:
+    return isinstance(v, list) and len(v) <= 16 and all(type(x) is int and x >= 0 for x in v)
+
+
+def specs_of(tensors: Mapping[str, torch.Tensor]) -> dict[str, TensorSpec]:
+    """The header a file holding ``tensors`` would have (works on ``meta`` tensors: nothing allocated)."""
+    return {
+        k: TensorSpec(TORCH_DTYPES.get(v.dtype, str(v.dtype)), tuple(v.shape)) for k, v in tensors.items()
+    }
+
+
+def check_specs(path: Path, found: Mapping[str, TensorSpec], expected: Mapping[str, TensorSpec]) -> None:
+    """Refuse a file whose tensors are not exactly the expected names, dtypes and shapes."""
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing or extra:
+        shown = ", ".join([f"missing {k}" for k in missing[:2]] + [f"extra {k}" for k in extra[:2]])
+        raise CheckpointError(f"{path}: tensors do not match the config ({shown[:200]})")
+    for k, spec in expected.items():
+        if found[k] != spec:
+            raise CheckpointError(
+                f"{path}: tensor {k} is {found[k].dtype}{list(found[k].shape)[:8]}, "
+                f"the config needs {spec.dtype}{list(spec.shape)[:8]}"
+            )
+
+
+def read_tensors(path: Path, expected: Mapping[str, TensorSpec] | None = None) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; the header is checked against the file's size (and ``expected``,
+    when given) before anything is read."""
+    found = read_header(path)
+    if expected is not None:
+        check_specs(path, found, expected)
     try:
         return load_file(str(path))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing (not a complete rlsynth checkpoint)") from None
     except Exception as e:  # safetensors raises its own error types for damaged files.
-        raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+        raise CheckpointError(f"{path}: not a valid safetensors file ({_first_line(e)})") from None
 
 
 def flatten_state(state: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:

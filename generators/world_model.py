@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from datasets.errors import RlsynthError
 from datasets.fidelity import window_starts
 from datasets.types import Dataset, Episode, Transitions
-from generators.checkpoint import Normaliser
+from generators.checkpoint import CheckpointError, Normaliser
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,16 @@ class WorldModelNormalisers:
     @classmethod
     def from_json(cls, d: dict[str, dict[str, list[float]]]) -> WorldModelNormalisers:
         return cls(**{k: Normaliser.from_json(d[k]) for k in cls.KEYS})
+
+
+def check_elites(model: WorldModel, where: object) -> None:
+    """The loaded elite indices name distinct members of the ensemble (a file's ``elite_idx`` out of range
+    would fail mid-rollout as an indexing error, or repeat one member)."""
+    idx = model.elite_idx.tolist()
+    if len(set(idx)) != len(idx) or not all(0 <= i < model.cfg.ensemble for i in idx):
+        raise CheckpointError(
+            f"{where}: elite_idx {idx[:8]} must be distinct members of 0..{model.cfg.ensemble - 1}"
+        )
 
 
 class WorldModel(nn.Module):

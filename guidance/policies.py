@@ -78,6 +78,8 @@ class D3rlpyPolicy:
         self.module.eval()
         self.obs_scaler = algo.observation_scaler
         self.act_scaler = algo.action_scaler
+        if not math.isfinite(deterministic_std) or deterministic_std <= 0:
+            raise AgentError(f"deterministic_std must be finite and positive, got {deterministic_std}")
         self.deterministic_std = float(deterministic_std)
         self.device = torch.device(algo.impl.device)
 

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from datasets.envs import make_env
-from datasets.types import DatasetInfo
+from datasets.errors import RlsynthError
+from datasets.types import DatasetInfo, check_env_id
 
 # D4RL's reference returns (random policy, expert policy) per locomotion task.
 D4RL_REFERENCES = {
@@ -63,7 +64,9 @@ class EvalResult:
     reference: dict[str, Any] | None
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """Every field, plus ``normalised_score``: the key scripts read (the D4RL-normalised score of the
+        mean return on the 0-100 scale, null when the environment has no reference returns)."""
+        return {**asdict(self), "normalised_score": self.score_mean}
 
 
 def summarise(
@@ -112,9 +115,10 @@ def evaluate_agent(
     algo: Any, env_id: str, episodes: int = 10, seed: int = 0, reference: Reference | None = None
 ) -> EvalResult:
     if episodes < 1:
-        raise ValueError(f"episodes must be positive, got {episodes}")
+        raise RlsynthError(f"episodes must be positive, got {episodes}")
+    check_env_id(env_id)
     ref = reference if reference is not None else reference_for(env_id)
     returns, lengths = rollout_returns(algo, env_id, episodes, seed)
     if not all(math.isfinite(x) for x in returns):
-        raise ValueError(f"non-finite return in {env_id}")
+        raise RlsynthError(f"{env_id}: the agent's episodes have a non-finite return (NaN actions?)")
     return summarise(env_id, seed, returns, lengths, ref)
