@@ -1,14 +1,21 @@
 """The run config: typed dataclasses, one doc line per field, loaded from YAML with strict checking.
 
-Unknown keys and values of the wrong type are errors naming the key path (``synthesize.shards: expected
-int, got 'two'``). The resolved config (every default filled in) is saved with every run.
+Everything a stage would later refuse is refused here, at load, in well under a second and before Ray
+starts or anything trains: unknown or duplicate keys, values of the wrong type, names outside their
+grammar (run name, dataset names, source ref, env id), unknown algorithms, presets, recipes and guidance
+terms, counts out of range and scales that are not finite. Every error is one line naming the file and
+the key path (``configs/x.yaml: synthesize.guidance.scale: must be finite, got nan``). The resolved config
+(every default filled in) is saved with every run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -20,6 +27,141 @@ from datasets.errors import RlsynthError
 
 class ConfigError(RlsynthError):
     """A run config that cannot be used as written."""
+
+
+class FieldError(ConfigError):
+    """A ConfigError at a key path relative to the section that raised it; ``_build`` prefixes the path
+    of that section, so each section checks its own fields without knowing where it sits."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{key}: {problem}" if key else problem)
+
+    def under(self, where: str) -> FieldError:
+        return FieldError(_join(where, self.key), self.problem)
+
+
+# The vocabularies, as literals: importing the registries (offline_rl.train, generators.api, guidance.spec,
+# datasets.recipes) pulls in torch and takes seconds, and loading a config must not. Tests check each
+# literal against its registry.
+RECIPES = ("random", "sac-medium-replay", "sac-medium")
+ALGOS = ("iql", "td3bc", "cql", "bc")
+GUIDED_KINDS = ("trajectory", "transition", "autoregressive")
+PRESETS = ("cpu-small", "gpu-paper")
+GUIDANCE_TERMS = ("policy", "dynamics", "return")
+CONDITIONS = ("real", "synthetic", "mixed", "pgd")
+
+# The run name becomes part of a folder name under --runs: one path component, never '.' or '..'
+# (the first character cannot be a dot), no separators, no control characters; matched with fullmatch
+# so a trailing newline is refused too.
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# Counts go to numpy, torch and d3rlpy as int32-sized values; a larger one is a typo or an attack.
+MAX_COUNT = 2**31 - 1
+MAX_SEED = 2**32 - 1  # numpy's seed range
+# Guidance scales beyond this diverge at once (drafts use the largest, a few units: README, Guidance).
+MAX_SCALE = 1e3
+MAX_STD = 1e2
+# A config is a page of YAML; this stops a huge or endless file (a FIFO, /dev/zero) before it is parsed.
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _join(where: str, key: str) -> str:
+    if not where:
+        return key
+    if not key:
+        return where
+    return f"{where}{key}" if key.startswith("[") else f"{where}.{key}"
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:59] + "…"
+
+
+# --- field checks: each raises FieldError(key, ...) ----------------------------------------------------
+
+
+def _count(key: str, value: int, minimum: int = 1) -> None:
+    if not minimum <= value <= MAX_COUNT:
+        raise FieldError(key, f"must be between {minimum} and {MAX_COUNT}, got {value}")
+
+
+def _seed(key: str, value: int) -> None:
+    if not 0 <= value <= MAX_SEED:
+        raise FieldError(key, f"seeds are integers from 0 to {MAX_SEED}, got {value}")
+
+
+def _real(key: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
+    if not math.isfinite(value):
+        raise FieldError(key, f"must be finite, got {value}")
+    if value > high or value < low or (low_open and value == low):
+        bound = "(" if low_open else "["
+        raise FieldError(key, f"must be in {bound}{low:g}, {high:g}], got {value:g}")
+
+
+def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise FieldError(key, f"unknown {_shown(value)} (known: {', '.join(options)})")
+
+
+def _choices(key: str, values: tuple[str, ...], options: tuple[str, ...]) -> None:
+    unknown = sorted({v for v in values if v not in options})
+    if unknown:
+        raise FieldError(key, f"unknown {[v[:40] for v in unknown]} ({', '.join(options)})")
+
+
+def _distinct(key: str, values: Iterable[object], *, non_empty: bool = True) -> None:
+    items = list(values)
+    if non_empty and not items:
+        raise FieldError(key, "needs at least one entry")
+    for i, v in enumerate(items):
+        if v in items[:i]:
+            raise FieldError(f"{key}[{i}]", f"{_shown(v)} is given twice")
+
+
+def _dataset_name(key: str, value: str) -> None:
+    from datasets.catalog import NAME_RE, check_name
+
+    try:
+        check_name(value)
+    except RlsynthError as e:
+        raise FieldError(key, str(e)) from None
+    # The catalog's own grammar, matched in full (its check may use `match`, which lets "\n" end a name).
+    if not NAME_RE.fullmatch(value):
+        raise FieldError(key, f"invalid dataset name {_shown(value)}")
+
+
+def _source_ref(key: str, value: str) -> None:
+    """A ref has one of the forms ``load_source`` reads; each is checked against its own grammar."""
+    if value.startswith("minari:"):
+        from datasets.minari_io import check_minari_id
+
+        try:
+            check_minari_id(value.removeprefix("minari:"))
+        except RlsynthError as e:
+            raise FieldError(key, str(e)) from None
+    elif value.startswith("hdf5:") or value.endswith((".hdf5", ".h5")):
+        path = value.removeprefix("hdf5:")
+        if not path or any(ord(c) < 32 or ord(c) == 127 for c in path):
+            raise FieldError(key, f"invalid HDF5 path {_shown(value)}")
+    else:
+        name, sep, version = value.partition("@")
+        _dataset_name(key, name)
+        if sep and not (version.isascii() and version.isdigit() and int(version) >= 1):
+            raise FieldError(key, f"invalid version in {_shown(value)}: expected NAME@N with N = 1, 2, ...")
+
+
+def _env_id(key: str, value: str) -> None:
+    from datasets.types import check_env_id
+
+    try:
+        check_env_id(value)
+    except RlsynthError as e:
+        raise FieldError(key, str(e)) from None
+
+
+# --- the sections ---------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -37,6 +179,16 @@ class SourceConfig:
     name: str = "run/source"
     """Catalog name of the built dataset."""
 
+    def __post_init__(self) -> None:
+        if self.ref is not None:
+            _source_ref("ref", self.ref)
+        if self.recipe is not None:
+            _choice("recipe", self.recipe, RECIPES)
+        _env_id("env", self.env)
+        _count("steps", self.steps)
+        _count("transitions", self.transitions)
+        _dataset_name("name", self.name)
+
 
 @dataclass(frozen=True)
 class TargetConfig:
@@ -44,6 +196,10 @@ class TargetConfig:
     """Target agent for policy guidance, trained on the source: iql, td3bc, cql or bc."""
     steps: int = 2000
     """Its gradient steps."""
+
+    def __post_init__(self) -> None:
+        _choice("algo", self.algo, ALGOS)
+        _count("steps", self.steps)
 
 
 @dataclass(frozen=True)
@@ -55,6 +211,13 @@ class GeneratorConfig:
     """cpu-small or gpu-paper."""
     steps: int | None = None
     """Training steps (default: the preset's; for a drafter, also its refiner's)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in GUIDED_KINDS:
+            raise FieldError("kind", f"{_shown(self.kind)} cannot be guided ({', '.join(GUIDED_KINDS)})")
+        _choice("preset", self.preset, PRESETS)
+        if self.steps is not None:
+            _count("steps", self.steps)
 
 
 @dataclass(frozen=True)
@@ -71,6 +234,14 @@ class GuidanceSection:
     world_model_steps: int = 0
     """Train a world model for dynamics / return guidance for this many steps (0: none)."""
 
+    def __post_init__(self) -> None:
+        _choices("terms", self.terms, GUIDANCE_TERMS)
+        _distinct("terms", self.terms, non_empty=False)
+        _real("scale", self.scale, 0.0, MAX_SCALE)
+        _real("dynamics_scale", self.dynamics_scale, 0.0, MAX_SCALE)
+        _real("deterministic_std", self.deterministic_std, 0.0, MAX_STD, low_open=True)
+        _count("world_model_steps", self.world_model_steps, minimum=0)
+
 
 @dataclass(frozen=True)
 class SynthesizeConfig:
@@ -86,6 +257,16 @@ class SynthesizeConfig:
     """Denoise–renoise iterations after sampling (``generator sample --polish``; 0: off). 30 cut the
     cpu-small trajectory model's one-step dynamics error from 0.187 to 0.082 on HalfCheetah medium-replay."""
 
+    def __post_init__(self) -> None:
+        _count("transitions", self.transitions)
+        _count("shards", self.shards)
+        if self.transitions < self.shards:
+            raise FieldError("", "need shards ≥ 1 and at least one transition per shard")
+        _dataset_name("name", self.name)
+        if self.polish < 0:
+            raise FieldError("polish", f"need ≥ 0 iterations, got {self.polish}")
+        _count("polish", self.polish, minimum=0)  # and the upper bound
+
 
 @dataclass(frozen=True)
 class FidelityConfig:
@@ -93,6 +274,12 @@ class FidelityConfig:
     """Rows of the synthetic data judged against the simulator."""
     horizons: tuple[int, ...] = (1, 8)
     """Open-loop horizons."""
+
+    def __post_init__(self) -> None:
+        _count("sample", self.sample)
+        _distinct("horizons", self.horizons)
+        for i, h in enumerate(self.horizons):
+            _count(f"horizons[{i}]", h)
 
 
 @dataclass(frozen=True)
@@ -119,11 +306,25 @@ class AgentsConfig:
     """PGD: guide round 0 with the run's target agent instead of sampling it unguided as the paper does.
     Helps when agents trained on unguided synthetic data stand still (small generators)."""
 
+    def __post_init__(self) -> None:
+        _choices("algos", self.algos, ALGOS)
+        _distinct("algos", self.algos)
+        _distinct("seeds", self.seeds)
+        for i, s in enumerate(self.seeds):
+            _seed(f"seeds[{i}]", s)
+        _choices("conditions", self.conditions, CONDITIONS)
+        _distinct("conditions", self.conditions)
+        for name in ("steps", "eval_every", "eval_episodes", "final_episodes", "pgd_regenerate_every",
+                     "pgd_transitions"):  # fmt: skip
+            _count(name, getattr(self, name))
+        if self.pgd_warm_start and "pgd" not in self.conditions:
+            raise FieldError("pgd_warm_start", "needs the pgd condition in agents.conditions")
+
 
 @dataclass(frozen=True)
 class RunConfig:
     name: str = "run"
-    """Run name (used in the run folder's name)."""
+    """Run name (one component of the run folder's name): up to 64 letters, digits, '.', '-' or '_'."""
     seed: int = 0
     """Seed of every stage."""
     source: SourceConfig = field(default_factory=SourceConfig)
@@ -140,22 +341,23 @@ class RunConfig:
     """Downstream agents on real / synthetic / mixed data and the PGD loop."""
 
     def __post_init__(self) -> None:
+        check_run_name(self.name)
+        _seed("seed", self.seed)
         if (self.source.ref is None) == (self.source.recipe is None):
-            raise ConfigError("source: give exactly one of ref or recipe")
-        if self.generator.kind not in ("trajectory", "transition", "autoregressive"):
-            raise ConfigError(
-                f"generator.kind: {self.generator.kind!r} cannot be guided "
-                "(trajectory, transition, autoregressive)"
-            )
-        unknown = set(self.agents.conditions) - {"real", "synthetic", "mixed", "pgd"}
-        if unknown:
-            raise ConfigError(f"agents.conditions: unknown {sorted(unknown)} (real, synthetic, mixed, pgd)")
-        if self.agents.pgd_warm_start and "pgd" not in self.agents.conditions:
-            raise ConfigError("agents.pgd_warm_start: needs the pgd condition in agents.conditions")
-        if self.synthesize.shards < 1 or self.synthesize.transitions < self.synthesize.shards:
-            raise ConfigError("synthesize: need shards ≥ 1 and at least one transition per shard")
-        if self.synthesize.polish < 0:
-            raise ConfigError(f"synthesize.polish: need ≥ 0 iterations, got {self.synthesize.polish}")
+            raise FieldError("source", "give exactly one of ref or recipe")
+
+
+def check_run_name(name: str) -> str:
+    """``name`` if it can name a run folder (one path component under --runs), else a FieldError."""
+    if not isinstance(name, str) or not RUN_NAME.fullmatch(name):
+        raise FieldError(
+            "name",
+            f"invalid run name {_shown(name)}: 1-64 letters, digits, '.', '-', '_', first a letter or digit",
+        )
+    return name
+
+
+# --- YAML to dataclasses --------------------------------------------------------------------------------
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:
@@ -163,7 +365,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {_shown(value)}")
         return _build(tp, value, where)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -172,30 +374,68 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         return _convert(next(a for a in args if a is not type(None)), value, where)
     if origin is tuple:
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {_shown(value)}")
         (item, _) = typing.get_args(tp)
         return tuple(_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(
+                f"{where}: must be finite, got an integer of {len(str(value))} digits"
+            ) from None
     if tp in (int, float, str, bool) and (type(value) is not tp):
-        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {_shown(value)}")
     return value
 
 
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+def _build(cls: type, data: dict[Any, Any], where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in fields(cls)}
+    for key in data:
+        if not isinstance(key, str):
+            raise ConfigError(f"{_join(where, _shown(key))}: keys are names, not {type(key).__name__}")
     unknown = sorted(set(data) - names)
     if unknown:
-        prefix = f"{where}." if where else ""
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
-    kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
+        raise ConfigError(f"{_join(where, unknown[0][:60])}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {k: _convert(hints[k], v, _join(where, k)) for k, v in data.items()}
     try:
         return cls(**kwargs)
+    except FieldError as e:
+        raise e.under(where) from None
     except ConfigError:
         raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where or 'config'}: {e}") from None
+
+
+class StrictLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, except that a key given twice in one mapping, at any depth, is an error
+    (SafeLoader silently keeps the last one, so a pasted section could override a reviewed one)."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _refuse_duplicate_keys(node, "", set())
+        return super().construct_document(node)
+
+
+def _refuse_duplicate_keys(node: yaml.Node, where: str, seen: set[int]) -> None:
+    # Aliases make the node graph a DAG: each node is walked once, or an alias bomb would take forever.
+    if id(node) in seen:
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first_line: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else "<complex key>"
+            path = _join(where, key[:60])
+            if key != "<<" and key in first_line:
+                line = key_node.start_mark.line + 1
+                raise FieldError(path, f"given twice (lines {first_line[key]} and {line})")
+            first_line[key] = key_node.start_mark.line + 1
+            _refuse_duplicate_keys(value_node, path, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicate_keys(item, f"{where}[{i}]", seen)
 
 
 def from_dict(data: dict[str, Any]) -> RunConfig:
@@ -203,20 +443,42 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
     return result
 
 
-def load_config(path: str | Path) -> RunConfig:
-    p = Path(path)
+def _read_yaml(p: Path) -> Any:
     if not p.is_file():
-        raise ConfigError(f"{p}: no such config file")
+        raise ConfigError(f"{p}: no such config file" if not p.exists() else f"{p}: not a regular file")
+    with open(p, "rb") as f:
+        raw = f.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{p}: larger than {MAX_CONFIG_BYTES >> 10} KiB; a run config is a page of YAML")
     try:
-        data = yaml.safe_load(p.read_text())
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start})") from None
+    try:
+        return yaml.load(
+            text, Loader=StrictLoader
+        )  # StrictLoader is a SafeLoader: no tags that build objects
+    except FieldError as e:
+        raise ConfigError(f"{p}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: nested too deeply to be a run config") from None
+    except ValueError as e:  # e.g. an integer literal longer than Python converts
+        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0][:100]})") from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    p = Path(path)
+    data = _read_yaml(p)
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the config must be a mapping")
     try:
         return from_dict(data)
     except ConfigError as e:
         raise ConfigError(f"{p}: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: nested too deeply to be a run config") from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -10,26 +10,37 @@ therefore resumes after a crash or Ctrl-C, and a changed config re-runs only the
 what changed. Synthesis is deterministic given its key, so a killed and resumed run commits the same
 content as an uninterrupted one.
 
-Ray: an in-process local cluster by default (``ray.init`` with this machine's CPUs, no dashboard) or an
-existing cluster (``--address`` / ``RAY_ADDRESS``). Paths (catalog, runs folder) must be visible to every
-node: on a multi-node cluster use shared storage or an object-store catalog URI.
+Ray: by default a private cluster started for the run (this machine's CPUs, no dashboard) that listens
+on loopback only and requires a token made for it (see :func:`start_private_cluster`); it never attaches
+to another cluster found on the machine. An existing cluster is used only when named (``--address`` /
+``RAY_ADDRESS``), and is probed first so a dead address fails in seconds. Paths (catalog, runs folder)
+must be visible to every node: on a multi-node cluster use shared storage or an object-store catalog URI.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib
 import json
+import logging
 import os
+import secrets
+import shutil
+import socket
+import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
 from datasets.errors import RlsynthError
-from pipeline.config import RunConfig, to_dict
+from pipeline.config import RunConfig, check_run_name, to_dict
 
 FAIL_ONCE_ENV = "RLSYNTH_FAIL_SHARD_ONCE"
 """Fault injection for tests: a path; the first shard task to find it missing creates it and fails."""
@@ -209,16 +220,232 @@ def run_bounded(
     return results
 
 
-def init_ray(address: str | None) -> Any:
+# --- Ray: which cluster, and keeping the embedded one private -----------------------------------------
+
+LOOPBACK = "127.0.0.1"
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+PROBE_TIMEOUT_S = 3.0
+"""A named cluster's address must accept a TCP connection within this, or the run is refused."""
+
+
+@dataclass(frozen=True)
+class RayTarget:
+    """Where a run's tasks go."""
+
+    address: str | None
+    """An existing cluster's address, or None: a private cluster started for this run."""
+    origin: str
+    """What named it: ``--address``, ``RAY_ADDRESS`` or ``default`` (nothing did)."""
+
+
+def ray_target(address: str | None) -> RayTarget:
+    """``--address`` first, then a non-empty ``RAY_ADDRESS`` (``ray job submit`` sets it for the job's
+    driver); otherwise a private cluster. Ray's own discovery of "the cluster on this machine"
+    (``/tmp/ray/ray_current_cluster``) is never used: a cluster is attached to only when named."""
+    if address:
+        return RayTarget(address, "--address")
+    env = os.environ.get("RAY_ADDRESS", "").strip()
+    if env and env != "local":
+        return RayTarget(env, "RAY_ADDRESS")
+    return RayTarget(None, "default")
+
+
+def _host_port(target: RayTarget) -> tuple[str, int]:
+    where = f"{target.origin} {target.address!r}"
+    rest = str(target.address).split("://", 1)[-1]
+    try:
+        parts = urlsplit(f"//{rest}")
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host, port = None, None
+    if not host or port is None:
+        raise RlsynthError(f"{where}: expected HOST:PORT (or ray://HOST:PORT)")
+    return host, port
+
+
+def check_ray_address(address: str | None) -> RayTarget:
+    """The run's Ray target; a named cluster must accept a TCP connection within PROBE_TIMEOUT_S, so a
+    closed port or an unreachable host is refused in seconds (``ray.init`` would retry for minutes)."""
+    target = ray_target(address)
+    if target.address is None or target.address == "auto":
+        return target
+    host, port = _host_port(target)
+    try:
+        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
+            pass
+    except OSError as e:
+        reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__).lower()
+        raise RlsynthError(
+            f"{target.origin} {target.address}: no Ray cluster answers at {host}:{port} ({reason})"
+        ) from None
+    return target
+
+
+@dataclass(frozen=True)
+class PrivateCluster:
+    """A Ray cluster started for one run (see :func:`start_private_cluster`)."""
+
+    gcs_address: str
+    temp_dir: Path
+    token: str
+    num_cpus: int
+    saved_env: tuple[tuple[str, str | None], ...]
+    """The environment variables changed for it, with their earlier values (None: unset)."""
+    saved_enable_cluster: bool
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _short_temp_root() -> str:
+    # Ray puts AF_UNIX sockets under its temp dir and their paths must stay under 108 bytes.
+    root = tempfile.gettempdir()
+    return root if len(root) <= 20 else "/tmp"
+
+
+def _private_env(token: str) -> dict[str, str | None]:
+    """What the private cluster's processes (all inherit this process's environment) must see."""
+    return {
+        # Ray on Linux advertises and binds its servers on the machine's network address; with
+        # cluster mode off (its macOS/Windows default) every server binds loopback: GCS, raylet, object
+        # manager and core workers (IPv4-mapped 127.0.0.1), agents and metrics (127.0.0.1).
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        # Token authentication on whatever the user's shell says (README once advised disabling it), with
+        # a fresh token held only in the environment of this process tree: nothing written to ~/.ray.
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+        "RAY_AUTH_TOKEN_PATH": None,
+        # Never a cluster named by the environment, and no fixed metrics ports that a second cluster on
+        # the machine (a user's head, another run) already holds.
+        "RAY_ADDRESS": None,
+        "AUTOSCALER_METRIC_PORT": str(_free_loopback_port()),
+        "DASHBOARD_METRIC_PORT": str(_free_loopback_port()),
+    }
+
+
+def _apply_env(values: dict[str, str | None]) -> tuple[tuple[str, str | None], ...]:
+    saved = tuple((k, os.environ.get(k)) for k in values)
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    return saved
+
+
+def _reload_ray_auth() -> None:
+    """Ray caches the auth mode (RayConfig) and the token per process: reread both from the environment,
+    or this process would go on presenting another cluster's token (or none)."""
+    raylet = importlib.import_module("ray._raylet")  # its stubs omit these two
+    raylet.Config.initialize("")
+    raylet.AuthenticationTokenLoader.instance().reset_cache()
+
+
+def start_private_cluster(num_cpus: int | None = None) -> PrivateCluster:
+    """Start this process's own Ray cluster: listening on loopback only, token authentication required
+    (a fresh 256-bit token, never written to disk), its own temp dir inside a 0700 folder (so its Unix
+    sockets and logs are this user's), never attached to another cluster on the machine
+    (``address="local"`` skips Ray's discovery of one)."""
+    token = secrets.token_hex(32)
+    saved = _apply_env(_private_env(token))
+    import ray
+    from ray._private import ray_constants
+
+    # Read at import; ray may have been imported before the environment changed.
+    saved_enable = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    # Ray makes its temp dir world-writable (0777) for shared machines; inside a 0700 folder of ours its
+    # Unix sockets and logs stay reachable by this user only.
+    temp = Path(tempfile.mkdtemp(prefix="rlsynth-", dir=_short_temp_root()))
+    cpus = num_cpus or os.cpu_count() or 1
+    cluster = PrivateCluster("", temp, token, cpus, saved, saved_enable)
+    try:
+        _reload_ray_auth()
+        ray.init(
+            address="local",
+            num_cpus=cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+            _node_ip_address=LOOPBACK,
+            _temp_dir=str(temp / "ray"),
+        )
+        node_ip = ray.util.get_node_ip_address()
+        if node_ip not in LOOPBACK_HOSTS:
+            raise RlsynthError(f"Ray put its private cluster on {node_ip}, not loopback; refusing to run")
+        gcs = str(ray.get_runtime_context().gcs_address)
+    except BaseException:
+        stop_private_cluster(cluster)
+        raise
+    return PrivateCluster(gcs, temp, token, cpus, saved, saved_enable)
+
+
+def stop_private_cluster(cluster: PrivateCluster) -> None:
+    """Stop every process of the cluster and put the environment back as it was."""
+    import ray
+    from ray._private import ray_constants
+
+    ray.shutdown()
+    _apply_env(dict(cluster.saved_env))
+    ray_constants.ENABLE_RAY_CLUSTER = cluster.saved_enable_cluster
+    _reload_ray_auth()
+    shutil.rmtree(cluster.temp_dir, ignore_errors=True)
+
+
+def _attach(target: RayTarget) -> None:
     import ray
 
-    if ray.is_initialized():
-        return ray
-    addr = address or os.environ.get("RAY_ADDRESS")
-    if addr:
-        ray.init(address=addr, log_to_driver=False)
-    else:
-        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
+    try:
+        ray.init(address=target.address, log_to_driver=False, logging_level=logging.WARNING)
+    except Exception as e:  # Ray raises ConnectionError, AuthenticationError, RuntimeError, ValueError
+        lines = str(e).strip().splitlines()
+        reason = lines[0][:200] if lines else type(e).__name__
+        raise RlsynthError(f"{target.origin} {target.address}: Ray could not connect: {reason}") from None
+
+
+@contextlib.contextmanager
+def ray_session(target: RayTarget, log: Callable[[str], None]) -> Iterator[Any]:
+    """Ray for the duration of the block, and one line saying which cluster it is."""
+    existing = sys.modules.get("ray")
+    if existing is not None and existing.is_initialized():
+        log("ray: using the Ray session this process already started")
+        yield existing
+        return
+    if target.address is None:
+        cluster = start_private_cluster()
+        log(
+            f"ray: started a private cluster at {cluster.gcs_address} ({cluster.num_cpus} CPUs, loopback "
+            "only, token authentication); another cluster is used only with --address or RAY_ADDRESS"
+        )
+        try:
+            yield sys.modules["ray"]
+        finally:
+            stop_private_cluster(cluster)
+        return
+    _attach(target)
+    import ray
+
+    log(f"ray: attached to the cluster at {target.address} (from {target.origin})")
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def init_ray(address: str | None) -> Any:
+    """Ray for a script (the benchmarks): like ``rlsynth run``'s, left running until the process exits."""
+    import ray
+
+    if not ray.is_initialized():
+        target = check_ray_address(address)
+        if target.address is None:
+            start_private_cluster()
+        else:
+            _attach(target)
     return ray
 
 
@@ -234,15 +461,41 @@ def run_pipeline(
     address: str | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run (or resume) every stage; returns the metrics also written to ``run_dir/metrics.json``."""
+    """Run (or resume) every stage; returns the metrics also written to ``run_dir/metrics.json``.
+
+    Ray runs for exactly this call: a private cluster is stopped at the end, an attached one disconnected
+    (a session this process had already started is used and left running)."""
     from datasets.catalog import Catalog
 
+    # Before anything is written or started: a dead address or a missing source fails in seconds.
+    target = check_ray_address(address)
+    cat = Catalog(catalog_uri)
+    check_source_exists(cfg, cat)
+    with ray_session(target, log) as ray:
+        return _run_stages(cfg, run_dir, cat, catalog_uri, ray, log)
+
+
+def check_source_exists(cfg: RunConfig, cat: Any) -> None:
+    """The configured source can be found (a catalog version or an HDF5 file); Minari ids are left to the
+    source stage, which may download them."""
+    ref = cfg.source.ref
+    if ref is None or ref.startswith("minari:"):
+        return
+    if ref.startswith("hdf5:") or ref.endswith((".hdf5", ".h5")):
+        path = Path(ref.removeprefix("hdf5:"))
+        if not path.is_file():
+            raise RlsynthError(f"source.ref: {path}: no such HDF5 file")
+        return
+    cat.manifest(ref)
+
+
+def _run_stages(
+    cfg: RunConfig, run_dir: Path, cat: Any, catalog_uri: str | None, ray: Any, log: Callable[[str], None]
+) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     stages_dir = run_dir.parent / "stages"
     runner = Runner(cfg, run_dir, stages_dir, catalog_uri, log)
-    cat = Catalog(catalog_uri)
-    ray = init_ray(address)
     remote = {
         "agent": ray.remote(num_cpus=1, max_retries=1)(_task_train_agent),
         "generator": ray.remote(num_cpus=1, max_retries=1)(_task_train_generator),
@@ -533,6 +786,9 @@ def write_report(run_dir: Path, cfg: RunConfig, m: dict[str, Any]) -> Path:
 
 
 def new_run_dir(runs_root: Path, name: str) -> Path:
+    """A fresh ``<runs_root>/<stamp>-<name>``; the name is checked again here, so the folder is always one
+    new component directly under ``runs_root`` whoever calls this."""
+    check_run_name(name)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     d = runs_root / f"{stamp}-{name}"
     i = 1

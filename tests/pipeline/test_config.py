@@ -1,4 +1,5 @@
-"""Run configs: YAML to typed dataclasses, strict about unknown keys and types; shipped configs load."""
+"""Run configs: YAML to typed dataclasses, strict about unknown and duplicate keys, types, names, ranges
+and vocabularies, all at load; shipped configs load."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline import config as config_module
 from pipeline.config import ConfigError, GuidanceSection, RunConfig, load_config, to_dict
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -55,6 +57,53 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
         ("source: [1, 2]\n", "source: expected a mapping"),
         ("- just\n- a list\n", "must be a mapping"),
         ("source: {recipe: random\n", "not valid YAML"),
+        ("name: x\nname: y\nsource: {recipe: random}\n", "name: given twice (lines 1 and 2)"),
+        (
+            "source: {recipe: random}\nsynthesize:\n  guidance:\n    scale: 0.1\n    scale: 9\n",
+            "synthesize.guidance.scale: given twice",
+        ),
+        ("source: {recipe: random}\nagents: [{a: 1, a: 2}]\n", "agents[0].a: given twice"),
+        ("name: x/../../elsewhere\nsource: {recipe: random}\n", "name: invalid run name"),
+        ('name: "x\\n"\nsource: {recipe: random}\n', "name: invalid run name"),
+        ("name: ..\nsource: {recipe: random}\n", "name: invalid run name"),
+        ("source: {recipe: random}\nseed: 1.5\n", "seed: expected int"),
+        ("source: {recipe: random}\nseed: -1\n", "seed: seeds are integers"),
+        ("source: {recipe: bogus}\n", "source.recipe: unknown 'bogus'"),
+        ("source: {recipe: random, env: 'mod:Evil-v0'}\n", "source.env: environment id"),
+        ("source: {recipe: random, transitions: 0}\n", "source.transitions: must be between 1"),
+        ("source: {recipe: random, name: ../up}\n", "source.name: invalid dataset name"),
+        ("source: {ref: 'a@0'}\n", "source.ref: invalid version"),
+        ("source: {ref: 'minari:../../x-v0'}\n", "source.ref: invalid Minari dataset id"),
+        ("source: {recipe: random}\ntarget: {algo: ppo}\n", "target.algo: unknown 'ppo'"),
+        ("source: {recipe: random}\ngenerator: {preset: huge}\n", "generator.preset: unknown 'huge'"),
+        ("source: {recipe: random}\ngenerator: {steps: 0}\n", "generator.steps: must be between 1"),
+        ("source: {recipe: random}\nsynthesize: {guidance: {terms: [vibes]}}\n", "guidance.terms: unknown"),
+        ("source: {recipe: random}\nsynthesize: {guidance: {terms: [policy, policy]}}\n", "given twice"),
+        (
+            "source: {recipe: random}\nsynthesize: {guidance: {scale: .nan}}\n",
+            "scale: must be finite, got nan",
+        ),
+        (
+            "source: {recipe: random}\nsynthesize: {guidance: {scale: .inf}}\n",
+            "scale: must be finite, got inf",
+        ),
+        ("source: {recipe: random}\nsynthesize: {guidance: {scale: -0.1}}\n", "scale: must be in [0, 1000]"),
+        ("source: {recipe: random}\nsynthesize: {guidance: {dynamics_scale: -1}}\n", "dynamics_scale: must"),
+        ("source: {recipe: random}\nsynthesize: {guidance: {deterministic_std: 0}}\n", "must be in (0, 100]"),
+        ("source: {recipe: random}\nsynthesize: {name: 'Up/Case'}\n", "synthesize.name: invalid dataset"),
+        ("source: {recipe: random}\nsynthesize: {shards: 0}\n", "synthesize.shards: must be between 1"),
+        ("source: {recipe: random}\nsynthesize: {transitions: 3, shards: 4}\n", "one transition per shard"),
+        (
+            "source: {recipe: random}\nfidelity: {horizons: [1, 0]}\n",
+            "fidelity.horizons[1]: must be between 1",
+        ),
+        ("source: {recipe: random}\nagents: {algos: []}\n", "agents.algos: needs at least one entry"),
+        ("source: {recipe: random}\nagents: {seeds: [0, 0]}\n", "agents.seeds[1]: 0 is given twice"),
+        ("source: {recipe: random}\nagents: {steps: -5}\n", "agents.steps: must be between 1"),
+        ("source: {recipe: random}\nagents: {eval_episodes: 0}\n", "agents.eval_episodes: must be between"),
+        ("source: {recipe: random}\nagents: {pgd_transitions: 4294967296}\n", "agents.pgd_transitions: must"),
+        ("source: {recipe: random}\n1: x\n", "keys are names"),
+        ("[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
     ],
 )
 def test_bad_configs_name_the_key(tmp_path: Path, text: str, message: str) -> None:
@@ -74,3 +123,54 @@ def test_guidance_defaults_match_the_guidance_package() -> None:
     from guidance.policies import DETERMINISTIC_STD
 
     assert GuidanceSection().deterministic_std == DETERMINISTIC_STD
+
+
+def test_an_alias_bomb_is_refused_at_once(tmp_path: Path) -> None:
+    """Aliases nest shared nodes; the duplicate-key walk visits each node once, not once per path."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 8)}]" for i in range(1, 12)]
+    p = tmp_path / "bomb.yaml"
+    p.write_text("\n".join(lines) + "\nsource: {recipe: random}\n")
+    with pytest.raises(ConfigError, match="a0: unknown key"):
+        load_config(p)
+
+
+def test_odd_files_are_refused_with_one_line(tmp_path: Path) -> None:
+    big = tmp_path / "big.yaml"
+    big.write_text("# " + "x" * (config_module.MAX_CONFIG_BYTES + 10) + "\n")
+    with pytest.raises(ConfigError, match="larger than"):
+        load_config(big)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"name: \xff\xfe\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(binary)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_config(tmp_path)
+
+
+def test_vocabularies_match_their_registries() -> None:
+    """The config's literal vocabularies (kept so loading stays free of torch) are the registries'."""
+    from datasets.recipes import RECIPES
+    from generators.api import PRESETS
+    from guidance.spec import TERMS
+    from offline_rl.train import ALGOS
+
+    assert config_module.RECIPES == RECIPES and config_module.ALGOS == ALGOS
+    assert config_module.GUIDANCE_TERMS == TERMS
+    for kind in config_module.GUIDED_KINDS:
+        assert tuple(PRESETS[kind]) == config_module.PRESETS
+
+
+def test_every_check_runs_without_torch(tmp_path: Path) -> None:
+    """Loading a config never imports torch (the registries do): it stays well under a second."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, time; t = time.perf_counter(); from pipeline.config import load_config; "
+        f"load_config({str(CONFIGS / 'quickstart.yaml')!r}); "
+        "print('torch' in sys.modules, time.perf_counter() - t)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    torch_loaded, seconds = out.split()
+    assert torch_loaded == "False" and float(seconds) < 1.0

@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +21,7 @@ import yaml
 
 from datasets.catalog import Catalog
 from pipeline.config import from_dict
-from pipeline.run import FAIL_ONCE_ENV, run_pipeline
+from pipeline.run import FAIL_ONCE_ENV, run_pipeline, start_private_cluster, stop_private_cluster
 
 TINY = {
     "name": "tiny",
@@ -41,16 +44,57 @@ TINY = {
 }
 
 
-@pytest.fixture
-def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    import ray
+MARKER = "RLSYNTH_TEST_RAY_MARKER"
+"""Put in the environment of every Ray process a test starts (they inherit it), so that exactly those
+processes can be found afterwards, whatever Ray renamed them to, and none of anyone else's."""
 
-    marker = tmp_path_factory.mktemp("fault") / "failed-once"
-    os.environ[FAIL_ONCE_ENV] = str(marker)  # workers inherit it: the first shard task fails once
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-    os.environ.pop(FAIL_ONCE_ENV, None)
+
+def marked_processes(value: str) -> set[int]:
+    """Live processes other than this one whose environment holds ``MARKER=value``."""
+    needle = f"{MARKER}={value}".encode()
+    found = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            with contextlib.suppress(OSError):
+                alive = (d / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+                if alive and needle in (d / "environ").read_bytes().split(b"\0"):
+                    found.add(int(d.name))
+    return found
+
+
+def stop_marked(value: str, grace: float = 20) -> set[int]:
+    """Wait up to ``grace`` s for the marked processes to exit, then SIGKILL the rest; returns those that
+    had to be killed (a leak)."""
+    deadline = time.monotonic() + grace
+    while (left := marked_processes(value)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return left
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The private cluster ``rlsynth run`` starts (loopback, token, free ports), 2 CPUs; afterwards no
+    process of it may be left."""
+    fault = tmp_path_factory.mktemp("fault") / "failed-once"
+    monkeypatch.setenv(FAIL_ONCE_ENV, str(fault))  # workers inherit it: the first shard task fails once
+    value = uuid.uuid4().hex
+    monkeypatch.setenv(MARKER, value)
+    cluster = start_private_cluster(num_cpus=2)
+    try:
+        yield
+    finally:
+        stop_private_cluster(cluster)
+    assert not stop_marked(value), "Ray processes outlived the test's cluster"
 
 
 def test_every_stage_runs_and_a_failed_shard_is_retried(ray_cluster: None, tmp_path: Path) -> None:
@@ -110,7 +154,8 @@ def test_killed_mid_synthesis_and_resumed_equals_uninterrupted(tmp_path: Path) -
               "agents": {**TINY["agents"], "conditions": ["real"]}}  # fmt: skip
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
-    env = {k: v for k, v in os.environ.items() if k not in (FAIL_ONCE_ENV, "RAY_ADDRESS")}
+    value = uuid.uuid4().hex
+    env = {k: v for k, v in os.environ.items() if k not in (FAIL_ONCE_ENV, "RAY_ADDRESS")} | {MARKER: value}
     killed_env = {**env, "RLSYNTH_CATALOG": str(tmp_path / "cat-a")}
     proc = rlsynth("run", str(path), "--runs", str(tmp_path / "a"), env=killed_env)
     deadline = time.time() + 240
@@ -137,22 +182,33 @@ def test_killed_mid_synthesis_and_resumed_equals_uninterrupted(tmp_path: Path) -
     b = json.loads(next((tmp_path / "b").glob("*/metrics.json")).read_text())["stages"]["synthesize"]
     assert a["content_hash"] == b["content_hash"] and a["rows"] == 12_000
     assert "skipped" in log.read_text()  # earlier stages were not redone
+    # Each run's private cluster is gone with it, the SIGKILLed one's included (Ray's reaper).
+    assert not stop_marked(value), "Ray processes outlived their runs"
 
 
 def test_ray_job_submit_to_a_real_head_puts_the_dataset_in_the_catalog(tmp_path: Path) -> None:
-    """``ray start --head`` on 127.0.0.1 with its own temp dir and ports, ``ray job submit`` of the tiny
-    config; afterwards only the processes this head started are stopped (found by its temp dir)."""
+    """README's cluster setup, authentication on: a token in a 0600 file, ``RAY_AUTH_MODE=token``,
+    ``ray start --head`` and ``ray job submit`` of the tiny config. The head stays on loopback with free
+    ports only (this is a shared machine), and afterwards every process it started is gone."""
     bin_dir = Path(sys.executable).parent
-    env = {k: v for k, v in os.environ.items() if k not in (FAIL_ONCE_ENV, "RAY_ADDRESS")}
-    env |= {"RAY_AUTH_MODE": "disabled", "PATH": f"{bin_dir}:{env.get('PATH', '')}"}
-    temp = Path(tempfile.mkdtemp(prefix="rlsynth-ray-", dir="/tmp"))  # short: Ray's socket paths are limited
+    value = uuid.uuid4().hex
+    temp = Path(tempfile.mkdtemp(prefix="rls-", dir="/tmp"))  # short: Ray's socket paths are limited
+    token = temp / "auth_token"
+    token.write_text(uuid.uuid4().hex + uuid.uuid4().hex)
+    token.chmod(0o600)
+    env = {k: v for k, v in os.environ.items() if k not in (FAIL_ONCE_ENV, "RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+    env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), MARKER: value,
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # loopback binding for a test on a shared machine
+            "PATH": f"{bin_dir}:{env.get('PATH', '')}"}  # fmt: skip
     config = {**TINY, "agents": {**TINY["agents"], "conditions": ["real"]}}
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
-    port, dash = 6391, 8291
-    start = [str(bin_dir / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2",
+    dash = free_port()
+    start = [str(bin_dir / "ray"), "start", "--head", f"--port={free_port()}", "--num-cpus=2",
              "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-             "--disable-usage-stats", f"--temp-dir={temp}", "--dashboard-agent-listen-port=52391",
-             "--dashboard-agent-grpc-port=52392", "--metrics-export-port=52393"]  # fmt: skip
+             "--disable-usage-stats", f"--temp-dir={temp / 'ray'}",
+             f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+             f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
+             f"--runtime-env-agent-port={free_port()}"]  # fmt: skip
     try:
         subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
         submit = [str(bin_dir / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}",
@@ -165,25 +221,23 @@ def test_ray_job_submit_to_a_real_head_puts_the_dataset_in_the_catalog(tmp_path:
                 break
             time.sleep(2)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert "ray: attached to the cluster at" in proc.stdout + proc.stderr  # the job's own cluster
         names = {v["name"] for v in Catalog(str(tmp_path / "cat")).list()}
         assert {"tiny/src", "tiny/syn"} <= names
+        # A client without the token (auth off on its side, no token anywhere) is refused by the head.
+        no_token = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN_PATH"}
+        no_token |= {"HOME": str(tmp_path), "RAY_AUTH_MODE": "disabled"}
+        refused = subprocess.run([*submit[:5], "--", "true"], env=no_token, capture_output=True, text=True,
+                                 timeout=120)  # fmt: skip
+        assert refused.returncode != 0, refused.stdout[-1000:]
     finally:
-        for pid in processes_mentioning(str(temp)):
+        # SIGTERM first (Ray's processes clean up), then whatever is left is killed; nothing may be.
+        for pid in marked_processes(value):
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-
-
-def processes_mentioning(text: str) -> list[int]:
-    """PIDs whose command line contains ``text`` (the Ray processes of one head, by its temp dir)."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if text.encode() in (d / "cmdline").read_bytes():
-                    pids.append(int(d.name))
-            except OSError:
-                pass
-    return pids
+                os.kill(pid, signal.SIGTERM)
+        stop_marked(value)
+        shutil.rmtree(temp, ignore_errors=True)
+    assert not marked_processes(value), "processes of the test's head outlived it"
 
 
 def test_a_drafter_stage_trains_and_records_its_refiner(tmp_path: Path) -> None:
