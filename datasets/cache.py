@@ -3,21 +3,39 @@
 Decoding Parquet's fixed-size-list columns costs ~10x a plain array read (Arrow decodes a repetition
 level per float), and training jobs read the same immutable versions again and again. So the first read
 of a version also stores its columns as ``.npy`` files under ``$RLSYNTH_CACHE`` (default
-``~/.cache/rlsynth``), named by the version's content hash; later reads memory-map them. Each file's
-CRC-32 is recorded and checked on every cached read, so a damaged cache is detected, deleted and
-rebuilt from the catalog, never served. ``RLSYNTH_CACHE=off`` disables the cache.
+``~/.cache/rlsynth``), named by the version's content hash; later reads memory-map them.
+``RLSYNTH_CACHE=off`` disables the cache.
+
+What a cache hit trusts, exactly:
+
+* **The cache folder is this user's.** Only rlsynth writes it, and only after the catalog has recomputed
+  the content hash of the decoded arrays and found the manifest's (so the key names the content, and a
+  crafted manifest cannot plant its arrays under another dataset's hash). Each column's CRC-32 is
+  checked on every hit: damage is detected, the entry deleted and rebuilt, never served. A CRC is not a
+  signature: someone who can write the cache folder can forge an entry.
+* **A part file keeps its bytes while it keeps its size and mtime.** Each entry records, per version
+  folder it was checked against, every part's (name, size, mtime). A hit requires the version's parts
+  as they are now (regular files, no links, the manifest's sizes, checked by the catalog) to match that
+  record exactly; a deleted, truncated, replaced or touched part makes the read a miss, so the catalog
+  re-reads and re-checks every part. An in-place rewrite that keeps size and mtime is not seen by a
+  read; ``datasets verify`` never uses the cache and finds it.
+* Nothing else: the arrays must also have the manifest's row count and widths, or the entry is damaged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
 import zlib
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +43,46 @@ from datasets.types import Transitions
 
 log = logging.getLogger(__name__)
 INDEX = "index.json"
+SEEN = "seen"
+# Entries written before the content hash was checked at store time are not trusted: a miss, rebuilt.
+FORMAT = 2
 CRC_CHUNK = 1 << 24
+MAX_INDEX_BYTES = 1 << 16
+DTYPES = {
+    "episode_id": np.int64,
+    "step": np.int32,
+    "observations": np.float32,
+    "actions": np.float32,
+    "rewards": np.float32,
+    "next_observations": np.float32,
+    "terminals": np.bool_,
+    "timeouts": np.bool_,
+}
+
+
+@dataclass(frozen=True)
+class PartStamp:
+    """A part file as it is on disk now: its name in the version folder, size and mtime (ns)."""
+
+    path: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What the manifest says the cached arrays are: rows and the observation and action widths."""
+
+    rows: int
+    obs_dim: int
+    act_dim: int
+
+    def shape(self, column: str) -> tuple[int, ...]:
+        if column in ("observations", "next_observations"):
+            return (self.rows, self.obs_dim)
+        if column == "actions":
+            return (self.rows, self.act_dim)
+        return (self.rows,)
 
 
 def cache_root() -> Path | None:
@@ -51,45 +108,105 @@ def _key_dir(root: Path, content_hash: str) -> Path:
     return root / "arrays" / digest
 
 
-def load(content_hash: str) -> Transitions | None:
-    """The cached columns of a version, CRC-checked; ``None`` on a miss or a damaged entry."""
+def _seen_file(d: Path, folder: str) -> Path:
+    return d / SEEN / f"{hashlib.sha256(folder.encode()).hexdigest()}.json"
+
+
+def _stamps_json(folder: str, stamps: Sequence[PartStamp]) -> dict[str, Any]:
+    return {"folder": folder, "parts": [[s.path, s.size, s.mtime_ns] for s in stamps]}
+
+
+def _read_json(path: Path) -> Any:
+    with open(path, "rb") as f:
+        return json.loads(f.read(MAX_INDEX_BYTES + 1)[:MAX_INDEX_BYTES])
+
+
+def _discard(d: Path, why: str) -> None:
+    log.warning("cache entry %s %s; it is removed and rebuilt from the catalog", d, why)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def load(
+    content_hash: str, *, folder: str, stamps: Sequence[PartStamp], expected: Expected
+) -> Transitions | None:
+    """The cached columns of a version, or ``None`` on a miss.
+
+    A hit needs an intact entry (CRC-checked, ``expected`` rows and widths) that was checked against
+    ``folder`` when its parts had exactly ``stamps``.
+    """
     root = cache_root()
     if root is None:
         return None
     d = _key_dir(root, content_hash)
     try:
-        index = json.loads((d / INDEX).read_text())
-        cols = {c: np.load(d / f"{c}.npy", mmap_mode="r") for c in Transitions.columns()}
-    except (OSError, ValueError, KeyError):
+        index = _read_json(d / INDEX)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        _discard(d, "is from an older rlsynth")
+        return None
+    try:
+        seen = _read_json(_seen_file(d, folder))
+    except (OSError, ValueError):
+        seen = None
+    if seen != _stamps_json(folder, stamps):
+        return None  # never checked against these parts as they are now: the catalog re-reads them
+    try:
+        cols = {c: np.load(d / f"{c}.npy", mmap_mode="r", allow_pickle=False) for c in Transitions.columns()}
+    except (OSError, ValueError):
+        _discard(d, "cannot be read")
+        return None
+    if any(a.shape != expected.shape(c) or a.dtype != DTYPES[c] for c, a in cols.items()):
+        _discard(d, "does not have the manifest's rows and widths")
         return None
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         crcs = dict(zip(cols, pool.map(_crc32, cols.values()), strict=True))
-    if any(crcs[c] != index.get(c) for c in cols):
-        log.warning("cache entry %s is damaged; it is removed and rebuilt from the catalog", d)
-        shutil.rmtree(d, ignore_errors=True)
+    if any(crcs[c] != index.get("crc", {}).get(c) for c in cols):
+        _discard(d, "is damaged")
         return None
     return Transitions(**cols)
 
 
-def store(content_hash: str, t: Transitions) -> None:
-    """Store a version's columns (best effort: a full disk or a race only costs the speed-up)."""
+def store(content_hash: str, t: Transitions, *, folder: str, stamps: Sequence[PartStamp]) -> None:
+    """Record ``t``, whose content hash the caller has just recomputed, as checked against ``folder``'s
+    parts ``stamps`` (best effort: a full disk or a race only costs the speed-up)."""
     root = cache_root()
     if root is None:
         return
     d = _key_dir(root, content_hash)
-    if (d / INDEX).exists():
-        return
     try:
-        d.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=d.parent))
-        index = {}
+        if not (d / INDEX).exists():
+            _store_arrays(d, t)
+        (d / SEEN).mkdir(exist_ok=True)
+        _write_atomic(_seen_file(d, folder), json.dumps(_stamps_json(folder, stamps)).encode())
+    except OSError as e:
+        log.info("not caching %s: %s", content_hash, e)
+
+
+def _store_arrays(d: Path, t: Transitions) -> None:
+    d.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=d.parent))
+    try:
+        crc = {}
         for c in Transitions.columns():
             a = getattr(t, c)
             np.save(tmp / f"{c}.npy", a, allow_pickle=False)
-            index[c] = _crc32(a)
-        (tmp / INDEX).write_text(json.dumps(index))
+            crc[c] = _crc32(a)
+        (tmp / INDEX).write_text(json.dumps({"format": FORMAT, "rows": len(t), "crc": crc}))
+        (tmp / SEEN).mkdir()
         os.rename(tmp, d)
     except OSError as e:
-        log.info("not caching %s: %s", content_hash, e)
-        if "tmp" in locals():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (d / INDEX).exists():  # another process won the race: its entry serves as well
+            raise e from None
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

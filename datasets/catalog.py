@@ -16,22 +16,40 @@ picklable value), validates and hashes them, writes the manifest, and publishes 
 * other filesystems (``s3://``, ...): parts are moved into ``_v<N>`` and the manifest is written last, so a
   killed writer still leaves no version; object stores have no exclusive create, so two writers racing on
   the same name there are not separated (documented limitation).
+
+Nothing under the root is trusted (a catalog may come from a shared bucket or a stranger's archive):
+every manifest goes through :func:`datasets.manifest.parse_manifest`; on a local disk every file is
+opened component by component from the root with ``O_NOFOLLOW``, so a symbolic link anywhere below the
+root (a part, an artifact, a version or name folder) is refused, never followed; reads check each part's
+size and SHA-256, decode it only after its footer agrees with the manifest, and recompute the content
+hash before the data is used or cached. A stray entry named like a version folder (a file, a link) is
+never a version and never blocks a commit: commits take the next free number.
+
+A writer killed by SIGKILL leaves its staging folder; ``_staging/<txn>.writer.json`` names the process
+that owns it, and each commit clears the staging of writers on this host that are dead
+(:meth:`Catalog.clear_stale_staging` also clears by age, for writers on other hosts).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import errno
 import hashlib
 import io
 import json
+import logging
+import mmap
 import os
 import re
+import shutil
+import stat
+import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -39,19 +57,37 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from datasets import cache
+from datasets.atomic import Writer
 from datasets.errors import CatalogError, RlsynthError
-from datasets.parquet import FORMAT_VERSION, arrow_schema, from_table, info_from_schema, to_table
+from datasets.manifest import (
+    FILE_NAME_RE,
+    MAX_FILE_NAME,
+    MAX_MANIFEST_BYTES,
+    PART_RE,
+    Manifest,
+    PartRecord,
+    parse_manifest,
+    schema_json,
+)
+from datasets.parquet import FORMAT_VERSION, from_table, info_from_schema, read_part, to_table
 from datasets.types import Dataset, DatasetInfo, Transitions
 from datasets.validation import validate_transitions
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*(?:/[a-z0-9][a-z0-9._-]*)*$")
+log = logging.getLogger(__name__)
+
+# Every grammar is applied with ``fullmatch``: ``re.match`` with ``$`` also accepts a trailing newline.
+COMPONENT_RE = re.compile(r"[a-z0-9][a-z0-9._-]*")
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]*(?:/[a-z0-9][a-z0-9._-]*)*")
 MAX_NAME_LENGTH = 200
 DEFAULT_CATALOG = "~/.rlsynth/catalog"
 MANIFEST = "manifest.json"
-PART_RE = re.compile(r"^part-(\d{5})\.parquet$")
-VERSION_RE = re.compile(r"^_v([1-9]\d*)$")
-FILE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+STAGING = "_staging"
+WRITER_SUFFIX = ".writer.json"
+VERSION_RE = re.compile(r"_v([1-9]\d{0,17})")
+REF_VERSION_RE = re.compile(r"[1-9]\d{0,17}")
+TXN_RE = re.compile(r"[0-9a-f]{32}")
 ANNOTATION_KEYS = frozenset({"fidelity"})
+MAX_WRITER_BYTES = 4096
 
 
 def _json_default(o: Any) -> Any:
@@ -79,7 +115,7 @@ def check_name(name: str) -> str:
         raise CatalogError("dataset name is empty")
     if len(name) > MAX_NAME_LENGTH:
         raise CatalogError(f"dataset name '{name[:40]}...' is longer than {MAX_NAME_LENGTH} characters")
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise CatalogError(
             f"invalid dataset name '{name}': use [a-z0-9][a-z0-9._-]* components separated by '/'"
         )
@@ -92,7 +128,7 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
     check_name(name)
     if not sep:
         return name, None
-    if not ver.isdigit() or int(ver) < 1:
+    if not REF_VERSION_RE.fullmatch(ver):
         raise CatalogError(f"invalid version in '{ref}': expected NAME@N with N = 1, 2, ...")
     return name, int(ver)
 
@@ -173,11 +209,6 @@ def column_stats(t: Transitions) -> dict[str, Any]:
     }
 
 
-def _schema_json(info: DatasetInfo) -> dict[str, Any]:
-    schema = arrow_schema(info)
-    return {"format": FORMAT_VERSION, "columns": {f.name: str(f.type) for f in schema}}
-
-
 _FILESYSTEMS: dict[str, tuple[pafs.FileSystem, str]] = {}
 
 
@@ -193,24 +224,337 @@ def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return _FILESYSTEMS[uri]
 
 
+# -- file access -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Entry:
+    """One entry of a catalog folder, as it is (links not followed). ``kind``: file, dir, link, other."""
+
+    name: str
+    kind: str
+    size: int
+    mtime_ns: int
+
+
+class _Files(Protocol):
+    """Read access below the catalog root, by path components (each one already checked by a grammar)."""
+
+    def display(self, parts: Sequence[str]) -> str: ...
+    def listdir(self, parts: Sequence[str]) -> list[Entry]: ...
+    def stat(self, parts: Sequence[str]) -> Entry | None: ...
+    def read(self, parts: Sequence[str], max_bytes: int) -> pa.Buffer: ...
+    def makedirs(self, parts: Sequence[str]) -> None: ...
+
+
+def _entry_of(name: str, st: os.stat_result) -> Entry:
+    mode = st.st_mode
+    kind = (
+        "link"
+        if stat.S_ISLNK(mode)
+        else "dir"
+        if stat.S_ISDIR(mode)
+        else "file"
+        if stat.S_ISREG(mode)
+        else "other"
+    )
+    return Entry(name, kind, st.st_size, st.st_mtime_ns)
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: opening a FIFO planted where a part should be must not hang; it is refused after fstat.
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+@dataclass(frozen=True)
+class _LocalFiles:
+    """A local catalog: every path is opened from the root one component at a time with ``O_NOFOLLOW``,
+    so no symbolic link below the root is ever followed (and none can be swapped in between a check and
+    the open)."""
+
+    root: str
+
+    def display(self, parts: Sequence[str]) -> str:
+        return "/".join([self.root, *parts])
+
+    def _refusal(self, fd: int, parts: Sequence[str], e: OSError) -> OSError | CatalogError:
+        where = self.display(parts)
+        if isinstance(e, FileNotFoundError):
+            return e
+        try:
+            st = os.stat(parts[-1], dir_fd=fd, follow_symlinks=False) if parts else None
+        except OSError:
+            st = None
+        if st is not None and stat.S_ISLNK(st.st_mode):
+            return CatalogError(f"{where}: is a symbolic link; the catalog never follows links")
+        if e.errno in (errno.ENOTDIR, errno.ELOOP):
+            return CatalogError(f"{where}: is not a folder")
+        return CatalogError(f"{where}: cannot be read ({e.strerror or type(e).__name__})")
+
+    def _open_dir(self, parts: Sequence[str]) -> int:
+        """An fd of the folder ``parts``; FileNotFoundError if it is not there."""
+        try:
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            raise CatalogError(f"catalog {self.root}: cannot be opened ({e.strerror})") from None
+        for i, part in enumerate(parts):
+            try:
+                nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except OSError as e:
+                err = self._refusal(fd, parts[: i + 1], e)
+                os.close(fd)
+                raise err from None
+            os.close(fd)
+            fd = nfd
+        return fd
+
+    def listdir(self, parts: Sequence[str]) -> list[Entry]:
+        try:
+            fd = self._open_dir(parts)
+        except FileNotFoundError:
+            return []
+        try:
+            out = []
+            with os.scandir(fd) as it:
+                for de in it:
+                    try:
+                        out.append(_entry_of(de.name, de.stat(follow_symlinks=False)))
+                    except OSError:
+                        continue  # vanished while listed
+            return out
+        except OSError as e:
+            raise CatalogError(f"{self.display(parts)}: cannot be listed ({e.strerror})") from None
+        finally:
+            os.close(fd)
+
+    def stat(self, parts: Sequence[str]) -> Entry | None:
+        try:
+            fd = self._open_dir(parts[:-1])
+        except FileNotFoundError:
+            return None
+        try:
+            return _entry_of(parts[-1], os.stat(parts[-1], dir_fd=fd, follow_symlinks=False))
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise CatalogError(f"{self.display(parts)}: cannot be read ({e.strerror})") from None
+        finally:
+            os.close(fd)
+
+    def read(self, parts: Sequence[str], max_bytes: int) -> pa.Buffer:
+        """The whole file, memory-mapped; refused before reading when it is larger than ``max_bytes``."""
+        where = self.display(parts)
+        dfd = self._open_dir(parts[:-1])
+        try:
+            fd = os.open(parts[-1], _FILE_FLAGS, dir_fd=dfd)
+        except OSError as e:
+            raise self._refusal(dfd, parts, e) from None
+        finally:
+            os.close(dfd)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise CatalogError(f"{where}: is not a regular file")
+            if st.st_size > max_bytes:
+                raise CatalogError(f"{where}: is {st.st_size} bytes, more than the {max_bytes} expected")
+            if st.st_size == 0:
+                return pa.py_buffer(b"")
+            return pa.py_buffer(mmap.mmap(fd, st.st_size, access=mmap.ACCESS_READ))
+        except OSError as e:
+            raise CatalogError(f"{where}: cannot be read ({e.strerror})") from None
+        finally:
+            os.close(fd)
+
+    def makedirs(self, parts: Sequence[str]) -> None:
+        """Create the folders ``parts`` below the root (and the root), refusing a link on the way."""
+        try:
+            os.makedirs(self.root, exist_ok=True)
+        except OSError as e:
+            raise CatalogError(f"catalog {self.root}: cannot create the root ({e.strerror})") from None
+        for i in range(len(parts)):
+            fd = self._open_dir(parts[:i])
+            try:
+                os.mkdir(parts[i], dir_fd=fd)
+            except FileExistsError:
+                pass
+            except OSError as e:
+                raise CatalogError(
+                    f"{self.display(parts[: i + 1])}: cannot be created ({e.strerror})"
+                ) from None
+            finally:
+                os.close(fd)
+        os.close(self._open_dir(parts))  # refuses a link or a file where a folder should be
+
+
+@dataclass(frozen=True)
+class _ArrowFiles:
+    """A catalog on another pyarrow filesystem (object stores have no links)."""
+
+    fs: pafs.FileSystem
+    root: str
+
+    def display(self, parts: Sequence[str]) -> str:
+        return "/".join([self.root, *parts])
+
+    def _info_entry(self, fi: pafs.FileInfo) -> Entry:
+        kind = {pafs.FileType.File: "file", pafs.FileType.Directory: "dir"}.get(fi.type, "other")
+        return Entry(fi.base_name, kind, int(fi.size or 0), int(fi.mtime_ns or 0))
+
+    def listdir(self, parts: Sequence[str]) -> list[Entry]:
+        try:
+            sel = pafs.FileSelector(self.display(parts), allow_not_found=True)
+            return [self._info_entry(fi) for fi in self.fs.get_file_info(sel)]
+        except OSError as e:
+            raise CatalogError(f"{self.display(parts)}: cannot be listed ({e})") from None
+
+    def stat(self, parts: Sequence[str]) -> Entry | None:
+        try:
+            fi = self.fs.get_file_info(self.display(parts))
+        except OSError as e:
+            raise CatalogError(f"{self.display(parts)}: cannot be read ({e})") from None
+        return None if fi.type == pafs.FileType.NotFound else self._info_entry(fi)
+
+    def read(self, parts: Sequence[str], max_bytes: int) -> pa.Buffer:
+        where = self.display(parts)
+        e = self.stat(parts)
+        if e is None:
+            raise FileNotFoundError(where)
+        if e.kind != "file":
+            raise CatalogError(f"{where}: is not a regular file")
+        if e.size > max_bytes:
+            raise CatalogError(f"{where}: is {e.size} bytes, more than the {max_bytes} expected")
+        try:
+            with self.fs.open_input_file(where) as f:
+                data: pa.Buffer = f.read_buffer(max_bytes + 1)
+        except OSError as err:
+            raise CatalogError(f"{where}: cannot be read ({err})") from None
+        if data.size > max_bytes:
+            raise CatalogError(f"{where}: is more than the {max_bytes} bytes expected")
+        return data
+
+    def makedirs(self, parts: Sequence[str]) -> None:
+        try:
+            self.fs.create_dir(self.display(parts), recursive=True)
+        except OSError as e:
+            raise CatalogError(f"{self.display(parts)}: cannot be created ({e})") from None
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What :meth:`Catalog.scan` found: the readable versions, and one line per entry it skipped."""
+
+    manifests: tuple[Manifest, ...]
+    problems: tuple[str, ...]
+
+
+@dataclass
+class _Stats:
+    """Per-part running moments (Chan et al.'s pairwise update), so ``verify`` recomputes the manifest's
+    stats part by part without holding the whole dataset."""
+
+    n: int = 0
+    mean: dict[str, np.ndarray] = field(default_factory=dict)
+    m2: dict[str, np.ndarray] = field(default_factory=dict)
+    lo: dict[str, np.ndarray] = field(default_factory=dict)
+    hi: dict[str, np.ndarray] = field(default_factory=dict)
+    returns: list[np.ndarray] = field(default_factory=list)
+    lengths: list[np.ndarray] = field(default_factory=list)
+    starts: list[np.ndarray] = field(default_factory=list)
+    terminated: int = 0
+    truncated: int = 0
+
+    def update(self, t: Transitions) -> None:
+        k = len(t)
+        for c in ("observations", "actions", "rewards"):
+            a = getattr(t, c).reshape(k, -1).astype(np.float64)
+            mean, m2 = a.mean(0), ((a - a.mean(0)) ** 2).sum(0)
+            if not self.n:
+                self.mean[c], self.m2[c], self.lo[c], self.hi[c] = mean, m2, a.min(0), a.max(0)
+                continue
+            delta = mean - self.mean[c]
+            total = self.n + k
+            self.mean[c] = self.mean[c] + delta * k / total
+            self.m2[c] = self.m2[c] + m2 + delta**2 * self.n * k / total
+            self.lo[c], self.hi[c] = np.minimum(self.lo[c], a.min(0)), np.maximum(self.hi[c], a.max(0))
+        bounds = t.episode_bounds()
+        self.returns.append(np.add.reduceat(t.rewards.astype(np.float64), bounds[:-1]))
+        self.lengths.append(np.diff(bounds))
+        self.starts.append(t.episode_id[bounds[:-1]])
+        self.terminated += int(t.terminals.sum())
+        self.truncated += int((t.timeouts & ~t.terminals).sum())
+        self.n += k
+
+    def result(self) -> dict[str, Any]:
+        def summary(c: str) -> dict[str, list[float]]:
+            std = np.sqrt(self.m2[c] / self.n)
+            return {
+                "mean": self.mean[c].tolist(),
+                "std": std.tolist(),
+                "min": self.lo[c].tolist(),
+                "max": self.hi[c].tolist(),
+            }
+
+        returns, lengths = np.concatenate(self.returns), np.concatenate(self.lengths)
+        return {
+            "observations": summary("observations"),
+            "actions": summary("actions"),
+            "rewards": {k: v[0] for k, v in summary("rewards").items()},
+            "episode_return": {
+                "mean": float(returns.mean()),
+                "std": float(returns.std()),
+                "min": float(returns.min()),
+                "max": float(returns.max()),
+            },
+            "episode_length": {
+                "mean": float(lengths.mean()),
+                "min": int(lengths.min()),
+                "max": int(lengths.max()),
+            },
+        }
+
+    def repeated_episode(self) -> int | None:
+        ids = np.concatenate(self.starts)
+        uniq, counts = np.unique(ids, return_counts=True)
+        return int(uniq[counts > 1][0]) if (counts > 1).any() else None
+
+
+# Stats are recomputed in another summation order than at commit; they agree to ~1e-12 relative.
+STATS_RTOL = 1e-6
+
+
+def _stats_differences(recorded: Mapping[str, Any], recomputed: Mapping[str, Any]) -> list[str]:
+    out = []
+    for group, values in recomputed.items():
+        rec = recorded.get(group, {})
+        scale = 1.0 + float(np.max(np.abs([values["min"], values["max"]])))
+        for key, v in values.items():
+            a, b = np.asarray(rec.get(key), dtype=np.float64), np.asarray(v, dtype=np.float64)
+            if a.shape != b.shape or not np.allclose(a, b, rtol=STATS_RTOL, atol=STATS_RTOL * scale):
+                out.append(f"stats.{group}.{key}")
+    return out
+
+
 class Catalog:
-    """A store of immutable dataset versions on a pyarrow filesystem."""
+    """A store of immutable dataset versions on a pyarrow filesystem.
+
+    Opening a catalog creates nothing: reading a missing catalog finds no datasets; the root is created
+    by the first commit.
+    """
 
     def __init__(self, uri: str | os.PathLike[str] | None = None) -> None:
         raw = str(uri) if uri is not None else default_catalog_uri()
         self.uri = raw
+        self._files: _Files
         if "://" in raw:
             self.fs, self.root = _filesystem(raw)
+            self._files = _ArrowFiles(self.fs, self.root)
         else:
             path = Path(raw).expanduser().resolve()
             self.fs = pafs.LocalFileSystem(use_mmap=True)
             self.root = path.as_posix()
             self.uri = self.root
+            self._files = _LocalFiles(self.root)
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
-        try:
-            self.fs.create_dir(self.root, recursive=True)
-        except OSError as e:
-            raise CatalogError(f"catalog '{raw}': cannot create or open the root ({e})") from None
 
     # -- paths ---------------------------------------------------------------------------------------
     def _join(self, *parts: str) -> str:
@@ -219,20 +563,30 @@ class Catalog:
     def _version_dir(self, ref: VersionRef) -> str:
         return self._join(check_name(ref.name), f"_v{ref.version}")
 
+    @staticmethod
+    def _vparts(ref: VersionRef, *rest: str) -> list[str]:
+        return [*check_name(ref.name).split("/"), f"_v{ref.version}", *rest]
+
     def _exists(self, path: str) -> bool:
         return bool(self.fs.get_file_info(path).type != pafs.FileType.NotFound)
 
     # -- reading -------------------------------------------------------------------------------------
-    def _version_dirs(self, name: str) -> list[tuple[int, bool]]:
-        """(N, visible) for each ``_v<N>`` folder of ``name``."""
-        base = self._join(check_name(name))
-        infos = self.fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+    def _version_entries(self, name: str) -> list[tuple[int, Entry]]:
+        """Every entry named ``_v<N>`` in ``name``'s folder, whatever it is (a stray file, a link)."""
         out = []
-        for fi in infos:
-            m = VERSION_RE.match(fi.base_name)
-            if m and fi.type == pafs.FileType.Directory:
-                out.append((int(m.group(1)), self._exists(f"{fi.path}/{MANIFEST}")))
-        return sorted(out)
+        for e in self._files.listdir(check_name(name).split("/")):
+            m = VERSION_RE.fullmatch(e.name)
+            if m:
+                out.append((int(m.group(1)), e))
+        return sorted(out, key=lambda ne: ne[0])
+
+    def _is_version(self, name: str, n: int, e: Entry) -> bool:
+        """A version is a real folder holding a manifest entry (a broken manifest is refused on reading)."""
+        return e.kind == "dir" and self._files.stat(self._vparts(VersionRef(name, n), MANIFEST)) is not None
+
+    def _version_dirs(self, name: str) -> list[tuple[int, bool]]:
+        """(N, visible) for each ``_v<N>`` entry of ``name``."""
+        return [(n, self._is_version(name, n, e)) for n, e in self._version_entries(name)]
 
     def versions(self, name: str) -> list[int]:
         return [n for n, visible in self._version_dirs(name) if visible]
@@ -254,111 +608,206 @@ class Catalog:
             )
         return VersionRef(name, version)
 
+    def _manifest(self, r: VersionRef) -> Manifest:
+        parts = self._vparts(r, MANIFEST)
+        where = self._files.display(parts)
+        try:
+            data = self._files.read(parts, MAX_MANIFEST_BYTES)
+        except FileNotFoundError:
+            raise CatalogError(f"{where}: is missing") from None
+        return parse_manifest(data.to_pybytes(), where, name=r.name, version=r.version)
+
+    def checked_manifest(self, ref: str | VersionRef) -> Manifest:
+        """The manifest of ``ref``, every field checked (see :mod:`datasets.manifest`)."""
+        return self._manifest(self.resolve(ref))
+
     def manifest(self, ref: str | VersionRef) -> dict[str, Any]:
-        r = self.resolve(ref)
-        path = f"{self._version_dir(r)}/{MANIFEST}"
-        try:
-            with self.fs.open_input_stream(path) as f:
-                data = f.read()
-            manifest: dict[str, Any] = json.loads(data)
-        except (OSError, ValueError) as e:
-            raise CatalogError(f"{r}: manifest cannot be read ({e})") from None
-        return manifest
+        return dict(self.checked_manifest(ref).raw)
 
-    def list(self) -> list[dict[str, Any]]:
-        """Manifests of every visible version, sorted by name then version."""
-        sel = pafs.FileSelector(self.root, recursive=True, allow_not_found=True)
-        refs = []
-        prefix = self.root + "/"
-        for fi in self.fs.get_file_info(sel):
-            if fi.base_name != MANIFEST or not fi.path.startswith(prefix):
+    def scan(self) -> Listing:
+        """Every version in the catalog; an unreadable one, a link or a damaged manifest is skipped with a
+        line in ``problems``, so one bad version never hides the others."""
+        found: list[Manifest] = []
+        problems: list[str] = []
+        for name, entries in self._names(problems):
+            for e in entries:
+                m = VERSION_RE.fullmatch(e.name)
+                if not m:
+                    continue
+                where = self._files.display([*name.split("/"), e.name])
+                if e.kind == "link":
+                    problems.append(f"{where}: skipped, a symbolic link (the catalog never follows links)")
+                    continue
+                try:
+                    if self._is_version(name, int(m.group(1)), e):
+                        found.append(self._manifest(VersionRef(name, int(m.group(1)))))
+                except RlsynthError as err:
+                    problems.append(f"skipped {name}@{m.group(1)}: {err}")
+        found.sort(key=lambda man: (man.name, man.version))
+        return Listing(tuple(found), tuple(problems))
+
+    def _names(self, problems: list[str]) -> Iterator[tuple[str, list[Entry]]]:
+        """(name, entries of its folder) for every folder below the root that is a valid name."""
+        stack: list[tuple[str, ...]] = [()]
+        while stack:
+            parts = stack.pop()
+            try:
+                entries = self._files.listdir(parts)
+            except RlsynthError as err:
+                problems.append(f"skipped: {err}")
                 continue
-            parts = fi.path[len(prefix) :].split("/")
-            m = VERSION_RE.match(parts[-2]) if len(parts) >= 3 else None
-            name = "/".join(parts[:-2])
-            if m and NAME_RE.match(name):
-                refs.append(VersionRef(name, int(m.group(1))))
-        return [self.manifest(r) for r in sorted(refs)]
+            if parts:
+                yield "/".join(parts), entries
+            for e in sorted(entries, key=lambda x: x.name, reverse=True):
+                child = "/".join([*parts, e.name])
+                if not COMPONENT_RE.fullmatch(e.name) or len(child) > MAX_NAME_LENGTH:
+                    continue
+                if e.kind == "link":
+                    problems.append(
+                        f"{self._files.display([*parts, e.name])}: skipped, a symbolic link "
+                        "(the catalog never follows links)"
+                    )
+                elif e.kind == "dir":
+                    stack.append((*parts, e.name))
 
-    def _read_checked(self, path: str, expected_sha: str, label: str) -> pa.Buffer:
-        """A whole file as an Arrow buffer (memory-mapped on a local disk), checked against its SHA-256."""
+    def _read_checked(self, parts: Sequence[str], size: int, sha256: str, label: str) -> pa.Buffer:
+        """A whole file (memory-mapped on a local disk), checked against its recorded size and SHA-256."""
         try:
-            with self.fs.open_input_file(path) as f:
-                data = f.read_buffer()
-        except OSError as e:
-            raise CatalogError(f"{label}: cannot be read ({e})") from None
-        if _sha256_bytes(memoryview(data)) != expected_sha:
+            data = self._files.read(parts, size)
+        except FileNotFoundError:
+            raise CatalogError(f"{label}: is missing") from None
+        if data.size != size:
+            raise CatalogError(f"{label}: is {data.size} bytes where the manifest records {size}")
+        if _sha256_bytes(memoryview(data)) != sha256:
             raise CatalogError(f"{label}: checksum mismatch (the file was altered or damaged)")
         return data
 
+    def _part_stamps(self, r: VersionRef, man: Manifest) -> list[cache.PartStamp]:
+        """Each part as it is on disk now; refused unless it is a regular file of its recorded size."""
+        stamps = []
+        for p in man.parts:
+            parts = self._vparts(r, p.path)
+            e = self._files.stat(parts)
+            label = f"{r} part {p.path}"
+            if e is None:
+                raise CatalogError(f"{label}: is missing")
+            if e.kind == "link":
+                raise CatalogError(f"{label}: is a symbolic link; the catalog never follows links")
+            if e.kind != "file":
+                raise CatalogError(f"{label}: is not a regular file")
+            if e.size != p.bytes:
+                raise CatalogError(f"{label}: is {e.size} bytes where the manifest records {p.bytes}")
+            stamps.append(cache.PartStamp(p.path, e.size, e.mtime_ns))
+        return stamps
+
+    def _part_table(self, r: VersionRef, man: Manifest, p: PartRecord) -> pa.Table:
+        label = f"{r} part {p.path}"
+        data = self._read_checked(self._vparts(r, p.path), p.bytes, p.sha256, label)
+        return read_part(data, p.rows, man.info, label)
+
     def read(self, ref: str | VersionRef, *, use_cache: bool = True) -> Dataset:
-        """Load a version. Parts are checked against their recorded SHA-256 as they are read; the decoded
-        columns then go to the local cache (see :mod:`datasets.cache`), whose later reads are CRC-checked."""
+        """Load a version. Every part must be a regular file of its recorded size; on a cache hit (see
+        :mod:`datasets.cache` for what it trusts) that is all that is read. Otherwise each part is
+        checked against its SHA-256, decoded, and the whole validated and its content hash recomputed
+        before it is returned or cached."""
         r = self.resolve(ref)
-        man = self.manifest(r)
-        info = DatasetInfo.from_json(man["info"])
-        cached = cache.load(man["content_hash"]) if use_cache else None
-        if cached is not None:
-            return Dataset(info=info, transitions=cached, source=str(r))
-        vdir = self._version_dir(r)
-        tables = []
-        for p in man["parts"]:
-            data = self._read_checked(f"{vdir}/{p['path']}", p["sha256"], f"{r} part {p['path']}")
-            try:
-                tables.append(pq.read_table(pa.BufferReader(data)))
-            except (pa.ArrowException, OSError) as e:
-                raise CatalogError(f"{r} part {p['path']}: not valid Parquet ({e})") from None
-        t = from_table(pa.concat_tables(tables), str(r))
+        man = self._manifest(r)
+        stamps = self._part_stamps(r, man)
+        folder = self._version_dir(r)
         if use_cache:
-            cache.store(man["content_hash"], t)
-        return Dataset(info=info, transitions=t, source=str(r))
+            expected = cache.Expected(
+                man.counts["transitions"], man.info.observation_space.dim, man.info.action_space.dim
+            )
+            cached = cache.load(man.content_hash, folder=folder, stamps=stamps, expected=expected)
+            if cached is not None:
+                return Dataset(info=man.info, transitions=cached, source=str(r))
+        tables = [self._part_table(r, man, p) for p in man.parts]
+        t = from_table(pa.concat_tables(tables), str(r))
+        validate_transitions(t, man.info, str(r))
+        hasher = ContentHasher(man.info)
+        hasher.update(t)
+        if hasher.hexdigest() != man.content_hash:
+            raise CatalogError(f"{r}: content hash differs from the manifest (data or manifest altered)")
+        if use_cache:
+            cache.store(man.content_hash, t, folder=folder, stamps=stamps)
+        return Dataset(info=man.info, transitions=t, source=str(r))
+
+    def file_buffer(self, ref: str | VersionRef, file_name: str) -> pa.Buffer:
+        """An artifact stored with a version, checked against its size and hash (memory-mapped)."""
+        if len(file_name) > MAX_FILE_NAME or not FILE_NAME_RE.fullmatch(file_name):
+            raise CatalogError(f"invalid artifact name '{file_name[:80]}'")
+        r = self.resolve(ref)
+        man = self._manifest(r)
+        rec = man.file(file_name)
+        if rec is None:
+            names = ", ".join(f.name for f in man.files) or "none"
+            raise CatalogError(f"{r} has no file '{file_name}' (files: {names})")
+        parts = self._vparts(r, "files", file_name)
+        return self._read_checked(parts, rec.bytes, rec.sha256, f"{r} file {file_name}")
 
     def file_bytes(self, ref: str | VersionRef, file_name: str) -> bytes:
         """An artifact stored with a version (checked against its hash)."""
-        r = self.resolve(ref)
-        files = self.manifest(r).get("files", {})
-        if file_name not in files:
-            raise CatalogError(f"{r} has no file '{file_name}' (files: {', '.join(files) or 'none'})")
-        return self._read_checked(
-            f"{self._version_dir(r)}/files/{file_name}", files[file_name]["sha256"], f"{r} file {file_name}"
-        ).to_pybytes()
+        return self.file_buffer(ref, file_name).to_pybytes()
 
     def verify(self, ref: str | VersionRef) -> dict[str, Any]:
-        """Re-hash every file and recompute the content hash; never raises for damaged data."""
+        """Check everything a version's manifest says against its files; never raises for damaged data.
+
+        The manifest's every field (:func:`datasets.manifest.parse_manifest`); the folder (no links, no
+        part or artifact that the manifest does not list); each part (size, SHA-256, footer, schema,
+        rows, the episode contract) and artifact (size, SHA-256); then over the whole: episode ids
+        unique across parts, the content hash, the counts and the per-column stats.
+        """
         r = self.resolve(ref)
-        man = self.manifest(r)
-        problems: list[str] = []
-        info = DatasetInfo.from_json(man["info"])
-        hasher = ContentHasher(info)
-        vdir = self._version_dir(r)
-        rows = 0
-        for p in man["parts"]:
+        try:
+            man = self._manifest(r)
+        except RlsynthError as e:
+            return _verify_report(r, None, None, [str(e)])
+        problems = self._folder_problems(r, man)
+        hasher, stats = ContentHasher(man.info), _Stats()
+        data_ok = True
+        for p in man.parts:
             try:
-                data = self._read_checked(f"{vdir}/{p['path']}", p["sha256"], f"part {p['path']}")
-                t = from_table(pq.read_table(pa.BufferReader(data)), p["path"])
-                validate_transitions(t, info, f"part {p['path']}")
-                hasher.update(t)
-                rows += len(t)
+                t = from_table(self._part_table(r, man, p), f"part {p.path}")
+                validate_transitions(t, man.info, f"part {p.path}")
             except (RlsynthError, pa.ArrowException, OSError) as e:
                 problems.append(str(e))
-        for fname, meta in man.get("files", {}).items():
+                data_ok = False
+                continue
+            hasher.update(t)
+            stats.update(t)
+        for f in man.files:
             try:
-                self._read_checked(f"{vdir}/files/{fname}", meta["sha256"], f"file {fname}")
+                self._read_checked(self._vparts(r, "files", f.name), f.bytes, f.sha256, f"file {f.name}")
             except RlsynthError as e:
                 problems.append(str(e))
-        recomputed = None if problems else hasher.hexdigest()
-        if recomputed is not None and recomputed != man["content_hash"]:
-            problems.append("content hash differs from the manifest")
-        if not problems and rows != man["counts"]["transitions"]:
-            problems.append(f"{rows} rows where the manifest records {man['counts']['transitions']}")
-        return {
-            "name": r.name,
-            "version": r.version,
-            "ok": not problems,
-            "content_hash": recomputed,
-            "expected_content_hash": man["content_hash"],
-            "problems": problems,
-        }
+        recomputed = hasher.hexdigest() if data_ok else None
+        if data_ok:
+            problems += _whole_problems(man, recomputed, stats)
+        return _verify_report(r, man, recomputed, problems)
+
+    def _folder_problems(self, r: VersionRef, man: Manifest) -> list[str]:
+        """Links anywhere in the version folder, and parts or artifacts the manifest does not list."""
+        problems = []
+        listed_parts = {p.path for p in man.parts}
+        listed_files = {f.name for f in man.files}
+        folders: list[tuple[list[str], set[str], str]] = [(self._vparts(r), listed_parts, "part file")]
+        if (self._files.stat(self._vparts(r, "files")) or Entry("", "", 0, 0)).kind == "dir":
+            folders.append((self._vparts(r, "files"), listed_files, "artifact"))
+        for parts, listed, what in folders:
+            try:
+                entries = self._files.listdir(parts)
+            except RlsynthError as err:
+                problems.append(str(err))
+                continue
+            for e in entries:
+                where = self._files.display([*parts, e.name])
+                if e.kind == "link":
+                    problems.append(f"{where}: is a symbolic link; the catalog never follows links")
+                elif what == "part file" and PART_RE.fullmatch(e.name) and e.name not in listed:
+                    problems.append(f"{where}: part file not listed in the manifest")
+                elif what == "artifact" and e.name not in listed and not e.name.startswith("."):
+                    problems.append(f"{where}: artifact not listed in the manifest")
+        return problems
 
     def annotate(self, ref: str | VersionRef, key: str, value: Any) -> dict[str, Any]:
         """Record an evaluation result (``fidelity``) in a version's manifest, atomically.
@@ -371,7 +820,7 @@ class Catalog:
                 f"'{key}' is not an annotation (annotations: {', '.join(sorted(ANNOTATION_KEYS))})"
             )
         r = self.resolve(ref)
-        man = self.manifest(r)
+        man = dict(self._manifest(r).raw)
         man[key] = value
         folder = self._version_dir(r)
         data = json.dumps(man, indent=2, sort_keys=True, default=_json_default).encode()
@@ -381,12 +830,79 @@ class Catalog:
         self.fs.move(tmp, f"{folder}/{MANIFEST}")
         return man
 
+    # -- staging -------------------------------------------------------------------------------------
+    def clear_stale_staging(self, name: str | None = None, *, older_than_s: float | None = None) -> list[str]:
+        """Remove what killed writers left in ``_staging`` (of ``name``, or of every name); returns what
+        was removed.
+
+        A staging folder goes when the writer that opened it ran on this host and is gone, or, with
+        ``older_than_s``, when it was last changed longer ago than that (the only way to clear a writer
+        on another host, or staging from before writers were recorded). A live writer's is never touched.
+        """
+        names = [check_name(name)] if name is not None else [n for n, _ in self._names([])]
+        removed = []
+        now = time.time()
+        for n in names:
+            base = [*n.split("/"), STAGING]
+            entries = {e.name: e for e in self._files.listdir(base)}
+            for txn, e in entries.items():
+                if not TXN_RE.fullmatch(txn) or e.kind not in ("dir", "link"):
+                    continue
+                writer = self._writer(base, txn)
+                dead = writer is not None and writer.is_dead()
+                old = older_than_s is not None and now - e.mtime_ns / 1e9 > older_than_s
+                if (dead or old) and self._remove_staging(base, txn, e):
+                    removed.append(self._files.display([*base, txn]))
+            for fname in entries:
+                txn = fname.removesuffix(WRITER_SUFFIX)
+                if fname.endswith(WRITER_SUFFIX) and TXN_RE.fullmatch(txn) and txn not in entries:
+                    writer = self._writer(base, txn)
+                    if writer is None or writer.is_dead() or older_than_s is not None:
+                        self._remove_path([*base, fname], is_dir=False)
+        return removed
+
+    def _writer(self, base: Sequence[str], txn: str) -> Writer | None:
+        try:
+            data = self._files.read([*base, f"{txn}{WRITER_SUFFIX}"], MAX_WRITER_BYTES)
+            return Writer.from_json(json.loads(data.to_pybytes()))
+        except (OSError, ValueError, RlsynthError):
+            return None
+
+    def _remove_staging(self, base: Sequence[str], txn: str, e: Entry) -> bool:
+        ok = self._remove_path([*base, txn], is_dir=e.kind == "dir")
+        self._remove_path([*base, f"{txn}{WRITER_SUFFIX}"], is_dir=False)
+        return ok
+
+    def _remove_path(self, parts: Sequence[str], *, is_dir: bool) -> bool:
+        path = self._files.display(parts)
+        try:
+            if not self.local:
+                (self.fs.delete_dir if is_dir else self.fs.delete_file)(path)
+            elif is_dir:
+                shutil.rmtree(path)  # fd-based on Linux: never follows a link inside
+            else:
+                os.unlink(path)  # a link itself, never its target
+        except FileNotFoundError:
+            return False
+        except OSError as err:
+            log.info("cannot remove stale staging %s: %s", path, err)
+            return False
+        return True
+
     # -- writing -------------------------------------------------------------------------------------
     def begin(self, name: str, info: DatasetInfo) -> Transaction:
-        """Open a commit of a new version of ``name``; nothing is visible until :meth:`Transaction.commit`."""
+        """Open a commit of a new version of ``name``; nothing is visible until :meth:`Transaction.commit`.
+
+        The writer's identity is recorded first, so a staging folder without a live writer is garbage.
+        """
         check_name(name)
         txn = Transaction(self.uri, name, uuid.uuid4().hex, info)
-        self.fs.create_dir(txn.staging_dir(self), recursive=True)
+        base = [*name.split("/"), STAGING]
+        self._files.makedirs(base)
+        record = json.dumps(Writer.this_process().to_json()).encode()
+        with self.fs.open_output_stream(self._join(*base, f"{txn.txn_id}{WRITER_SUFFIX}")) as f:
+            f.write(record)
+        self._files.makedirs([*base, txn.txn_id])
         return txn
 
     def write(
@@ -411,6 +927,46 @@ class Catalog:
         except BaseException:
             txn.abort()
             raise
+
+    def list(self) -> list[dict[str, Any]]:
+        """Manifests of every readable version, sorted by name then version (see :meth:`scan`)."""
+        return [dict(m.raw) for m in self.scan().manifests]
+
+
+def _whole_problems(man: Manifest, recomputed: str | None, stats: _Stats) -> list[str]:
+    problems = []
+    if recomputed != man.content_hash:
+        problems.append("content hash differs from the manifest")
+    dup = stats.repeated_episode()
+    if dup is not None:
+        problems.append(f"episode {dup} appears in more than one part")
+    lengths = np.concatenate(stats.lengths)
+    counts = {
+        "episodes": len(lengths),
+        "transitions": stats.n,
+        "terminated_episodes": stats.terminated,
+        "truncated_episodes": stats.truncated,
+    }
+    for key, value in counts.items():
+        if value != man.counts[key]:
+            problems.append(f"counts.{key} is {man.counts[key]}, the data holds {value}")
+    diff = _stats_differences(man.raw["stats"], stats.result())
+    if diff:
+        problems.append(f"{', '.join(diff[:4])} differ from the data")
+    return problems
+
+
+def _verify_report(
+    r: VersionRef, man: Manifest | None, recomputed: str | None, problems: list[str]
+) -> dict[str, Any]:
+    return {
+        "name": r.name,
+        "version": r.version,
+        "ok": not problems,
+        "content_hash": recomputed,
+        "expected_content_hash": man.content_hash if man else None,
+        "problems": problems,
+    }
 
 
 def split_rows(t: Transitions, rows: int) -> Iterable[Transitions]:
@@ -439,7 +995,15 @@ class Transaction:
 
     def staging_dir(self, cat: Catalog | None = None) -> str:
         c = cat or self.catalog()
-        return c._join(self.name, "_staging", self.txn_id)
+        return c._join(self.name, STAGING, self.txn_id)
+
+    def _writer_file(self, cat: Catalog) -> str:
+        return cat._join(self.name, STAGING, f"{self.txn_id}{WRITER_SUFFIX}")
+
+    def _drop_writer_file(self, cat: Catalog) -> None:
+        # Already gone: an abort after a commit, or a clean-up by another process.
+        with contextlib.suppress(OSError):
+            cat.fs.delete_file(self._writer_file(cat))
 
     def write_part(self, index: int, t: Transitions) -> dict[str, Any]:
         """Write part ``index``: whole episodes, validated; a retried task's rewrite replaces it atomically.
@@ -461,7 +1025,7 @@ class Transaction:
         return {"index": index, "rows": len(t), "sha256": _sha256_bytes(data)}
 
     def add_file(self, file_name: str, src: str | os.PathLike[str]) -> None:
-        if not FILE_NAME_RE.match(file_name):
+        if len(file_name) > MAX_FILE_NAME or not FILE_NAME_RE.fullmatch(file_name):
             raise CatalogError(f"invalid artifact name '{file_name}'")
         cat = self.catalog()
         with open(src, "rb") as f:
@@ -475,12 +1039,13 @@ class Transaction:
         d = self.staging_dir(cat)
         if cat._exists(d):
             cat.fs.delete_dir(d)
+        self._drop_writer_file(cat)
 
     def _parts(self, cat: Catalog) -> list[tuple[int, str]]:
         sel = pafs.FileSelector(self.staging_dir(cat), allow_not_found=True)
         out = []
         for fi in cat.fs.get_file_info(sel):
-            m = PART_RE.match(fi.base_name)
+            m = PART_RE.fullmatch(fi.base_name)
             if m:
                 out.append((int(m.group(1)), fi.base_name))
         return sorted(out)
@@ -507,9 +1072,19 @@ class Transaction:
                 f"{self.name}: expected parts 0..{expected_parts - 1}, found {indices}; nothing committed"
             )
         manifest = self._build_manifest(cat, parts, lineage or {}, tags or {})
-        if cat.local:
-            return self._publish_local(cat, manifest)
-        return self._publish_generic(cat, manifest)
+        ref = self._publish_local(cat, manifest) if cat.local else self._publish_generic(cat, manifest)
+        self._drop_writer_file(cat)
+        self._clear_dead_writers(cat)
+        return ref
+
+    def _clear_dead_writers(self, cat: Catalog) -> None:
+        """What writers of this name that were killed on this host left (best effort, after publishing:
+        a failure here never fails the commit)."""
+        try:
+            for path in cat.clear_stale_staging(self.name):
+                log.info("removed the staging of a killed writer: %s", path)
+        except (RlsynthError, OSError) as e:
+            log.info("stale staging of %s not cleared: %s", self.name, e)
 
     def _build_manifest(
         self,
@@ -558,7 +1133,7 @@ class Transaction:
             "content_hash": hasher.hexdigest(),
             "env_id": self.info.env_id,
             "info": self.info.to_json(),
-            "schema": _schema_json(self.info),
+            "schema": schema_json(self.info),
             "counts": {
                 "episodes": n_eps,
                 "transitions": len(t),
@@ -581,8 +1156,10 @@ class Transaction:
         cat.fs.move(tmp, f"{folder}/{MANIFEST}")
 
     def _next_version(self, cat: Catalog) -> int:
-        dirs = cat._version_dirs(self.name)
-        return (dirs[-1][0] + 1) if dirs else 1
+        # Any entry named _v<N> takes N, whatever it is: a stray file or link there is never a version,
+        # and skipping its number (rather than refusing) keeps the name committable without clean-up.
+        entries = cat._version_entries(self.name)
+        return (entries[-1][0] + 1) if entries else 1
 
     def _publish_local(self, cat: Catalog, manifest: dict[str, Any]) -> VersionRef:
         sdir = self.staging_dir(cat)
@@ -594,7 +1171,8 @@ class Transaction:
             try:
                 os.rename(sdir, target)
             except OSError as e:
-                if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                # ENOTDIR/EISDIR: a stray file or link already holds that name.
+                if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
                     version = max(version + 1, self._next_version(cat))
                     continue
                 raise CatalogError(f"{self.name}: commit failed ({e})") from None

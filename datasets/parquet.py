@@ -1,6 +1,8 @@
 """Transitions <-> Arrow tables: the Parquet row schema of DESIGN.md.
 
 Vectors are fixed-size float32 lists, so a column converts to a (N, dim) numpy array without copies.
+:func:`read_part` is the one way a stored part becomes arrays: it checks the footer (row count, declared
+decoded size) and the schema before Arrow decodes a single page.
 """
 
 from __future__ import annotations
@@ -9,8 +11,9 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from datasets.errors import CatalogError
+from datasets.errors import CatalogError, brief
 from datasets.types import DatasetInfo, Transitions
 
 FORMAT_VERSION = "rlsynth.transitions/1"
@@ -84,4 +87,65 @@ def info_from_schema(schema: pa.Schema, where: str) -> DatasetInfo:
     meta = schema.metadata or {}
     if INFO_KEY not in meta:
         raise CatalogError(f"{where}: Parquet schema carries no rlsynth.info metadata")
-    return DatasetInfo.from_json(json.loads(meta[INFO_KEY]))
+    try:
+        return DatasetInfo.from_json(json.loads(meta[INFO_KEY]))
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+        raise CatalogError(f"{where}: Parquet rlsynth.info metadata is not valid ({brief(e)})") from None
+
+
+# Bytes a row takes once decoded (the Arrow arrays from_table returns).
+def row_bytes(info: DatasetInfo) -> int:
+    return 8 + 4 + 4 * (2 * info.observation_space.dim + info.action_space.dim) + 4 + 1 + 1
+
+
+# Parquet's encodings (RLE, dictionaries) can beat zstd on constant columns, so the bounds on what a
+# part may decode to are generous; they exist so that a few-KB file cannot declare terabytes.
+MAX_DECODED_OVERHEAD = 4
+MAX_DECODED_FLOOR = 256 * 1024**2
+MAX_COMPRESSION_RATIO = 1000
+
+
+def check_schema(schema: pa.Schema, info: DatasetInfo, where: str) -> None:
+    """Refuse a part whose columns are not exactly the rlsynth row schema for ``info``."""
+    expected = arrow_schema(info)
+    names = [f.name for f in schema]
+    if names != expected.names:
+        raise CatalogError(f"{where}: columns {names[:10]} are not the rlsynth row schema")
+    for got, want in zip(schema, expected, strict=True):
+        if not got.type.equals(want.type):
+            raise CatalogError(f"{where}: column '{got.name}' is {got.type}, expected {want.type}")
+    if info_from_schema(schema, where) != info:
+        raise CatalogError(f"{where}: written for other spaces than the manifest records")
+
+
+def read_part(data: pa.Buffer, rows: int, info: DatasetInfo, where: str) -> pa.Table:
+    """A stored part as a table, refused before decoding if its footer disagrees with the manifest's
+    ``rows``, declares more decoded bytes than such rows take, or has another schema."""
+    try:
+        pf = pq.ParquetFile(pa.BufferReader(data))
+        meta = pf.metadata
+    except (pa.ArrowException, OSError) as e:
+        raise CatalogError(f"{where}: not valid Parquet ({brief(e)})") from None
+    if meta.num_rows != rows:
+        raise CatalogError(f"{where}: holds {meta.num_rows} rows where the manifest records {rows}")
+    declared = sum(
+        meta.row_group(g).column(c).total_uncompressed_size
+        for g in range(meta.num_row_groups)
+        for c in range(meta.num_columns)
+    )
+    decoded = rows * row_bytes(info)
+    if decoded > max(MAX_COMPRESSION_RATIO * data.size, MAX_DECODED_FLOOR):
+        raise CatalogError(
+            f"{where}: {rows} rows would decode to {decoded} bytes from a {data.size}-byte file"
+        )
+    bound = max(MAX_DECODED_OVERHEAD * decoded, MAX_DECODED_FLOOR)
+    if declared > bound:
+        raise CatalogError(f"{where}: declares {declared} decoded bytes for {rows} rows (at most {bound})")
+    check_schema(pf.schema_arrow, info, where)
+    try:
+        table = pf.read()
+    except (pa.ArrowException, OSError) as e:
+        raise CatalogError(f"{where}: not valid Parquet ({brief(e)})") from None
+    if table.num_rows != rows:
+        raise CatalogError(f"{where}: holds {table.num_rows} rows where the manifest records {rows}")
+    return table

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import math
 import os
 import sys
 import tempfile
@@ -53,6 +54,8 @@ def json_option(f: F) -> F:
 
 
 def _catalog(ctx: click.Context, uri: str | None) -> Any:
+    """The catalog named by ``--catalog`` (here or before the command). Opening it creates nothing: the
+    root appears with the first commit, so read-only commands never write."""
     from datasets.catalog import Catalog
 
     return Catalog(uri or (ctx.obj or {}).get("catalog_uri"))
@@ -219,6 +222,8 @@ def make_cmd(
     from datasets.recipes import RecipeConfig, build, save_agent
 
     check_name(name)
+    if not no_minari:
+        _check_minari_root(minari_root())  # before the catalog is opened (which creates its folder)
     cat = _catalog(ctx, catalog_uri)
     cfg = RecipeConfig(
         recipe=recipe,
@@ -242,15 +247,24 @@ def make_cmd(
         if result.agent is not None:
             files["agent.d3"] = save_agent(result.agent, Path(tmp) / "agent.d3")
         ref = cat.write(name, result.dataset, lineage=lineage, tags={"recipe": recipe}, files=files)
-    minari_path = write_minari(cat.read(ref), mid) if mid is not None else None
+    # The version is committed: from here the command has succeeded, and the optional Minari copy
+    # failing is a warning (exit 0), never an error that would invite a retry committing another version.
+    minari_path, minari_error = None, None
+    if mid is not None:
+        try:
+            minari_path = write_minari(cat.read(ref), mid)
+        except (RlsynthError, OSError) as e:
+            minari_error = f"{ref} committed, but its Minari copy {mid} was not written: {_one_line(e)}"
+            _warn([minari_error])
     s = summary(cat.manifest(ref))
-    s["minari_id"] = mid
+    s["minari_id"] = mid if minari_path else None
     s["minari_path"] = str(minari_path) if minari_path else None
+    s["warnings"] = [minari_error] if minari_error else []
     if as_json:
         _echo_json(s)
     else:
         click.echo(f"made {ref}: {s['episodes']} episodes, {s['transitions']} transitions, env {env_id}")
-        if mid:
+        if minari_path:
             click.echo(f"minari dataset {mid} at {minari_path}")
         if "agent.d3" in s["files"]:
             click.echo(
@@ -258,14 +272,27 @@ def make_cmd(
             )
 
 
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:300]
+
+
+def _check_minari_root(root: Path) -> None:
+    """Before anything is built or committed: the Minari copy's root must be (or can become) a folder."""
+    if any(p.exists() and not p.is_dir() for p in (root, *root.parents)):
+        raise RlsynthError(f"Minari root {root} ($MINARI_DATASETS_PATH) is not a folder; pass --no-minari")
+
+
 @datasets.command("list")
 @catalog_option
 @json_option
 @click.pass_context
 def list_cmd(ctx: click.Context, catalog_uri: str | None, as_json: bool) -> None:
-    """List every version in the catalog."""
+    """List every version in the catalog (a damaged one is skipped with a warning on stderr)."""
     cat = _catalog(ctx, catalog_uri)
-    rows = [summary(m) for m in cat.list()]
+    listing = cat.scan()
+    _warn(listing.problems)
+    rows = [summary(dict(m.raw)) for m in listing.manifests]
     if as_json:
         _echo_json(rows)
         return
@@ -297,12 +324,14 @@ def list_cmd(ctx: click.Context, catalog_uri: str | None, as_json: bool) -> None
 @click.pass_context
 def show_cmd(ctx: click.Context, ref: str, catalog_uri: str | None, as_json: bool) -> None:
     """Show one version (NAME for the latest, or NAME@N)."""
+    from datasets.errors import one_line
+
     cat = _catalog(ctx, catalog_uri)
     s = summary(cat.manifest(ref))
     if as_json:
         _echo_json(s)
         return
-    st = s["stats"]
+    st = s["stats"]  # every field below was type-checked by the manifest parser
     click.echo(f"{s['ref']}  env {s['env_id']}  created {s['created']}")
     click.echo(
         f"  {s['episodes']} episodes ({s['counts']['terminated_episodes']} terminated, "
@@ -313,12 +342,15 @@ def show_cmd(ctx: click.Context, ref: str, catalog_uri: str | None, as_json: boo
         f"[{st['episode_return']['min']:.2f}, {st['episode_return']['max']:.2f}]"
     )
     click.echo(f"  content hash {s['content_hash']}")
+    # Lineage and tags are free text from the manifest: one_line escapes control characters, so a
+    # crafted manifest cannot add lines or rewrite the terminal.
     for src in s["lineage"].get("sources") or []:
-        click.echo(f"  source {src.get('source')} ({src.get('content_hash', '')[:19]})")
-    if s["lineage"].get("recipe"):
-        click.echo(f"  recipe {s['lineage']['recipe']['recipe']} seed {s['lineage']['recipe']['seed']}")
+        click.echo(one_line(f"  source {src.get('source')} ({str(src.get('content_hash', ''))[:19]})"))
+    recipe = s["lineage"].get("recipe")
+    if recipe:
+        click.echo(one_line(f"  recipe {recipe['recipe']} seed {recipe.get('seed')}"))
     if s["tags"]:
-        click.echo("  tags " + ", ".join(f"{k}={v}" for k, v in s["tags"].items()))
+        click.echo(one_line("  tags " + ", ".join(f"{k}={v}" for k, v in s["tags"].items())))
     if s["files"]:
         click.echo("  files " + ", ".join(s["files"]))
 
@@ -329,17 +361,19 @@ def show_cmd(ctx: click.Context, ref: str, catalog_uri: str | None, as_json: boo
 @json_option
 @click.pass_context
 def verify_cmd(ctx: click.Context, ref: str, catalog_uri: str | None, as_json: bool) -> None:
-    """Re-hash every file of a version and recompute its content hash; exit 1 if anything differs."""
+    """Check every manifest field against the version's files (hashes, counts, stats, part list, no
+    links); exit 1 if anything differs. Prints the first problem; --json lists them all."""
     cat = _catalog(ctx, catalog_uri)
     res = cat.verify(ref)
+    problems = res["problems"]
     if as_json:
         _echo_json(res)
     elif res["ok"]:
         click.echo(f"{res['name']}@{res['version']}: ok ({res['content_hash']})")
     else:
-        click.echo(f"{res['name']}@{res['version']}: DAMAGED", err=True)
-        for p in res["problems"]:
-            click.echo(f"  {p}", err=True)
+        click.echo(f"error: {res['name']}@{res['version']} is damaged: {problems[0]}", err=True)
+        if len(problems) > 1:
+            click.echo(f"  and {len(problems) - 1} more problem(s) (--json lists them all)", err=True)
     if not res["ok"]:
         sys.exit(1)
 
@@ -487,6 +521,38 @@ def export_cmd(
         click.echo(f"exported {r} as {fmt} to {path}")
 
 
+@datasets.command("gc")
+@click.argument("name", required=False)
+@click.option(
+    "--older-than-hours",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Also clear staging untouched this long (writers on other hosts, or unrecorded ones).",
+)
+@catalog_option
+@json_option
+@click.pass_context
+def gc_cmd(
+    ctx: click.Context,
+    name: str | None,
+    older_than_hours: float | None,
+    catalog_uri: str | None,
+    as_json: bool,
+) -> None:
+    """Clear staging left by killed writers (of NAME, or of every name); a live writer's is kept.
+
+    Every successful commit already clears dead writers' staging on this host; this clears it on demand."""
+    cat = _catalog(ctx, catalog_uri)
+    older = None if older_than_hours is None else 3600.0 * older_than_hours
+    removed = cat.clear_stale_staging(name, older_than_s=older)
+    if as_json:
+        _echo_json({"removed": removed})
+    else:
+        click.echo(f"removed {len(removed)} staging entr{'y' if len(removed) == 1 else 'ies'}")
+        for r in removed:
+            click.echo(f"  {r}")
+
+
 @datasets.command("export-file")
 @click.argument("ref")
 @click.argument("file_name")
@@ -496,17 +562,26 @@ def export_cmd(
 def export_file_cmd(
     ctx: click.Context, ref: str, file_name: str, out: str | None, catalog_uri: str | None
 ) -> None:
-    """Copy an artifact stored with a version (e.g. a recipe's agent.d3) out of the catalog."""
+    """Copy an artifact stored with a version (e.g. a recipe's agent.d3) out of the catalog.
+
+    The artifact is read without following links (one outside the catalog is refused) and checked
+    against its recorded size and hash before anything is written; the copy never replaces a file."""
     from datasets.atomic import publish_file
+    from datasets.errors import ExportError
 
     cat = _catalog(ctx, catalog_uri)
-    data = cat.file_bytes(ref, file_name)
+    data = cat.file_buffer(ref, file_name)
     target = Path(out or file_name)
-    fd, tmp = tempfile.mkstemp(dir=target.parent.resolve(), prefix=f".{target.name}.")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent.resolve(), prefix=f".{target.name}.")
+    except OSError as e:
+        raise ExportError(f"{target}: cannot be written ({e.strerror})") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            f.write(memoryview(data))
         publish_file(tmp, target)
+    except OSError as e:
+        raise ExportError(f"{target}: cannot be written ({e.strerror})") from None
     finally:
         os.unlink(tmp)
     click.echo(f"wrote {target}")
@@ -569,7 +644,7 @@ def generator_train_cmd(
 ) -> None:
     """Train a generator of KIND on a dataset; checkpoints are safetensors + JSON."""
     from datasets.sources import load_source, source_lineage
-    from generators.api import load_generator, preset, record_refiner, train_generator
+    from generators.api import load_generator, preset, train_generator
 
     preset(kind, preset_name)
     if refiner is not None:
@@ -588,9 +663,8 @@ def generator_train_cmd(
         seed=seed,
         progress=not quiet,
         source=source_lineage(data_ref, ds, cat),
+        refiner=None if refiner is None else Path(refiner),
     )
-    if refiner is not None:
-        record_refiner(Path(out), Path(refiner))
     summary_ = {
         "out": str(Path(out).resolve()),
         "kind": kind,
@@ -793,8 +867,10 @@ def generator_sample_cmd(
         deterministic_std=deterministic_std,
     )
     guidance = build_guidance(gcfg, gen.info)
-    src = gen.config["data"]["source"]
+    src = gen.config["data"].get("source", {})
     ref = data_ref or src.get("ref") or src.get("source")
+    if not isinstance(ref, str):
+        raise RlsynthError(f"{folder}: no training data recorded in config.json; pass --data")
     source = load_source(ref, cat)
     policy_fn = None
     policy_lineage: dict[str, Any] = {"kind": "data"}
@@ -971,22 +1047,27 @@ def agent_eval_cmd(
 ) -> None:
     """Score an agent in its environment: return mean ± std and the D4RL-normalised score."""
     from datasets.envs import env_info
-    from offline_rl.agents import check_agent_spaces, load_agent, sidecar
+    from datasets.types import check_env_id
+    from offline_rl.agents import check_agent_spaces, load_agent, recorded_env_id
     from offline_rl.evaluate import Reference, evaluate_agent
 
     path = Path(agent_path)
+    if env_id is not None:
+        check_env_id(env_id, "--env")
     algo = load_agent(path)
     if env_id is None:
-        side = sidecar(path)
-        env_id = json.loads(side.read_text()).get("env_id") if side.is_file() else None
+        env_id = recorded_env_id(path)
         if env_id is None:
             raise click.BadParameter(
                 "no environment recorded with this agent; pass --env", param_hint="--env"
             )
     info = env_info(env_id)
     check_agent_spaces(algo, info.observation_space.dim, info.action_space.dim, env_id)
-    if (ref_min is None) != (ref_max is None) or (ref_min is not None and ref_min == ref_max):
-        raise click.BadParameter("give both --ref-min and --ref-max, and different", param_hint="--ref-min")
+    given = [v for v in (ref_min, ref_max) if v is not None]
+    if len(given) == 1 or (given and (ref_min == ref_max or not all(math.isfinite(v) for v in given))):
+        raise click.BadParameter(
+            "give both --ref-min and --ref-max, finite and different", param_hint="--ref-min"
+        )
     ref = Reference(ref_min, ref_max, "command line") if ref_min is not None and ref_max is not None else None
     res = evaluate_agent(algo, env_id, episodes=episodes, seed=seed, reference=ref)
     if as_json:
@@ -1027,6 +1108,8 @@ class StageView:
             self.rows[name] = rest.strip()
             if self.live is not None:
                 self.live.update(self.table())
+        elif self.live is not None:
+            self.console.print(line)  # e.g. which Ray cluster the run uses: above the live table
 
     def __enter__(self) -> StageView:
         if self.console.is_terminal:
@@ -1069,9 +1152,10 @@ def run_cmd(
 ) -> None:
     """Run the whole pipeline from a YAML config as Ray tasks; prints the report and dataset versions."""
     from pipeline.config import load_config
-    from pipeline.run import check_resume, new_run_dir, run_pipeline
+    from pipeline.run import check_ray_address, check_resume, new_run_dir, run_pipeline
 
     cfg = load_config(config_path)
+    check_ray_address(address)  # a named cluster that cannot be reached is refused before a run folder exists
     if resume is not None:
         run_dir = Path(resume)
         check_resume(run_dir)
@@ -1142,9 +1226,16 @@ def runs_show_cmd(run: str, runs_dir: str | None, as_json: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the CLI and turns every failure into one line and an exit code."""
+    from datasets.atomic import Terminated, sigterm_as_interrupt
+
+    # SIGTERM (timeout, Kubernetes, Ray) takes Ctrl-C's clean-up paths: no staging or partial output left.
+    sigterm_as_interrupt()
     try:
         cli.main(args=argv, prog_name="rlsynth", standalone_mode=False)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as e:
+        if isinstance(e.__context__, Terminated):  # click turns every KeyboardInterrupt into Abort
+            click.echo("terminated", err=True)
+            return 143
         click.echo("aborted", err=True)
         return 130
     except click.ClickException as e:
@@ -1155,6 +1246,9 @@ def main(argv: list[str] | None = None) -> int:
     except RlsynthError as e:
         click.echo(f"error: {e}", err=True)
         return 1
+    except Terminated:
+        click.echo("terminated", err=True)
+        return 143
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         return 130

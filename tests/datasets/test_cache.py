@@ -1,7 +1,9 @@
-"""The decoded-version cache: hits return identical data, damage is detected and rebuilt, it can be off."""
+"""The decoded-version cache: hits return identical data, damage is detected and rebuilt, it can be off,
+and a hit never hides a damaged catalog (what it trusts is in :mod:`datasets.cache`)."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -11,6 +13,7 @@ from helpers import assert_same_transitions, make_dataset
 
 from datasets import cache
 from datasets.catalog import Catalog
+from datasets.errors import CatalogError
 
 
 def _entry(catalog: Catalog, ref: str) -> Path:
@@ -18,10 +21,14 @@ def _entry(catalog: Catalog, ref: str) -> Path:
     return Path(os.environ["RLSYNTH_CACHE"]) / "arrays" / digest
 
 
+def _part(catalog: Catalog) -> Path:
+    return next(Path(catalog.root).rglob("part-*.parquet"))
+
+
 def test_second_read_comes_from_the_cache_and_is_identical(catalog: Catalog) -> None:
     ds = make_dataset()
     ref = str(catalog.write("toy", ds))
-    assert cache.load(catalog.manifest(ref)["content_hash"]) is None
+    assert not _entry(catalog, ref).exists()
     first = catalog.read(ref)
     assert (_entry(catalog, ref) / "index.json").exists()
     second = catalog.read(ref)
@@ -39,10 +46,11 @@ def test_damaged_cache_is_detected_removed_and_rebuilt(catalog: Catalog) -> None
     data = bytearray(f.read_bytes())
     data[-3] ^= 0x10
     f.write_bytes(bytes(data))
-    assert cache.load(catalog.manifest(ref)["content_hash"]) is None
-    assert not _entry(catalog, ref).exists()
-    assert_same_transitions(catalog.read(ref), ds)  # served from the catalog, cache rebuilt
+    back = catalog.read(ref)  # served from the catalog, cache rebuilt
+    assert not isinstance(back.transitions.rewards, np.memmap)
+    assert_same_transitions(back, ds)
     assert (_entry(catalog, ref) / "index.json").exists()
+    assert isinstance(catalog.read(ref).transitions.rewards, np.memmap)
 
 
 def test_cache_can_be_turned_off(catalog: Catalog, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -50,9 +58,61 @@ def test_cache_can_be_turned_off(catalog: Catalog, monkeypatch: pytest.MonkeyPat
     ref = str(catalog.write("toy", make_dataset()))
     catalog.read(ref)
     assert cache.cache_root() is None
-    assert cache.load(catalog.manifest(ref)["content_hash"]) is None
+    assert not (Path(os.environ.get("HOME", "/")) / "off").exists()
 
 
 def test_bad_keys_are_refused() -> None:
     with pytest.raises(ValueError):
-        cache.load("sha256:../../etc")
+        cache.load("sha256:../../etc", folder="x", stamps=(), expected=cache.Expected(1, 1, 1))
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "grow"])
+def test_a_warm_cache_does_not_hide_a_damaged_part(catalog: Catalog, damage: str) -> None:
+    ref = str(catalog.write("toy", make_dataset()))
+    catalog.read(ref)
+    part = _part(catalog)
+    if damage == "delete":
+        part.unlink()
+    elif damage == "truncate":
+        part.write_bytes(part.read_bytes()[:100])
+    else:
+        part.write_bytes(part.read_bytes() + b"x")
+    with pytest.raises(CatalogError, match=r"part-00000\.parquet: is"):
+        catalog.read(ref)
+
+
+def test_a_touched_part_is_read_again_and_checked(catalog: Catalog) -> None:
+    ds = make_dataset()
+    ref = str(catalog.write("toy", ds))
+    catalog.read(ref)
+    part = _part(catalog)
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size, new mtime: the entry was not checked against these bytes
+    part.write_bytes(bytes(data))
+    with pytest.raises(CatalogError, match="checksum mismatch"):
+        catalog.read(ref)
+
+
+def test_a_manifest_cannot_plant_arrays_under_another_datasets_hash(catalog: Catalog) -> None:
+    good = str(catalog.write("good", make_dataset(0)))
+    evil = str(catalog.write("evil", make_dataset(1)))
+    path = next(Path(catalog.root).glob("evil/_v1/manifest.json"))
+    man = json.loads(path.read_text())
+    man["content_hash"] = catalog.manifest(good)["content_hash"]
+    path.write_text(json.dumps(man))
+    with pytest.raises(CatalogError, match="content hash differs"):
+        catalog.read(evil)
+    assert not _entry(catalog, good).exists()
+    assert_same_transitions(catalog.read(good), make_dataset(0))
+
+
+def test_entries_of_an_older_format_or_other_shape_are_rebuilt(catalog: Catalog) -> None:
+    ds = make_dataset()
+    ref = str(catalog.write("toy", ds))
+    catalog.read(ref)
+    index = _entry(catalog, ref) / "index.json"
+    index.write_text(json.dumps({"rewards": 1}))  # the layout before format 2
+    assert not isinstance(catalog.read(ref).transitions.rewards, np.memmap)
+    assert isinstance(catalog.read(ref).transitions.rewards, np.memmap)
+    np.save(_entry(catalog, ref) / "rewards.npy", np.zeros(3, np.float32))
+    assert_same_transitions(catalog.read(ref), ds)  # wrong row count: discarded, not served

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -138,6 +141,8 @@ def test_verify_catches_a_damaged_artifact(catalog: Catalog, tmp_path: Path) -> 
         "x" * 201,
         "a/_staging",
         "~home",
+        "toy\n",
+        "a/\nb",
     ],
 )
 def test_names_that_escape_or_are_malformed_are_refused(catalog: Catalog, name: str) -> None:
@@ -148,7 +153,7 @@ def test_names_that_escape_or_are_malformed_are_refused(catalog: Catalog, name: 
     assert _files(Path(catalog.root)) == []
 
 
-@pytest.mark.parametrize("ref", ["toy@0", "toy@-1", "toy@x", "toy@", "toy@1@2"])
+@pytest.mark.parametrize("ref", ["toy@0", "toy@-1", "toy@x", "toy@", "toy@1@2", "toy@1\n", "toy@\u0661"])
 def test_bad_version_references_are_refused(ref: str) -> None:
     with pytest.raises(CatalogError):
         parse_ref(ref)
@@ -273,3 +278,96 @@ def test_list_skips_staging_and_nested_namespaces(catalog: Catalog) -> None:
 def test_unknown_filesystem_scheme_is_a_clear_error() -> None:
     with pytest.raises(CatalogError, match="catalog 'nosuch://x'"):
         Catalog("nosuch://x")
+
+
+# -- stray entries, stale staging, SIGTERM ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stray", ["file", "symlink"])
+def test_a_stray_entry_named_like_a_version_never_blocks_a_commit(
+    catalog: Catalog, tmp_path: Path, stray: str
+) -> None:
+    ds = make_dataset()
+    catalog.write("toy", ds)
+    entry = Path(catalog.root) / "toy" / "_v2"
+    if stray == "file":
+        entry.write_bytes(b"not a version")
+    else:
+        entry.symlink_to(tmp_path)
+    assert catalog.versions("toy") == [1]
+    assert str(catalog.write("toy", ds)) == "toy@3"  # the number a stray entry holds is skipped
+    assert catalog.versions("toy") == [1, 3] and catalog.verify("toy@3")["ok"]
+
+
+def test_opening_a_catalog_creates_nothing(tmp_path: Path) -> None:
+    cat = Catalog(tmp_path / "nowhere")
+    assert cat.list() == [] and cat.versions("toy") == []
+    with pytest.raises(CatalogError, match="no dataset named 'toy'"):
+        cat.read("toy")
+    assert not (tmp_path / "nowhere").exists()
+    cat.write("toy", make_dataset())  # the first commit creates the root
+    assert cat.versions("toy") == [1]
+
+
+def _staging(catalog: Catalog, name: str = "toy") -> list[str]:
+    d = Path(catalog.root) / name / "_staging"
+    return sorted(p.name for p in d.iterdir()) if d.exists() else []
+
+
+def test_the_next_commit_clears_what_a_killed_writer_left(catalog: Catalog) -> None:
+    tests = str(Path(__file__).resolve().parents[1])
+    script = KILL_SCRIPT.format(tests=tests, root=catalog.root, where="before-commit")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr.decode()
+    assert len(_staging(catalog)) == 2  # the part folder and its writer record
+    live = catalog.begin("toy", make_dataset().info)  # a commit in progress here: never touched
+    live.write_part(0, make_dataset().transitions)
+    catalog.write("toy", make_dataset())
+    assert _staging(catalog) == sorted([live.txn_id, f"{live.txn_id}.writer.json"])
+    live.commit()
+    assert _staging(catalog) == []
+
+
+def test_staging_without_a_writer_is_cleared_by_age_only(catalog: Catalog) -> None:
+    catalog.write("toy", make_dataset())
+    legacy = Path(catalog.root) / "toy" / "_staging" / ("a" * 32)
+    legacy.mkdir()
+    (legacy / "part-00000.parquet").write_bytes(b"x" * 1000)
+    assert catalog.clear_stale_staging("toy") == []
+    os.utime(legacy, (time.time() - 7200, time.time() - 7200))
+    assert catalog.clear_stale_staging(older_than_s=3600) == [str(legacy)]
+    assert _staging(catalog) == []
+
+
+SIGTERM_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    sys.path.insert(0, {tests!r})
+    from helpers import make_dataset
+    from datasets import catalog as C
+    from datasets.atomic import Terminated, sigterm_as_interrupt
+    assert sigterm_as_interrupt()
+    real = C.Transaction.write_part
+    def slow(self, index, t):
+        out = real(self, index, t)
+        print("part written", flush=True)
+        time.sleep(60)
+        return out
+    C.Transaction.write_part = slow
+    try:
+        C.Catalog({root!r}).write("toy", make_dataset())
+    except Terminated:
+        sys.exit(143)
+    """
+)
+
+
+def test_sigterm_unwinds_like_ctrl_c_and_leaves_no_staging(catalog: Catalog) -> None:
+    tests = str(Path(__file__).resolve().parents[1])
+    script = SIGTERM_SCRIPT.format(tests=tests, root=catalog.root)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline() == b"part written\n"
+    assert list(Path(catalog.root).rglob("part-*.parquet"))
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143, proc.stderr.read() if proc.stderr else ""
+    assert _staging(catalog) == [] and catalog.versions("toy") == []
