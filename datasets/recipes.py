@@ -13,11 +13,9 @@ then marked truncated, as D4RL's collectors do.
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -227,7 +225,7 @@ def _policy(sac: Any) -> Policy:
 
 def _train_sac(env: Any, info: DatasetInfo, cfg: RecipeConfig) -> tuple[Any, _Recorder]:
     """Online SAC (d3rlpy, default hyperparameters, one update per step) recording every step it takes."""
-    from offline_rl.d3rlpy_setup import import_d3rlpy
+    from datasets.d3rlpy_setup import import_d3rlpy
 
     d3rlpy = import_d3rlpy()
     d3rlpy.seed(cfg.seed)
@@ -283,9 +281,3 @@ def _device() -> str:
     import torch
 
     return "cuda:0" if torch.cuda.is_available() else "cpu:0"
-
-
-def save_agent(agent: Any, path: str | os.PathLike[str]) -> Path:
-    out = Path(path)
-    agent.save(str(out))
-    return out

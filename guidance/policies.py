@@ -24,7 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from offline_rl.agents import AgentError, agent_kind, load_agent
+from datasets.agents import AgentError, agent_kind, load_agent
 
 # Actions on the tanh bound have no pre-image; clamp just inside it.
 ATANH_CLIP = 1.0 - 1e-6
@@ -121,5 +121,5 @@ class D3rlpyPolicy:
 
 
 def load_policy(path: str | os.PathLike[str], deterministic_std: float = DETERMINISTIC_STD) -> D3rlpyPolicy:
-    """A target policy from a d3rlpy ``.d3`` file (loaded safely, see :mod:`offline_rl.agents`)."""
+    """A target policy from a d3rlpy ``.d3`` file (loaded safely, see :mod:`datasets.agents`)."""
     return D3rlpyPolicy(load_agent(path), deterministic_std=deterministic_std)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from datasets.agents import check_agent_spaces
 from datasets.errors import RlsynthError
 from datasets.sources import file_sha256
 from datasets.types import DatasetInfo
@@ -18,7 +19,6 @@ from generators.api import load_generator
 from generators.world_model import WorldModel, WorldModelNormalisers
 from guidance.policies import DETERMINISTIC_STD, load_policy
 from guidance.terms import Guidance, TermOptions, policy_guidance, world_model_guidance
-from offline_rl.agents import check_agent_spaces
 
 TERMS = ("policy", "dynamics", "return")
 

@@ -145,7 +145,7 @@ def _run_job(job: Job) -> dict[str, Any]:
         )  # fmt: skip
         agent_path = run.path
         extra = {}
-    from offline_rl.agents import load_agent
+    from datasets.agents import load_agent
 
     final = evaluate_agent(load_agent(agent_path), env_box["env"], episodes=cfg.final_episodes, seed=job.seed)
     return {

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from datasets.agents import save_agent
 from datasets.catalog import Catalog
 from datasets.errors import RlsynthError
 from datasets.sources import file_sha256
@@ -28,7 +29,7 @@ from datasets.types import Dataset
 from generators.api import LoadedGenerator, SampleOptions, generator_lineage, refiner_for, sample
 from guidance.spec import GuidanceConfig, build_guidance
 from offline_rl.mixture import Mixture
-from offline_rl.train import ALGOS, Callback, TrainingLog, build_algo, fit, save_agent
+from offline_rl.train import ALGOS, Callback, TrainingLog, build_algo, fit
 
 
 def check_initial_target(initial_target: str | None, guidance: GuidanceConfig) -> None:

@@ -16,8 +16,6 @@ algorithm, config, data lineage, steps and seed.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,10 +25,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from datasets.agents import save_agent
+from datasets.d3rlpy_setup import import_d3rlpy
 from datasets.errors import RlsynthError
-from datasets.sources import file_sha256
 from datasets.types import Dataset
-from offline_rl.d3rlpy_setup import import_d3rlpy
 from offline_rl.mixture import Mixture
 
 ALGOS = ("iql", "td3bc", "cql", "bc")
@@ -72,24 +70,6 @@ def algo_config(name: str, batch_size: int = 256) -> Any:
     if name == "bc":
         return d3.algos.BCConfig(learning_rate=1e-3, policy_type="deterministic", **common)
     raise RlsynthError(f"unknown algorithm {name!r} (algorithms: {', '.join(ALGOS)})")
-
-
-def save_agent(algo: Any, out: Path, meta: dict[str, Any]) -> None:
-    """Write ``out`` and ``out.json`` atomically (temporary names in the same folder, then renames)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        algo.save(tmp)
-        meta_tmp = tmp + ".json"
-        meta = {**meta, "sha256": file_sha256(Path(tmp))}
-        Path(meta_tmp).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
-        os.replace(tmp, out)
-        os.replace(meta_tmp, str(out) + ".json")
-    finally:
-        for leftover in (tmp, tmp + ".json"):
-            if os.path.exists(leftover):
-                os.unlink(leftover)
 
 
 def check_out_path(out: Path, overwrite: bool = False) -> None:

@@ -217,9 +217,10 @@ def make_cmd(
     """Build a D4RL-style dataset locally with RECIPE and commit it (and a local Minari dataset)."""
     from dataclasses import asdict
 
+    from datasets.agents import save_agent
     from datasets.catalog import check_name
     from datasets.minari_io import check_minari_id, minari_root, write_minari
-    from datasets.recipes import RecipeConfig, build, save_agent
+    from datasets.recipes import RecipeConfig, build
 
     check_name(name)
     if not no_minari:
@@ -245,7 +246,8 @@ def make_cmd(
     with tempfile.TemporaryDirectory() as tmp:
         files = {}
         if result.agent is not None:
-            files["agent.d3"] = save_agent(result.agent, Path(tmp) / "agent.d3")
+            files["agent.d3"] = Path(tmp) / "agent.d3"
+            save_agent(result.agent, files["agent.d3"], {"recipe": recipe, "env_id": env_id})
         ref = cat.write(name, result.dataset, lineage=lineage, tags={"recipe": recipe}, files=files)
     # The version is committed: from here the command has succeeded, and the optional Minari copy
     # failing is a warning (exit 0), never an error that would invite a retry committing another version.
@@ -1046,9 +1048,9 @@ def agent_eval_cmd(
     as_json: bool,
 ) -> None:
     """Score an agent in its environment: return mean ± std and the D4RL-normalised score."""
+    from datasets.agents import check_agent_spaces, load_agent, recorded_env_id
     from datasets.envs import env_info
     from datasets.types import check_env_id
-    from offline_rl.agents import check_agent_spaces, load_agent, recorded_env_id
     from offline_rl.evaluate import Reference, evaluate_agent
 
     path = Path(agent_path)

@@ -41,6 +41,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace, console: Console) -> dict[str, str]:
     from dataclasses import asdict
 
+    from datasets.d3rlpy_setup import import_d3rlpy, noop_logger
     from datasets.fidelity import EvalConfig, evaluate, plot
     from datasets.hdf5 import write_hdf5
     from datasets.minari_io import write_minari
@@ -48,7 +49,6 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, str]:
     from datasets.sources import load_source, source_lineage
     from generators.api import SampleOptions, load_generator, sample, train_generator
     from offline_rl.buffers import to_replay_buffer
-    from offline_rl.d3rlpy_setup import import_d3rlpy, noop_logger
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

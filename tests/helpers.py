@@ -86,8 +86,8 @@ def tiny_generator(kind: str, out: Path, steps: int = 10, **overrides: Any) -> L
 def tiny_agent(config: Any, data: Dataset | None = None, steps: int = 10, save_to: Path | None = None) -> Any:
     """A d3rlpy algorithm from ``config`` fitted ``steps`` steps on ``data`` (default: :func:`make_dataset`);
     saved to ``save_to`` when given (machinery, not quality)."""
+    from datasets.d3rlpy_setup import noop_logger
     from offline_rl.buffers import to_replay_buffer
-    from offline_rl.d3rlpy_setup import noop_logger
 
     algo = config.create(device="cpu:0")
     algo.fit(

@@ -11,6 +11,7 @@ import pytest
 import torch
 from helpers import make_dataset, random_hopper, tiny_agent, tiny_generator
 
+from datasets.d3rlpy_setup import import_d3rlpy
 from datasets.errors import RlsynthError
 from generators.api import LoadedGenerator, SampleOptions, codec, load_generator, sample
 from generators.checkpoint import Normaliser
@@ -32,7 +33,6 @@ from guidance.terms import (
     step_index,
     world_model_guidance,
 )
-from offline_rl.d3rlpy_setup import import_d3rlpy
 
 H = 6
 

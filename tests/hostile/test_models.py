@@ -29,7 +29,7 @@ KINDS = ("transition", "trajectory", "world-model")
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Real artefacts to tamper with: generators by kind, an agent with its sidecar, a catalog."""
-    from offline_rl.d3rlpy_setup import import_d3rlpy
+    from datasets.d3rlpy_setup import import_d3rlpy
 
     root = tmp_path_factory.mktemp("hostile-models")
     out = {kind: root / kind for kind in KINDS}

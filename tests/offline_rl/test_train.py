@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from helpers import make_dataset, random_hopper, tiny_generator
 
+from datasets.agents import AgentError, load_agent
 from datasets.catalog import Catalog
 from datasets.errors import RlsynthError
 from datasets.types import Dataset, Transitions
-from offline_rl.agents import AgentError, load_agent
 from offline_rl.evaluate import D4RL_REFERENCES, Reference, evaluate_agent, reference_for, summarise
 from offline_rl.mixture import Mixture
 from offline_rl.pgd import PGDConfig, run_pgd
@@ -229,9 +229,9 @@ def test_pgd_loop_drafts_with_an_autoregressive_generator_and_records_its_refine
 def test_pgd_initial_target_guides_round_zero(tmp_path: Path) -> None:
     from helpers import tiny_agent
 
+    from datasets.d3rlpy_setup import import_d3rlpy
     from datasets.sources import file_sha256
     from guidance.spec import GuidanceConfig
-    from offline_rl.d3rlpy_setup import import_d3rlpy
 
     gen = tiny_generator("trajectory", tmp_path / "gen", steps=5)
     cat = Catalog(str(tmp_path / "cat"))

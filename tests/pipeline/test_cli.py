@@ -192,7 +192,7 @@ def test_sac_recipe_stores_its_agent(tmp_path: Path, env: dict[str, str]) -> Non
     assert "agent.d3" in made["files"] and made["transitions"] == 60
     out = tmp_path / "agent.d3"
     rlsynth("datasets", "export-file", "med", "agent.d3", "--out", str(out), env=env)
-    from offline_rl.d3rlpy_setup import import_d3rlpy
+    from datasets.d3rlpy_setup import import_d3rlpy
 
     agent = import_d3rlpy().load_learnable(str(out))
     assert agent.predict(__import__("numpy").zeros((1, 11), "float32")).shape == (1, 3)

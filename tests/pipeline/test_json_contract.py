@@ -33,7 +33,7 @@ AGENT_EVAL_KEYS = {"env_id", "episodes", "return_mean", "return_std", "normalise
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from offline_rl.d3rlpy_setup import import_d3rlpy
+    from datasets.d3rlpy_setup import import_d3rlpy
 
     root = tmp_path_factory.mktemp("json-contract")
     cat = Catalog(root / "catalog")

@@ -14,13 +14,15 @@ import json
 import math
 import os
 import pickle
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
+from datasets.d3rlpy_setup import import_d3rlpy
 from datasets.errors import RlsynthError
+from datasets.sources import file_sha256
 from datasets.types import check_env_id
-from offline_rl.d3rlpy_setup import import_d3rlpy
 
 
 class AgentError(RlsynthError):
@@ -293,3 +295,21 @@ def check_agent_spaces(algo: Any, obs_dim: int, act_dim: int, what: str) -> None
 def agent_kind(algo: Any) -> str:
     """A short algorithm name, e.g. ``iql`` or ``td3plusbc``."""
     return str(algo.config.get_type())
+
+
+def save_agent(algo: Any, out: Path, meta: dict[str, Any]) -> None:
+    """Write ``out`` and ``out.json`` atomically (temporary names in the same folder, then renames)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        algo.save(tmp)
+        meta_tmp = tmp + ".json"
+        meta = {**meta, "sha256": file_sha256(Path(tmp))}
+        Path(meta_tmp).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+        os.replace(tmp, out)
+        os.replace(meta_tmp, str(out) + ".json")
+    finally:
+        for leftover in (tmp, tmp + ".json"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
