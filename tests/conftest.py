@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,3 +31,28 @@ def isolated_roots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
     monkeypatch.setenv("RLSYNTH_CATALOG", str(tmp_path / "default-catalog"))
     monkeypatch.setenv("RLSYNTH_CACHE", str(tmp_path / "cache"))
+
+
+_EXIT_STATUS = "_rlsynth_exit_status"
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    setattr(session.config, _EXIT_STATUS, int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Exit with pytest's status once every report is out, skipping C++ static destruction.
+
+    Why: as with the CLI (``pipeline.cli.entry``), a native library's worker thread is sometimes destroyed
+    while still joinable at interpreter shutdown, and the process dies by a signal after every test has
+    passed (seen once in two full runs here, 526 passed then SIGSEGV). Python's atexit handlers (Ray's
+    shutdown, temporary files) still run first.
+    """
+    status = getattr(config, _EXIT_STATUS, None)
+    if status is None:
+        return
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
