@@ -195,6 +195,13 @@ def column_stats(t: Transitions) -> dict[str, Any]:
         "observations": summary(t.observations),
         "actions": summary(t.actions),
         "rewards": {k: v[0] for k, v in summary(t.rewards).items()},
+        **episode_stats(returns, lengths),
+    }
+
+
+def episode_stats(returns: np.ndarray, lengths: np.ndarray) -> dict[str, Any]:
+    """The manifest's episode return and length summaries."""
+    return {
         "episode_return": {
             "mean": float(returns.mean()),
             "std": float(returns.std()),
@@ -499,17 +506,7 @@ class _Stats:
             "observations": summary("observations"),
             "actions": summary("actions"),
             "rewards": {k: v[0] for k, v in summary("rewards").items()},
-            "episode_return": {
-                "mean": float(returns.mean()),
-                "std": float(returns.std()),
-                "min": float(returns.min()),
-                "max": float(returns.max()),
-            },
-            "episode_length": {
-                "mean": float(lengths.mean()),
-                "min": int(lengths.min()),
-                "max": int(lengths.max()),
-            },
+            **episode_stats(returns, lengths),
         }
 
     def repeated_episode(self) -> int | None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from processes import MARKER, free_port, marked_processes, wait_until_gone
 
 from datasets.errors import RlsynthError
 from pipeline.run import (
@@ -36,9 +37,6 @@ from pipeline.run import (
 
 pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads sockets from /proc")
 
-MARKER = "RLSYNTH_TEST_RAY_MARKER"
-"""Set in the environment of every cluster a test starts: all its processes inherit it, so they can be
-found (and counted after shutdown) whatever their command line says (Ray renames its workers)."""
 LOOPBACK_IPS = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 
 
@@ -88,28 +86,6 @@ def listeners(pids: Iterable[int]) -> list[Listener]:
     return out
 
 
-def marked_processes(marker: str) -> set[int]:
-    """Live processes (not zombies) whose environment carries ``MARKER=marker``, this one excepted."""
-    needle = f"{MARKER}={marker}".encode()
-    pids = set()
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        with contextlib.suppress(OSError):
-            if needle in (d / "environ").read_bytes().split(b"\0"):
-                state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
-                if state != "Z":
-                    pids.add(int(d.name))
-    return pids
-
-
-def wait_until_gone(marker: str, seconds: float = 20) -> set[int]:
-    deadline = time.monotonic() + seconds
-    while (left := marked_processes(marker)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return left
-
-
 def non_loopback_ipv4() -> list[str]:
     """This machine's IPv4 addresses other than loopback (SIOCGIFADDR on each interface)."""
     found = []
@@ -121,13 +97,6 @@ def non_loopback_ipv4() -> list[str]:
                 if not ip.startswith("127."):
                     found.append(ip)
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.fixture

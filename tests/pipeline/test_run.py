@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from processes import MARKER, free_port, marked_processes, stop_marked
 
 from datasets.catalog import Catalog
 from pipeline.config import from_dict
@@ -42,43 +42,6 @@ TINY = {
         "pgd_transitions": 100,
     },
 }
-
-
-MARKER = "RLSYNTH_TEST_RAY_MARKER"
-"""Put in the environment of every Ray process a test starts (they inherit it), so that exactly those
-processes can be found afterwards, whatever Ray renamed them to, and none of anyone else's."""
-
-
-def marked_processes(value: str) -> set[int]:
-    """Live processes other than this one whose environment holds ``MARKER=value``."""
-    needle = f"{MARKER}={value}".encode()
-    found = set()
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit() and int(d.name) != os.getpid():
-            with contextlib.suppress(OSError):
-                alive = (d / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-                if alive and needle in (d / "environ").read_bytes().split(b"\0"):
-                    found.add(int(d.name))
-    return found
-
-
-def stop_marked(value: str, grace: float = 20) -> set[int]:
-    """Wait up to ``grace`` s for the marked processes to exit, then SIGKILL the rest; returns those that
-    had to be killed (a leak)."""
-    deadline = time.monotonic() + grace
-    while (left := marked_processes(value)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    for pid in left:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    return left
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.fixture
