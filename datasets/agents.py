@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from datasets.d3rlpy_setup import import_d3rlpy
-from datasets.errors import RlsynthError
+from datasets.errors import RlsynthError, brief, first_line
 from datasets.sources import file_sha256
 from datasets.types import check_env_id
 
@@ -65,17 +65,12 @@ def _read_container(path: Path) -> dict[str, Any]:
         raise AgentError(f"{path}: {e}") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, MemoryError,
             OverflowError, RecursionError, AttributeError, UnicodeDecodeError) as e:  # fmt: skip
-        raise AgentError(f"{path}: not a d3rlpy agent file ({type(e).__name__}: {_first_line(e)})") from None
+        raise AgentError(f"{path}: not a d3rlpy agent file ({brief(e)})") from None
     if not isinstance(obj, dict) or not {"torch", "config", "version"} <= obj.keys():
         raise AgentError(f"{path}: not a d3rlpy agent file (expected keys torch, config, version)")
     if not isinstance(obj["torch"], bytes) or not isinstance(obj["config"], str):
         raise AgentError(f"{path}: not a d3rlpy agent file (wrong field types)")
     return obj
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return (lines[0] if lines else type(e).__name__)[:200]
 
 
 def sidecar(path: Path) -> Path:
@@ -92,7 +87,7 @@ def read_sidecar(path: Path) -> dict[str, Any] | None:
     try:
         record = json.loads(_read_bounded(side, MAX_SIDECAR_BYTES, "agent record"))
     except (OSError, ValueError, RecursionError) as e:
-        raise AgentError(f"{side}: unreadable agent record ({_first_line(e)})") from None
+        raise AgentError(f"{side}: unreadable agent record ({first_line(e)})") from None
     if not isinstance(record, dict):
         raise AgentError(f"{side}: unreadable agent record (not a JSON object)")
     if record.get("env_id") is not None:
@@ -163,7 +158,7 @@ def _parse_config(p: Path, text: str) -> Any:
     try:
         cfg = json.loads(text)
     except (ValueError, RecursionError) as e:
-        raise AgentError(f"{p}: agent config cannot be rebuilt (not JSON: {_first_line(e)})") from None
+        raise AgentError(f"{p}: agent config cannot be rebuilt (not JSON: {first_line(e)})") from None
     if not isinstance(cfg, dict):
         raise AgentError(f"{p}: agent config cannot be rebuilt (not a JSON object)")
     _check_config_values(p, cfg)
@@ -184,7 +179,7 @@ def _build(p: Path, d3rlpy: Any, obj: dict[str, Any], device: str) -> Any:
     except Exception as e:  # d3rlpy raises assorted errors for configs it cannot rebuild.
         raise AgentError(
             f"{p}: agent config cannot be rebuilt by d3rlpy {d3rlpy.__version__} "
-            f"(saved with {str(obj['version'])[:20]}): {type(e).__name__}: {_first_line(e)}"
+            f"(saved with {str(obj['version'])[:20]}): {brief(e)}"
         ) from None
 
 
@@ -196,7 +191,7 @@ def _check_zip(p: Path, blob: bytes) -> None:
             infos = z.infolist()
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
         raise AgentError(
-            f"{p}: agent weights cannot be loaded (not a torch archive: {_first_line(e)})"
+            f"{p}: agent weights cannot be loaded (not a torch archive: {first_line(e)})"
         ) from None
     if any(i.compress_type != zipfile.ZIP_STORED or i.file_size != i.compress_size for i in infos):
         raise AgentError(f"{p}: agent weights cannot be loaded (compressed records; torch stores them raw)")
@@ -253,9 +248,7 @@ def load_agent(path: str | os.PathLike[str], device: str = "cpu:0") -> Any:
     try:
         state = torch.load(io.BytesIO(obj["torch"]), map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt bytes and unsafe payloads land here.
-        raise AgentError(
-            f"{p}: agent weights cannot be loaded ({type(e).__name__}: {_first_line(e)})"
-        ) from None
+        raise AgentError(f"{p}: agent weights cannot be loaded ({brief(e)})") from None
     _check_state(p, state, expected)
     algo = _build(p, d3rlpy, obj, device)
     try:
@@ -264,9 +257,7 @@ def load_agent(path: str | os.PathLike[str], device: str = "cpu:0") -> Any:
         buf.seek(0)
         algo.impl.load_model(buf)
     except Exception as e:  # optimiser states that do not fit their networks land here.
-        raise AgentError(
-            f"{p}: agent weights cannot be loaded ({type(e).__name__}: {_first_line(e)})"
-        ) from None
+        raise AgentError(f"{p}: agent weights cannot be loaded ({brief(e)})") from None
     check_finite_weights(p, algo)
     return algo
 

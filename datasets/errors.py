@@ -25,10 +25,19 @@ def one_line(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
+def _message_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0].strip() if lines else ""
+
+
+def first_line(e: BaseException) -> str:
+    """A library exception's message as a short quote: its first line (its type when it has none)."""
+    return one_line(_message_line(e) or type(e).__name__, MAX_QUOTE_CHARS)
+
+
 def brief(e: BaseException) -> str:
     """A library exception as a short quote: its type and the first line of its message."""
-    lines = str(e).strip().splitlines()
-    first = lines[0].strip() if lines else ""
+    first = _message_line(e)
     return one_line(f"{type(e).__name__}: {first}" if first else type(e).__name__, MAX_QUOTE_CHARS)
 
 

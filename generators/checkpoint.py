@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from datasets.errors import RlsynthError
+from datasets.errors import RlsynthError, first_line
 
 
 class CheckpointError(RlsynthError):
@@ -121,12 +121,7 @@ def read_json(path: Path, limit: int = MAX_JSON_BYTES) -> Any:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing (not a complete rlsynth checkpoint)") from None
     except (OSError, ValueError, RecursionError) as e:
-        raise CheckpointError(f"{path}: cannot be read ({_first_line(e)})") from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:200]
+        raise CheckpointError(f"{path}: cannot be read ({first_line(e)})") from None
 
 
 # safetensors' own limit on its JSON header: a larger length field is a damaged or hostile file.
@@ -173,7 +168,7 @@ def read_header(path: Path) -> dict[str, TensorSpec]:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing (not a complete rlsynth checkpoint)") from None
     except (OSError, ValueError, RecursionError) as e:
-        raise CheckpointError(f"{path}: not a valid safetensors file ({_first_line(e)})") from None
+        raise CheckpointError(f"{path}: not a valid safetensors file ({first_line(e)})") from None
     return _check_header(path, header, size - 8 - n)
 
 
@@ -246,7 +241,7 @@ def read_tensors(path: Path, expected: Mapping[str, TensorSpec] | None = None) -
     try:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for damaged files.
-        raise CheckpointError(f"{path}: not a valid safetensors file ({_first_line(e)})") from None
+        raise CheckpointError(f"{path}: not a valid safetensors file ({first_line(e)})") from None
 
 
 def flatten_state(state: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
