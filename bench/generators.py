@@ -44,12 +44,12 @@ from pipeline.bench_report import write_section
 # 4 × 256 windows): smaller requests would time work that the trim then throws away.
 N_SAMPLES = 31_000
 # 10,000 judged rows: the mean one-step error has heavy tails, and with 3,000 rows two seeds of one
-# model differed by 15% (2026-11-26), too much for the ×-trajectory-error ratios the sweep is read by.
+# model differed by 15% (BENCHMARKS.md), too much for the ×-trajectory-error ratios the sweep is read by.
 EVAL = EvalConfig(sample=10_000, horizons=(1, 8, 31), windows=128, seed=0)
 REPEATS = 3
 # (temperature, sigma_start, K, polish): K = 0 is the raw draft. Settings never competitive in earlier
 # runs (K = 2 at any sigma_start, sigma_start 1.0 with K < 4, K = 4 at sigma_start 0.3 or 1.0: 1.3-1.4x
-# the trajectory error in 2026-11-26's table) were dropped to keep the run short.
+# the trajectory error; BENCHMARKS.md) were dropped to keep the run short.
 SWEEP = [
     (1.0, 0.0, 0, 0),
     (1.0, 0.1, 1, 0),

@@ -47,11 +47,9 @@ class AutoregressiveConfig:
     stride: int = 1
     temperature: float = 0.5
     """Scale of the drafter's predictive std when sampling. Picked with ``sigma_start`` and ``refine_steps``
-    by bench/generators.py (HalfCheetah medium-replay, 2026-11-26): the lowest one-step error among the
-    settings at ≥ 10× the speed of trajectory diffusion (mean error 0.27 at 1.0, 0.21 at 0.7, 0.18 at 0.5
-    for raw drafts; coverage of the data did not drop). Re-measured 2026-11-27 with the 24,000-step
-    2-block preset drafter: 0.5 is still best, and at 1.0 its sharper predictive distribution diverges
-    (raw drafts 0.95)."""
+    by bench/generators.py: the lowest one-step error among the settings at ≥ 10× the speed of trajectory
+    diffusion, without a drop in coverage; at 1.0 a well-trained drafter's sharper predictive
+    distribution diverges (figures in BENCHMARKS.md, "Generators")."""
     sigma_start: float = 0.3
     """Refinement: noise level the draft is raised to (0 disables refinement); see ``temperature``."""
     refine_steps: int = 1
