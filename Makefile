@@ -22,7 +22,7 @@ run: venv
 
 # The I/O tour: recipe, HDF5 and Minari round trips, verify, d3rlpy BC, fidelity, world model.
 tour: venv
-	$(BIN)/python -m pipeline.quickstart
+	$(BIN)/python -m rlsynth.pipeline.quickstart
 
 test: venv
 	$(BIN)/python -m pytest

@@ -20,13 +20,13 @@ from pathlib import Path
 # Not the script's folder on the path: bench/ files must not shadow the packages they measure.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from datasets.catalog import Catalog
-from datasets.errors import RlsynthError
-from generators.api import SampleOptions, load_generator, sample
-from guidance.spec import GuidanceConfig, build_guidance
-from offline_rl.compare import CompareConfig, Condition, PGDSpec, compare
-from offline_rl.train import ALGOS
-from pipeline.bench_report import int_list, write_section
+from rlsynth.datasets.catalog import Catalog
+from rlsynth.datasets.errors import RlsynthError
+from rlsynth.generators.api import SampleOptions, load_generator, sample
+from rlsynth.guidance.spec import GuidanceConfig, build_guidance
+from rlsynth.offline_rl.compare import CompareConfig, Condition, PGDSpec, compare
+from rlsynth.offline_rl.train import ALGOS
+from rlsynth.pipeline.bench_report import int_list, write_section
 
 PLOT = Path(__file__).resolve().parent / "plots" / "downstream.png"
 CONDITIONS = {

@@ -28,8 +28,8 @@ import torch
 # Not the script's folder on the path: bench/generators.py must not shadow the generators package.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from datasets.catalog import Catalog
-from datasets.fidelity import (
+from rlsynth.datasets.catalog import Catalog
+from rlsynth.datasets.fidelity import (
     EvalConfig,
     MujocoOracle,
     evaluate,
@@ -39,10 +39,10 @@ from datasets.fidelity import (
     reference_std,
     window_starts,
 )
-from datasets.types import Dataset, Transitions
-from generators.api import SampleOptions, load_generator, sample, train_generator
-from generators.world_model import WorldModel, WorldModelNormalisers, model_step
-from pipeline.bench_report import write_section
+from rlsynth.datasets.types import Dataset, Transitions
+from rlsynth.generators.api import SampleOptions, load_generator, sample, train_generator
+from rlsynth.generators.world_model import WorldModel, WorldModelNormalisers, model_step
+from rlsynth.pipeline.bench_report import write_section
 
 HORIZONS = (1, 8, 32)
 PLOT = Path(__file__).resolve().parent / "plots" / "fidelity.png"

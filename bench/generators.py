@@ -26,10 +26,10 @@ import numpy as np
 # Not the script's folder on the path: bench/generators.py must not shadow the generators package.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from datasets.catalog import Catalog
-from datasets.fidelity import EvalConfig, evaluate, linear_yardstick
-from datasets.types import Dataset
-from generators.api import (
+from rlsynth.datasets.catalog import Catalog
+from rlsynth.datasets.fidelity import EvalConfig, evaluate, linear_yardstick
+from rlsynth.datasets.types import Dataset
+from rlsynth.generators.api import (
     LoadedGenerator,
     SampleOptions,
     load_generator,
@@ -37,8 +37,8 @@ from generators.api import (
     sample,
     train_generator,
 )
-from generators.diffusion import TrajectoryConfig, TransitionConfig
-from pipeline.bench_report import write_section
+from rlsynth.generators.diffusion import TrajectoryConfig, TransitionConfig
+from rlsynth.pipeline.bench_report import write_section
 
 # About one whole sampling chunk of every family (AR: 1024 windows ≈ 31.7k transitions; trajectory:
 # 4 × 256 windows): smaller requests would time work that the trim then throws away.

@@ -23,11 +23,18 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 import torch
 
-from datasets.fidelity import EvalConfig, evaluate
-from datasets.sources import load_source
-from datasets.types import Dataset
-from generators.api import PRESETS, SampleOptions, load_generator, sample, train_generator, used_settings
-from pipeline.bench_report import int_list
+from rlsynth.datasets.fidelity import EvalConfig, evaluate
+from rlsynth.datasets.sources import load_source
+from rlsynth.datasets.types import Dataset
+from rlsynth.generators.api import (
+    PRESETS,
+    SampleOptions,
+    load_generator,
+    sample,
+    train_generator,
+    used_settings,
+)
+from rlsynth.pipeline.bench_report import int_list
 
 
 @dataclass(frozen=True)

@@ -30,10 +30,10 @@ import torch
 # Not the script's folder on the path: bench/ files must not shadow the packages they measure.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from datasets.catalog import Catalog
-from datasets.fidelity import EvalConfig, evaluate
-from datasets.types import Dataset
-from generators.api import (
+from rlsynth.datasets.catalog import Catalog
+from rlsynth.datasets.fidelity import EvalConfig, evaluate
+from rlsynth.datasets.types import Dataset
+from rlsynth.generators.api import (
     SampleOptions,
     load_generator,
     record_refiner,
@@ -41,10 +41,10 @@ from generators.api import (
     train_generator,
     used_settings,
 )
-from guidance.policies import D3rlpyPolicy, load_policy
-from guidance.spec import GuidanceConfig, build_guidance
-from offline_rl.train import train_agent
-from pipeline.bench_report import write_section
+from rlsynth.guidance.policies import D3rlpyPolicy, load_policy
+from rlsynth.guidance.spec import GuidanceConfig, build_guidance
+from rlsynth.offline_rl.train import train_agent
+from rlsynth.pipeline.bench_report import write_section
 
 N = 7936  # one sampling chunk of the trajectory model (256 windows of 31 transitions)
 EVAL = EvalConfig(sample=4000, horizons=(8,), windows=128, seed=0)

@@ -29,10 +29,10 @@ import numpy as np
 # Not the script's folder on the path: bench/generators.py must not shadow the generators package.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from datasets.catalog import Catalog
-from datasets.hdf5 import write_hdf5
-from datasets.types import BoxSpace, Dataset, DatasetInfo, Transitions
-from pipeline.bench_report import write_section
+from rlsynth.datasets.catalog import Catalog
+from rlsynth.datasets.hdf5 import write_hdf5
+from rlsynth.datasets.types import BoxSpace, Dataset, DatasetInfo, Transitions
+from rlsynth.pipeline.bench_report import write_section
 
 KEYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
 

@@ -18,9 +18,9 @@ from pathlib import Path
 # Not the script's folder on the path: bench/ files must not shadow the packages they measure.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from datasets.catalog import Catalog
-from pipeline.bench_report import write_section
-from pipeline.run import _task_shard, init_ray, run_bounded
+from rlsynth.datasets.catalog import Catalog
+from rlsynth.pipeline.bench_report import write_section
+from rlsynth.pipeline.run import _task_shard, init_ray, run_bounded
 
 
 def main() -> None:

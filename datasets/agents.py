@@ -19,10 +19,10 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from datasets.d3rlpy_setup import import_d3rlpy
-from datasets.errors import RlsynthError, brief, first_line
-from datasets.sources import file_sha256
-from datasets.types import check_env_id
+from rlsynth.datasets.d3rlpy_setup import import_d3rlpy
+from rlsynth.datasets.errors import RlsynthError, brief, first_line
+from rlsynth.datasets.sources import file_sha256
+from rlsynth.datasets.types import check_env_id
 
 
 class AgentError(RlsynthError):
@@ -107,7 +107,7 @@ def _check_recorded_hash(p: Path) -> None:
     record = read_sidecar(p)
     recorded = None if record is None else record.get("sha256")
     if recorded is not None:
-        from datasets.sources import file_sha256
+        from rlsynth.datasets.sources import file_sha256
 
         if file_sha256(p) != recorded:
             raise AgentError(

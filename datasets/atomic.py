@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from types import FrameType
 from typing import Any
 
-from datasets.errors import ExportError
+from rlsynth.datasets.errors import ExportError
 
 
 def publish_file(tmp: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:

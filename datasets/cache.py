@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from datasets.types import Transitions
+from rlsynth.datasets.types import Transitions
 
 log = logging.getLogger(__name__)
 INDEX = "index.json"

@@ -56,10 +56,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from datasets import cache
-from datasets.atomic import Writer
-from datasets.errors import CatalogError, RlsynthError
-from datasets.manifest import (
+from rlsynth.datasets import cache
+from rlsynth.datasets.atomic import Writer
+from rlsynth.datasets.errors import CatalogError, RlsynthError
+from rlsynth.datasets.manifest import (
     FILE_NAME_RE,
     MAX_FILE_NAME,
     MAX_MANIFEST_BYTES,
@@ -69,9 +69,9 @@ from datasets.manifest import (
     parse_manifest,
     schema_json,
 )
-from datasets.parquet import FORMAT_VERSION, from_table, info_from_schema, read_part, to_table
-from datasets.types import Dataset, DatasetInfo, Transitions
-from datasets.validation import validate_transitions
+from rlsynth.datasets.parquet import FORMAT_VERSION, from_table, info_from_schema, read_part, to_table
+from rlsynth.datasets.types import Dataset, DatasetInfo, Transitions
+from rlsynth.datasets.validation import validate_transitions
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from datasets.errors import SourceError
-from datasets.types import BoxSpace, DatasetInfo, check_env_id
+from rlsynth.datasets.errors import SourceError
+from rlsynth.datasets.types import BoxSpace, DatasetInfo, check_env_id
 
 
 def make_env(env_id: str, **kwargs: Any) -> Any:

@@ -34,9 +34,9 @@ from typing import Any
 
 import numpy as np
 
-from datasets.envs import make_env
-from datasets.errors import RlsynthError
-from datasets.types import Dataset, Transitions
+from rlsynth.datasets.envs import make_env
+from rlsynth.datasets.errors import RlsynthError
+from rlsynth.datasets.types import Dataset, Transitions
 
 # Probe velocity: far above any clip bound a MuJoCo env applies to its observation.
 PROBE_VELOCITY = 1e4

@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from datasets.atomic import publish_file
-from datasets.envs import env_info
-from datasets.errors import ExportError, SourceError, ValidationError, brief
-from datasets.types import BoxSpace, Dataset, DatasetInfo, Transitions, check_env_id
-from datasets.validation import validate_transitions
+from rlsynth.datasets.atomic import publish_file
+from rlsynth.datasets.envs import env_info
+from rlsynth.datasets.errors import ExportError, SourceError, ValidationError, brief
+from rlsynth.datasets.types import BoxSpace, Dataset, DatasetInfo, Transitions, check_env_id
+from rlsynth.datasets.validation import validate_transitions
 
 REQUIRED = ("observations", "actions", "rewards", "terminals", "timeouts")
 OPTIONAL = ("next_observations",)

@@ -18,9 +18,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from datasets.errors import CatalogError, RlsynthError
-from datasets.parquet import FORMAT_VERSION, arrow_schema
-from datasets.types import BoxSpace, DatasetInfo, check_env_id
+from rlsynth.datasets.errors import CatalogError, RlsynthError
+from rlsynth.datasets.parquet import FORMAT_VERSION, arrow_schema
+from rlsynth.datasets.types import BoxSpace, DatasetInfo, check_env_id
 
 # 100 000 parts of a few hundred bytes each fit; a manifest is parsed whole, and JSON costs up to ~30x
 # its size in Python objects, so a bigger one is refused before it is read.

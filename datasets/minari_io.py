@@ -22,10 +22,17 @@ from typing import Any
 
 import numpy as np
 
-from datasets.errors import ExportError, RlsynthError, SourceError, ValidationError, brief, one_line
-from datasets.hdf5 import MAX_ROWS, MAX_WIDTH, check_total, declared_bytes, hard_link, open_hdf5
-from datasets.types import BoxSpace, Dataset, DatasetInfo, Episode, check_env_id, episodes_to_transitions
-from datasets.validation import validate_episodes
+from rlsynth.datasets.errors import ExportError, RlsynthError, SourceError, ValidationError, brief, one_line
+from rlsynth.datasets.hdf5 import MAX_ROWS, MAX_WIDTH, check_total, declared_bytes, hard_link, open_hdf5
+from rlsynth.datasets.types import (
+    BoxSpace,
+    Dataset,
+    DatasetInfo,
+    Episode,
+    check_env_id,
+    episodes_to_transitions,
+)
+from rlsynth.datasets.validation import validate_episodes
 
 # Minari's own id grammar: (namespace/)name-vN, components of word characters, dots and dashes.
 MINARI_ID_RE = re.compile(r"(?:[\w.-]+/)*[\w.-]+-v\d+", re.ASCII)

@@ -13,8 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from datasets.errors import CatalogError, brief
-from datasets.types import DatasetInfo, Transitions
+from rlsynth.datasets.errors import CatalogError, brief
+from rlsynth.datasets.types import DatasetInfo, Transitions
 
 FORMAT_VERSION = "rlsynth.transitions/1"
 INFO_KEY = b"rlsynth.info"

@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from datasets.envs import box_space, make_env
-from datasets.errors import RlsynthError
-from datasets.types import Dataset, DatasetInfo, Episode, check_env_id, episodes_to_transitions
-from datasets.validation import validate_episodes
+from rlsynth.datasets.envs import box_space, make_env
+from rlsynth.datasets.errors import RlsynthError
+from rlsynth.datasets.types import Dataset, DatasetInfo, Episode, check_env_id, episodes_to_transitions
+from rlsynth.datasets.validation import validate_episodes
 
 RECIPES = ("random", "sac-medium-replay", "sac-medium")
 Policy = Callable[[np.ndarray], np.ndarray]
@@ -225,7 +225,7 @@ def _policy(sac: Any) -> Policy:
 
 def _train_sac(env: Any, info: DatasetInfo, cfg: RecipeConfig) -> tuple[Any, _Recorder]:
     """Online SAC (d3rlpy, default hyperparameters, one update per step) recording every step it takes."""
-    from datasets.d3rlpy_setup import import_d3rlpy
+    from rlsynth.datasets.d3rlpy_setup import import_d3rlpy
 
     d3rlpy = import_d3rlpy()
     d3rlpy.seed(cfg.seed)

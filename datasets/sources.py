@@ -11,11 +11,11 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from datasets.catalog import Catalog, ContentHasher
-from datasets.errors import SourceError
-from datasets.hdf5 import read_hdf5
-from datasets.minari_io import read_minari
-from datasets.types import Dataset, check_env_id
+from rlsynth.datasets.catalog import Catalog, ContentHasher
+from rlsynth.datasets.errors import SourceError
+from rlsynth.datasets.hdf5 import read_hdf5
+from rlsynth.datasets.minari_io import read_minari
+from rlsynth.datasets.types import Dataset, check_env_id
 
 
 def _is_hdf5(spec: str) -> bool:

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from datasets.errors import ValidationError
-from datasets.types import DatasetInfo, Episode, Transitions, episodes_to_transitions
+from rlsynth.datasets.errors import ValidationError
+from rlsynth.datasets.types import DatasetInfo, Episode, Transitions, episodes_to_transitions
 
 # Recorded actions sit on the bound up to float rounding (tanh-squashed policies, clipping in float64).
 ACTION_BOUND_TOLERANCE = 1e-4

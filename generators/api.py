@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from datasets.errors import RlsynthError
-from datasets.types import Dataset, DatasetInfo, Episode, episodes_to_transitions
-from datasets.validation import validate_episodes
-from generators.autoregressive import AutoregressiveConfig, Drafter, DraftTilt
-from generators.checkpoint import (
+from rlsynth.datasets.errors import RlsynthError
+from rlsynth.datasets.types import Dataset, DatasetInfo, Episode, episodes_to_transitions
+from rlsynth.datasets.validation import validate_episodes
+from rlsynth.generators.autoregressive import AutoregressiveConfig, Drafter, DraftTilt
+from rlsynth.generators.checkpoint import (
     CheckpointError,
     Normaliser,
     checkpoint_hash,
@@ -39,7 +39,7 @@ from generators.checkpoint import (
     write_json,
     write_tensors,
 )
-from generators.diffusion import (
+from rlsynth.generators.diffusion import (
     TrajectoryConfig,
     TrajectoryDiffusion,
     TransitionConfig,
@@ -47,9 +47,16 @@ from generators.diffusion import (
     decode_transitions,
     transition_features,
 )
-from generators.edm import Churn, Denoiser, EDMConfig, PerSampleNoise, Polish, generate, schedule
-from generators.tokens import TokenCodec, TokenLayout, decode_windows, start_tokens, step_scales, windows
-from generators.training import (
+from rlsynth.generators.edm import Churn, Denoiser, EDMConfig, PerSampleNoise, Polish, generate, schedule
+from rlsynth.generators.tokens import (
+    TokenCodec,
+    TokenLayout,
+    decode_windows,
+    start_tokens,
+    step_scales,
+    windows,
+)
+from rlsynth.generators.training import (
     STATE_JSON,
     TrainConfig,
     TrainResult,
@@ -58,7 +65,7 @@ from generators.training import (
     split,
     train,
 )
-from generators.world_model import (
+from rlsynth.generators.world_model import (
     ActionFn,
     WorldModel,
     WorldModelConfig,

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from generators.edm import NoiseSource
-from generators.nets import CausalTransformer
-from generators.tokens import TokenLayout
+from rlsynth.generators.edm import NoiseSource
+from rlsynth.generators.nets import CausalTransformer
+from rlsynth.generators.tokens import TokenLayout
 
 DraftTilt = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """(previous token, sampled token, its predictive variance), each (B, D) normalised -> the moved token."""

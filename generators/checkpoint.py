@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from datasets.errors import RlsynthError, first_line
+from rlsynth.datasets.errors import RlsynthError, first_line
 
 
 class CheckpointError(RlsynthError):

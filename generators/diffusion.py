@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from datasets.types import Episode, Transitions
-from generators.edm import EDMConfig, EDMPrecond, edm_loss
-from generators.nets import ResidualMLP, TemporalUNet1D
-from generators.tokens import TokenLayout
+from rlsynth.datasets.types import Episode, Transitions
+from rlsynth.generators.edm import EDMConfig, EDMPrecond, edm_loss
+from rlsynth.generators.nets import ResidualMLP, TemporalUNet1D
+from rlsynth.generators.tokens import TokenLayout
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from datasets.types import BoxSpace, Episode, Transitions
+from rlsynth.datasets.types import BoxSpace, Episode, Transitions
 
 ACTION_CLIP = 0.999
 

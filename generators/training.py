@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from generators.checkpoint import (
+from rlsynth.generators.checkpoint import (
     CheckpointError,
     flatten_state,
     read_json,

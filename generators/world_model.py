@@ -23,10 +23,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from datasets.errors import RlsynthError
-from datasets.fidelity import window_starts
-from datasets.types import Dataset, Episode, Transitions
-from generators.checkpoint import CheckpointError, Normaliser
+from rlsynth.datasets.errors import RlsynthError
+from rlsynth.datasets.fidelity import window_starts
+from rlsynth.datasets.types import Dataset, Episode, Transitions
+from rlsynth.generators.checkpoint import CheckpointError, Normaliser
 
 
 @dataclass(frozen=True)

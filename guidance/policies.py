@@ -24,7 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from datasets.agents import AgentError, agent_kind, load_agent
+from rlsynth.datasets.agents import AgentError, agent_kind, load_agent
 
 # Actions on the tanh bound have no pre-image; clamp just inside it.
 ATANH_CLIP = 1.0 - 1e-6

@@ -11,14 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from datasets.agents import check_agent_spaces
-from datasets.errors import RlsynthError
-from datasets.sources import file_sha256
-from datasets.types import DatasetInfo
-from generators.api import load_generator
-from generators.world_model import WorldModel, WorldModelNormalisers
-from guidance.policies import DETERMINISTIC_STD, load_policy
-from guidance.terms import Guidance, TermOptions, policy_guidance, world_model_guidance
+from rlsynth.datasets.agents import check_agent_spaces
+from rlsynth.datasets.errors import RlsynthError
+from rlsynth.datasets.sources import file_sha256
+from rlsynth.datasets.types import DatasetInfo
+from rlsynth.generators.api import load_generator
+from rlsynth.generators.world_model import WorldModel, WorldModelNormalisers
+from rlsynth.guidance.policies import DETERMINISTIC_STD, load_policy
+from rlsynth.guidance.terms import Guidance, TermOptions, policy_guidance, world_model_guidance
 
 TERMS = ("policy", "dynamics", "return")
 

@@ -45,10 +45,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from generators.edm import Denoiser
-from generators.tokens import Steps, TokenCodec
-from generators.world_model import WorldModel, WorldModelNormalisers
-from guidance.policies import TargetPolicy
+from rlsynth.generators.edm import Denoiser
+from rlsynth.generators.tokens import Steps, TokenCodec
+from rlsynth.generators.world_model import WorldModel, WorldModelNormalisers
+from rlsynth.guidance.policies import TargetPolicy
 
 SCHEDULES = ("constant", "linear", "pgd")
 POINTS = ("noisy", "x0")

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from datasets.d3rlpy_setup import import_d3rlpy
-from datasets.types import Dataset, Episode
+from rlsynth.datasets.d3rlpy_setup import import_d3rlpy
+from rlsynth.datasets.types import Dataset, Episode
 
 
 def to_d3rlpy_episode(e: Episode) -> Any:

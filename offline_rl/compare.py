@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from datasets.errors import RlsynthError
-from guidance.spec import GuidanceConfig
-from offline_rl.pgd import PGDConfig, check_initial_target, check_initial_target_file
+from rlsynth.datasets.errors import RlsynthError
+from rlsynth.guidance.spec import GuidanceConfig
+from rlsynth.offline_rl.pgd import PGDConfig, check_initial_target, check_initial_target_file
 
 
 @dataclass(frozen=True)
@@ -91,10 +91,10 @@ class Job:
 def _run_job(job: Job) -> dict[str, Any]:
     import torch
 
-    from datasets.catalog import Catalog
-    from offline_rl.evaluate import evaluate_agent
-    from offline_rl.mixture import Mixture
-    from offline_rl.train import train_agent
+    from rlsynth.datasets.catalog import Catalog
+    from rlsynth.offline_rl.evaluate import evaluate_agent
+    from rlsynth.offline_rl.mixture import Mixture
+    from rlsynth.offline_rl.train import train_agent
 
     torch.set_num_threads(1)
     cfg, cond = job.config, job.condition
@@ -109,8 +109,8 @@ def _run_job(job: Job) -> dict[str, Any]:
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
     if cond.pgd is not None:
-        from generators.api import load_generator
-        from offline_rl.pgd import run_pgd
+        from rlsynth.generators.api import load_generator
+        from rlsynth.offline_rl.pgd import run_pgd
 
         p = cond.pgd
         real = cat.read(p.real)
@@ -145,7 +145,7 @@ def _run_job(job: Job) -> dict[str, Any]:
         )  # fmt: skip
         agent_path = run.path
         extra = {}
-    from datasets.agents import load_agent
+    from rlsynth.datasets.agents import load_agent
 
     final = evaluate_agent(load_agent(agent_path), env_box["env"], episodes=cfg.final_episodes, seed=job.seed)
     return {

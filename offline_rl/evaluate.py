@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from datasets.envs import make_env
-from datasets.errors import RlsynthError
-from datasets.types import DatasetInfo, check_env_id
+from rlsynth.datasets.envs import make_env
+from rlsynth.datasets.errors import RlsynthError
+from rlsynth.datasets.types import DatasetInfo, check_env_id
 
 # D4RL's reference returns (random policy, expert policy) per locomotion task.
 D4RL_REFERENCES = {

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from datasets.d3rlpy_setup import import_d3rlpy
-from datasets.errors import RlsynthError
-from datasets.types import Dataset, Transitions
+from rlsynth.datasets.d3rlpy_setup import import_d3rlpy
+from rlsynth.datasets.errors import RlsynthError
+from rlsynth.datasets.types import Dataset, Transitions
 
 ARRAYS = ("observations", "actions", "rewards", "next_observations", "next_actions", "terminals")
 

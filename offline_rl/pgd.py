@@ -21,15 +21,15 @@ from typing import Any
 
 import numpy as np
 
-from datasets.agents import save_agent
-from datasets.catalog import Catalog
-from datasets.errors import RlsynthError
-from datasets.sources import file_sha256
-from datasets.types import Dataset
-from generators.api import LoadedGenerator, SampleOptions, generator_lineage, refiner_for, sample
-from guidance.spec import GuidanceConfig, build_guidance
-from offline_rl.mixture import Mixture
-from offline_rl.train import ALGOS, Callback, TrainingLog, build_algo, fit
+from rlsynth.datasets.agents import save_agent
+from rlsynth.datasets.catalog import Catalog
+from rlsynth.datasets.errors import RlsynthError
+from rlsynth.datasets.sources import file_sha256
+from rlsynth.datasets.types import Dataset
+from rlsynth.generators.api import LoadedGenerator, SampleOptions, generator_lineage, refiner_for, sample
+from rlsynth.guidance.spec import GuidanceConfig, build_guidance
+from rlsynth.offline_rl.mixture import Mixture
+from rlsynth.offline_rl.train import ALGOS, Callback, TrainingLog, build_algo, fit
 
 
 def check_initial_target(initial_target: str | None, guidance: GuidanceConfig) -> None:

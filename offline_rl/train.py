@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from datasets.agents import save_agent
-from datasets.d3rlpy_setup import import_d3rlpy
-from datasets.errors import RlsynthError
-from datasets.types import Dataset
-from offline_rl.mixture import Mixture
+from rlsynth.datasets.agents import save_agent
+from rlsynth.datasets.d3rlpy_setup import import_d3rlpy
+from rlsynth.datasets.errors import RlsynthError
+from rlsynth.datasets.types import Dataset
+from rlsynth.offline_rl.mixture import Mixture
 
 ALGOS = ("iql", "td3bc", "cql", "bc")
 

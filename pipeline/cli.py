@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import click
 
-from datasets.errors import RlsynthError
+from rlsynth.datasets.errors import RlsynthError
 
 # Kept in step with generators.api.KINDS (imported lazily: torch is slow to import for --help).
 GENERATOR_KINDS = ("trajectory", "transition", "autoregressive", "world-model")
@@ -56,7 +56,7 @@ def json_option(f: F) -> F:
 def _catalog(ctx: click.Context, uri: str | None) -> Any:
     """The catalog named by ``--catalog`` (here or before the command). Opening it creates nothing: the
     root appears with the first commit, so read-only commands never write."""
-    from datasets.catalog import Catalog
+    from rlsynth.datasets.catalog import Catalog
 
     return Catalog(uri or (ctx.obj or {}).get("catalog_uri"))
 
@@ -128,8 +128,8 @@ def import_cmd(
     as_json: bool,
 ) -> None:
     """Import SOURCE (minari:<id>, a D4RL-layout .hdf5 file, or NAME@N) as a new version of NAME."""
-    from datasets.catalog import check_name
-    from datasets.sources import load_source, source_lineage
+    from rlsynth.datasets.catalog import check_name
+    from rlsynth.datasets.sources import load_source, source_lineage
 
     check_name(name)
     tag_map = _parse_tags(tags)
@@ -217,10 +217,10 @@ def make_cmd(
     """Build a D4RL-style dataset locally with RECIPE and commit it (and a local Minari dataset)."""
     from dataclasses import asdict
 
-    from datasets.agents import save_agent
-    from datasets.catalog import check_name
-    from datasets.minari_io import check_minari_id, minari_root, write_minari
-    from datasets.recipes import RecipeConfig, build
+    from rlsynth.datasets.agents import save_agent
+    from rlsynth.datasets.catalog import check_name
+    from rlsynth.datasets.minari_io import check_minari_id, minari_root, write_minari
+    from rlsynth.datasets.recipes import RecipeConfig, build
 
     check_name(name)
     if not no_minari:
@@ -326,7 +326,7 @@ def list_cmd(ctx: click.Context, catalog_uri: str | None, as_json: bool) -> None
 @click.pass_context
 def show_cmd(ctx: click.Context, ref: str, catalog_uri: str | None, as_json: bool) -> None:
     """Show one version (NAME for the latest, or NAME@N)."""
-    from datasets.errors import one_line
+    from rlsynth.datasets.errors import one_line
 
     cat = _catalog(ctx, catalog_uri)
     s = summary(cat.manifest(ref))
@@ -430,8 +430,8 @@ def evaluate_cmd(
 ) -> None:
     """Judge a version against the true simulator: one-step and multi-step dynamics error, terminal
     agreement, policy log-likelihood, novelty and coverage. The result goes into the manifest."""
-    from datasets.fidelity import EvalConfig, evaluate, plot
-    from datasets.sources import file_sha256
+    from rlsynth.datasets.fidelity import EvalConfig, evaluate, plot
+    from rlsynth.datasets.sources import file_sha256
 
     try:
         hs = tuple(sorted({int(h) for h in horizons.split(",")}))
@@ -445,7 +445,7 @@ def evaluate_cmd(
     r = cat.resolve(ref)
     policy = None
     if policy_path is not None:
-        from guidance.policies import load_policy
+        from rlsynth.guidance.policies import load_policy
 
         policy = load_policy(policy_path)
     ds = cat.read(r)
@@ -504,9 +504,9 @@ def export_cmd(
     ctx: click.Context, ref: str, fmt: str, out: str, catalog_uri: str | None, as_json: bool
 ) -> None:
     """Export a version as a Minari dataset or a D4RL-layout HDF5 file (never overwrites)."""
-    from datasets.errors import ExportError
-    from datasets.hdf5 import write_hdf5
-    from datasets.minari_io import check_minari_id, write_minari
+    from rlsynth.datasets.errors import ExportError
+    from rlsynth.datasets.hdf5 import write_hdf5
+    from rlsynth.datasets.minari_io import check_minari_id, write_minari
 
     cat = _catalog(ctx, catalog_uri)
     r = cat.resolve(ref)
@@ -568,8 +568,8 @@ def export_file_cmd(
 
     The artifact is read without following links (one outside the catalog is refused) and checked
     against its recorded size and hash before anything is written; the copy never replaces a file."""
-    from datasets.atomic import publish_file
-    from datasets.errors import ExportError
+    from rlsynth.datasets.atomic import publish_file
+    from rlsynth.datasets.errors import ExportError
 
     cat = _catalog(ctx, catalog_uri)
     data = cat.file_buffer(ref, file_name)
@@ -645,8 +645,8 @@ def generator_train_cmd(
     as_json: bool,
 ) -> None:
     """Train a generator of KIND on a dataset; checkpoints are safetensors + JSON."""
-    from datasets.sources import load_source, source_lineage
-    from generators.api import load_generator, preset, train_generator
+    from rlsynth.datasets.sources import load_source, source_lineage
+    from rlsynth.generators.api import load_generator, preset, train_generator
 
     preset(kind, preset_name)
     if refiner is not None:
@@ -831,9 +831,9 @@ def generator_sample_cmd(
 
     Diffusion kinds (trajectory, transition) and autoregressive drafts take --guidance terms; world-model
     rollouts take --policy as the acting agent."""
-    from datasets.catalog import check_name
-    from datasets.sources import file_sha256, load_source
-    from generators.api import (
+    from rlsynth.datasets.catalog import check_name
+    from rlsynth.datasets.sources import file_sha256, load_source
+    from rlsynth.generators.api import (
         SampleOptions,
         generator_lineage,
         load_generator,
@@ -841,7 +841,7 @@ def generator_sample_cmd(
         sample,
         used_settings,
     )
-    from guidance.spec import GuidanceConfig, build_guidance
+    from rlsynth.guidance.spec import GuidanceConfig, build_guidance
 
     check_name(name)
     cat = _catalog(ctx, catalog_uri)
@@ -877,7 +877,7 @@ def generator_sample_cmd(
     policy_fn = None
     policy_lineage: dict[str, Any] = {"kind": "data"}
     if policy_spec != "data" and not diffused:
-        from guidance.policies import load_policy
+        from rlsynth.guidance.policies import load_policy
 
         pol = load_policy(policy_spec)
         policy_fn = pol.mean_action
@@ -972,9 +972,9 @@ def agent_train_cmd(
     as_json: bool,
 ) -> None:
     """Train a d3rlpy agent with the published hyperparameters; writes AGENT.d3 and AGENT.d3.json."""
-    from datasets.sources import load_source, source_lineage
-    from offline_rl.mixture import Mixture
-    from offline_rl.train import check_out_path, train_agent
+    from rlsynth.datasets.sources import load_source, source_lineage
+    from rlsynth.offline_rl.mixture import Mixture
+    from rlsynth.offline_rl.train import check_out_path, train_agent
 
     check_out_path(Path(out))
     parsed = [_parse_mix(m) for m in mixes]
@@ -1048,10 +1048,10 @@ def agent_eval_cmd(
     as_json: bool,
 ) -> None:
     """Score an agent in its environment: return mean ± std and the D4RL-normalised score."""
-    from datasets.agents import check_agent_spaces, load_agent, recorded_env_id
-    from datasets.envs import env_info
-    from datasets.types import check_env_id
-    from offline_rl.evaluate import Reference, evaluate_agent
+    from rlsynth.datasets.agents import check_agent_spaces, load_agent, recorded_env_id
+    from rlsynth.datasets.envs import env_info
+    from rlsynth.datasets.types import check_env_id
+    from rlsynth.offline_rl.evaluate import Reference, evaluate_agent
 
     path = Path(agent_path)
     if env_id is not None:
@@ -1153,8 +1153,8 @@ def run_cmd(
     catalog_uri: str | None,
 ) -> None:
     """Run the whole pipeline from a YAML config as Ray tasks; prints the report and dataset versions."""
-    from pipeline.config import load_config
-    from pipeline.run import check_ray_address, check_resume, new_run_dir, run_pipeline
+    from rlsynth.pipeline.config import load_config
+    from rlsynth.pipeline.run import check_ray_address, check_resume, new_run_dir, run_pipeline
 
     cfg = load_config(config_path)
     check_ray_address(address)  # a named cluster that cannot be reached is refused before a run folder exists
@@ -1228,7 +1228,7 @@ def runs_show_cmd(run: str, runs_dir: str | None, as_json: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the CLI and turns every failure into one line and an exit code."""
-    from datasets.atomic import Terminated, sigterm_as_interrupt
+    from rlsynth.datasets.atomic import Terminated, sigterm_as_interrupt
 
     # SIGTERM (timeout, Kubernetes, Ray) takes Ctrl-C's clean-up paths: no staging or partial output left.
     sigterm_as_interrupt()

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from datasets.errors import RlsynthError
+from rlsynth.datasets.errors import RlsynthError
 
 
 class ConfigError(RlsynthError):
@@ -121,7 +121,7 @@ def _distinct(key: str, values: Iterable[object], *, non_empty: bool = True) -> 
 
 
 def _dataset_name(key: str, value: str) -> None:
-    from datasets.catalog import NAME_RE, check_name
+    from rlsynth.datasets.catalog import NAME_RE, check_name
 
     try:
         check_name(value)
@@ -135,7 +135,7 @@ def _dataset_name(key: str, value: str) -> None:
 def _source_ref(key: str, value: str) -> None:
     """A ref has one of the forms ``load_source`` reads; each is checked against its own grammar."""
     if value.startswith("minari:"):
-        from datasets.minari_io import check_minari_id
+        from rlsynth.datasets.minari_io import check_minari_id
 
         try:
             check_minari_id(value.removeprefix("minari:"))
@@ -153,7 +153,7 @@ def _source_ref(key: str, value: str) -> None:
 
 
 def _env_id(key: str, value: str) -> None:
-    from datasets.types import check_env_id
+    from rlsynth.datasets.types import check_env_id
 
     try:
         check_env_id(value)

@@ -24,12 +24,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from datasets.catalog import Catalog
-from datasets.errors import RlsynthError
+from rlsynth.datasets.catalog import Catalog
+from rlsynth.datasets.errors import RlsynthError
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m pipeline.quickstart", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m rlsynth.pipeline.quickstart", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--env", default="Hopper-v5", help="MuJoCo environment id")
     p.add_argument("--steps", type=int, default=3000, help="SAC environment steps of the recipe")
     p.add_argument("--out", default="out/quickstart", help="folder for the catalog, Minari root and files")
@@ -41,14 +43,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace, console: Console) -> dict[str, str]:
     from dataclasses import asdict
 
-    from datasets.d3rlpy_setup import import_d3rlpy, noop_logger
-    from datasets.fidelity import EvalConfig, evaluate, plot
-    from datasets.hdf5 import write_hdf5
-    from datasets.minari_io import write_minari
-    from datasets.recipes import RecipeConfig, build
-    from datasets.sources import load_source, source_lineage
-    from generators.api import SampleOptions, load_generator, sample, train_generator
-    from offline_rl.buffers import to_replay_buffer
+    from rlsynth.datasets.d3rlpy_setup import import_d3rlpy, noop_logger
+    from rlsynth.datasets.fidelity import EvalConfig, evaluate, plot
+    from rlsynth.datasets.hdf5 import write_hdf5
+    from rlsynth.datasets.minari_io import write_minari
+    from rlsynth.datasets.recipes import RecipeConfig, build
+    from rlsynth.datasets.sources import load_source, source_lineage
+    from rlsynth.generators.api import SampleOptions, load_generator, sample, train_generator
+    from rlsynth.offline_rl.buffers import to_replay_buffer
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

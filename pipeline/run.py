@@ -39,8 +39,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from datasets.errors import RlsynthError
-from pipeline.config import RunConfig, check_run_name, to_dict
+from rlsynth.datasets.errors import RlsynthError
+from rlsynth.pipeline.config import RunConfig, check_run_name, to_dict
 
 FAIL_ONCE_ENV = "RLSYNTH_FAIL_SHARD_ONCE"
 """Fault injection for tests: a path; the first shard task to find it missing creates it and fails."""
@@ -118,8 +118,8 @@ def _task_train_agent(
 ) -> dict[str, Any]:
     import torch
 
-    from datasets.catalog import Catalog
-    from offline_rl.train import train_agent
+    from rlsynth.datasets.catalog import Catalog
+    from rlsynth.offline_rl.train import train_agent
 
     torch.set_num_threads(1)
     ds = Catalog(catalog_uri).read(ref)
@@ -130,8 +130,8 @@ def _task_train_agent(
 def _task_train_generator(
     catalog_uri: str | None, ref: str, kind: str, preset: str, steps: int | None, seed: int, out: str
 ) -> dict[str, Any]:
-    from datasets.catalog import Catalog
-    from generators.api import load_generator, record_refiner, train_generator
+    from rlsynth.datasets.catalog import Catalog
+    from rlsynth.generators.api import load_generator, record_refiner, train_generator
 
     cat = Catalog(catalog_uri)
     ds = cat.read(ref)
@@ -174,10 +174,10 @@ def _task_shard(
     import numpy as np
     import torch
 
-    from datasets.catalog import Catalog
-    from datasets.types import Transitions
-    from generators.api import SampleOptions, load_generator, sample, sample_seed
-    from guidance.spec import GuidanceConfig, build_guidance
+    from rlsynth.datasets.catalog import Catalog
+    from rlsynth.datasets.types import Transitions
+    from rlsynth.generators.api import SampleOptions, load_generator, sample, sample_seed
+    from rlsynth.guidance.spec import GuidanceConfig, build_guidance
 
     torch.set_num_threads(1)
     marker = os.environ.get(FAIL_ONCE_ENV)
@@ -465,7 +465,7 @@ def run_pipeline(
 
     Ray runs for exactly this call: a private cluster is stopped at the end, an attached one disconnected
     (a session this process had already started is used and left running)."""
-    from datasets.catalog import Catalog
+    from rlsynth.datasets.catalog import Catalog
 
     # Before anything is written or started: a dead address or a missing source fails in seconds.
     target = check_ray_address(address)
@@ -507,7 +507,7 @@ def _run_stages(
     def source_work(folder: Path) -> dict[str, Any]:
         s = cfg.source
         if s.ref is not None:
-            from datasets.sources import load_source, source_lineage
+            from rlsynth.datasets.sources import load_source, source_lineage
 
             external = s.ref.startswith(("minari:", "hdf5:")) or s.ref.endswith((".hdf5", ".h5"))
             if not external:
@@ -516,7 +516,7 @@ def _run_stages(
             ds = load_source(s.ref, cat)
             ref = cat.write(s.name, ds, lineage={"sources": [source_lineage(s.ref, ds, cat)]})
         else:
-            from datasets.recipes import RecipeConfig, build
+            from rlsynth.datasets.recipes import RecipeConfig, build
 
             rcfg = RecipeConfig(
                 s.recipe or "", s.env, steps=s.steps, transitions=s.transitions, seed=cfg.seed, progress=False
@@ -637,7 +637,7 @@ def _run_stages(
 
     # 5. fidelity
     def fidelity_work(folder: Path) -> dict[str, Any]:
-        from datasets.fidelity import EvalConfig, evaluate, linear_yardstick, plot
+        from rlsynth.datasets.fidelity import EvalConfig, evaluate, linear_yardstick, plot
 
         f = cfg.fidelity
         ecfg = EvalConfig(sample=f.sample, horizons=f.horizons, windows=64, seed=cfg.seed)
@@ -655,7 +655,7 @@ def _run_stages(
 
     # 6. agents on each data condition (each job a Ray task) and 7. report
     def agents_work(folder: Path) -> dict[str, Any]:
-        from offline_rl.compare import (
+        from rlsynth.offline_rl.compare import (
             CompareConfig,
             Condition,
             PGDSpec,
@@ -675,7 +675,7 @@ def _run_stages(
             elif c == "mixed":
                 conds.append(Condition("mixed", data=(syn["ref"],), mix=((src["ref"], 16),)))
             else:
-                from guidance.spec import GuidanceConfig
+                from rlsynth.guidance.spec import GuidanceConfig
 
                 conds.append(Condition("pgd", pgd=PGDSpec(
                     generator=gen["folder"], real=src["ref"], name=f"{cfg.synthesize.name}-pgd",
@@ -687,7 +687,7 @@ def _run_stages(
         ccfg = CompareConfig(algos=a.algos, seeds=a.seeds, steps=a.steps, eval_every=a.eval_every,
                              eval_episodes=a.eval_episodes, final_episodes=a.final_episodes,
                              catalog=catalog_uri)  # fmt: skip
-        from offline_rl.compare import _run_job
+        from rlsynth.offline_rl.compare import _run_job
 
         task = ray.remote(num_cpus=1, max_retries=1)(_run_job)
         jobs = jobs_for(conds, ccfg, folder)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from helpers import make_dataset
 
-from datasets.catalog import Catalog
-from datasets.types import Dataset
+from rlsynth.datasets.catalog import Catalog
+from rlsynth.datasets.types import Dataset
 
 
 @pytest.fixture

@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from datasets.envs import env_info
-from datasets.types import Dataset, DatasetInfo, Episode, Transitions, episodes_to_transitions
+from rlsynth.datasets.envs import env_info
+from rlsynth.datasets.types import Dataset, DatasetInfo, Episode, Transitions, episodes_to_transitions
 
 if TYPE_CHECKING:
-    from generators.api import LoadedGenerator
+    from rlsynth.generators.api import LoadedGenerator
 
 
 @functools.cache
@@ -61,14 +61,14 @@ TINY_TRAIN = {"batch_size": 16, "warmup_steps": 2, "eval_every": 5, "checkpoint_
 @functools.cache
 def random_hopper() -> Dataset:
     """300 transitions of the real Hopper-v5 under uniform random actions (the ``random`` recipe)."""
-    from datasets.recipes import RecipeConfig, build
+    from rlsynth.datasets.recipes import RecipeConfig, build
 
     return build(RecipeConfig("random", "Hopper-v5", transitions=300, seed=0, progress=False)).dataset
 
 
 def tiny_generator(kind: str, out: Path, steps: int = 10, **overrides: Any) -> LoadedGenerator:
     """A tiny ``kind`` generator trained ``steps`` steps on :func:`random_hopper` (machinery, not quality)."""
-    from generators.api import load_generator, train_generator
+    from rlsynth.generators.api import load_generator, train_generator
 
     train_generator(
         kind,
@@ -86,8 +86,8 @@ def tiny_generator(kind: str, out: Path, steps: int = 10, **overrides: Any) -> L
 def tiny_agent(config: Any, data: Dataset | None = None, steps: int = 10, save_to: Path | None = None) -> Any:
     """A d3rlpy algorithm from ``config`` fitted ``steps`` steps on ``data`` (default: :func:`make_dataset`);
     saved to ``save_to`` when given (machinery, not quality)."""
-    from datasets.d3rlpy_setup import noop_logger
-    from offline_rl.buffers import to_replay_buffer
+    from rlsynth.datasets.d3rlpy_setup import noop_logger
+    from rlsynth.offline_rl.buffers import to_replay_buffer
 
     algo = config.create(device="cpu:0")
     algo.fit(

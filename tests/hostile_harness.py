@@ -92,7 +92,7 @@ def run_cli(
     child_env["PYTHONPATH"] = os.pathsep.join([*extra, child_env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     start = time.monotonic()
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from pipeline.cli import entry; entry()", *args],
+        [sys.executable, "-c", "from rlsynth.pipeline.cli import entry; entry()", *args],
         cwd=cwd,
         env=child_env,
         stdin=subprocess.DEVNULL,

@@ -1,5 +1,5 @@
-"""Packages import only downward — datasets ← generators ← guidance ← offline_rl ← pipeline — and only
-``pipeline`` knows Ray. Every import counts, including those inside functions."""
+"""Packages import only downward — datasets ← generators ← guidance ← offline_rl ← pipeline — always as
+``rlsynth.<layer>``, and only ``pipeline`` knows Ray. Every import counts, even inside functions."""
 
 from __future__ import annotations
 
@@ -20,13 +20,18 @@ def imported_modules(path: Path) -> list[tuple[int, str]]:
     return found
 
 
-def violations() -> list[str]:
+def violations(root: Path = REPO) -> list[str]:
     out = []
     for rank, package in enumerate(LAYERS):
-        for path in sorted((REPO / package).rglob("*.py")):
+        for path in sorted((root / package).rglob("*.py")):
             for line, module in imported_modules(path):
-                top = module.split(".")[0]
-                where = f"{path.relative_to(REPO)}:{line}"
+                parts = module.split(".")
+                top = parts[1] if parts[0] == "rlsynth" and len(parts) > 1 else parts[0]
+                where = f"{path.relative_to(root)}:{line}"
+                if parts[0] in LAYERS:
+                    out.append(
+                        f"{where}: import {module} as rlsynth.{module} (the bare name is someone else's)"
+                    )
                 if top in LAYERS and LAYERS.index(top) > rank:
                     out.append(f"{where}: {package} imports {module} (a layer above it)")
                 if top == "ray" and package != "pipeline":
@@ -40,5 +45,14 @@ def test_packages_import_only_downward_and_only_pipeline_uses_ray() -> None:
 
 def test_the_check_sees_an_upward_import(tmp_path: Path) -> None:
     bad = tmp_path / "m.py"
-    bad.write_text("def f():\n    from offline_rl.train import fit\n")
-    assert imported_modules(bad) == [(2, "offline_rl.train")]
+    bad.write_text("def f():\n    from rlsynth.offline_rl.train import fit\n")
+    assert imported_modules(bad) == [(2, "rlsynth.offline_rl.train")]
+
+
+def test_bare_layer_names_are_refused(tmp_path: Path) -> None:
+    """``import datasets`` inside rlsynth would load Hugging Face's package, not ours."""
+    (tmp_path / "datasets").mkdir()
+    (tmp_path / "datasets" / "m.py").write_text("import datasets.types\n")
+    assert violations(tmp_path) == [
+        "datasets/m.py:1: import datasets.types as rlsynth.datasets.types (the bare name is someone else's)"
+    ]

@@ -93,7 +93,7 @@ def test_downstream_rejects_a_generator_that_cannot_be_guided(
     """A world model passed as --generator is refused with a clear error before any set is sampled."""
     from helpers import random_hopper, tiny_generator
 
-    from datasets.catalog import Catalog
+    from rlsynth.datasets.catalog import Catalog
 
     Catalog(tmp_path / "cat").write("toy/real", random_hopper())
     tiny_generator("world-model", tmp_path / "wm", steps=2)

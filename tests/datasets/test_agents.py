@@ -11,8 +11,8 @@ import pytest
 import torch
 from helpers import make_dataset, tiny_agent
 
-from datasets.agents import AgentError, agent_kind, load_agent
-from datasets.d3rlpy_setup import import_d3rlpy
+from rlsynth.datasets.agents import AgentError, agent_kind, load_agent
+from rlsynth.datasets.d3rlpy_setup import import_d3rlpy
 
 
 def trained(tmp_path: Path, name: str = "td3") -> Path:

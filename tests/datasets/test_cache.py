@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from helpers import assert_same_transitions, make_dataset
 
-from datasets import cache
-from datasets.catalog import Catalog
-from datasets.errors import CatalogError
+from rlsynth.datasets import cache
+from rlsynth.datasets.catalog import Catalog
+from rlsynth.datasets.errors import CatalogError
 
 
 def _entry(catalog: Catalog, ref: str) -> Path:

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from helpers import assert_same_transitions, make_dataset
 
-from datasets.catalog import Catalog, VersionRef, check_name, parse_ref, split_rows
-from datasets.errors import CatalogError, ValidationError
-from datasets.types import Dataset, Transitions
+from rlsynth.datasets.catalog import Catalog, VersionRef, check_name, parse_ref, split_rows
+from rlsynth.datasets.errors import CatalogError, ValidationError
+from rlsynth.datasets.types import Dataset, Transitions
 
 
 def _files(root: Path) -> list[Path]:
@@ -201,7 +201,7 @@ KILL_SCRIPT = textwrap.dedent(
     import os, signal, sys
     sys.path.insert(0, {tests!r})
     from helpers import make_dataset
-    from datasets.catalog import Catalog
+    from rlsynth.datasets.catalog import Catalog
     cat = Catalog({root!r})
     ds = make_dataset()
     txn = cat.begin("toy", ds.info)
@@ -344,8 +344,8 @@ SIGTERM_SCRIPT = textwrap.dedent(
     import sys, time
     sys.path.insert(0, {tests!r})
     from helpers import make_dataset
-    from datasets import catalog as C
-    from datasets.atomic import Terminated, sigterm_as_interrupt
+    from rlsynth.datasets import catalog as C
+    from rlsynth.datasets.atomic import Terminated, sigterm_as_interrupt
     assert sigterm_as_interrupt()
     real = C.Transaction.write_part
     def slow(self, index, t):

@@ -11,12 +11,12 @@ import pytest
 import torch
 from helpers import make_dataset
 
-from datasets.envs import env_info, make_env
-from datasets.errors import RlsynthError
-from datasets.fidelity import EvalConfig, MujocoOracle, NoOracleError, evaluate, plot, window_starts
-from datasets.recipes import RecipeConfig, build
-from datasets.types import Dataset, Episode, Transitions, episodes_to_transitions
-from guidance.policies import GaussianPolicy
+from rlsynth.datasets.envs import env_info, make_env
+from rlsynth.datasets.errors import RlsynthError
+from rlsynth.datasets.fidelity import EvalConfig, MujocoOracle, NoOracleError, evaluate, plot, window_starts
+from rlsynth.datasets.recipes import RecipeConfig, build
+from rlsynth.datasets.types import Dataset, Episode, Transitions, episodes_to_transitions
+from rlsynth.guidance.policies import GaussianPolicy
 
 FAST = EvalConfig(horizons=(1, 4), windows=16)
 
@@ -198,7 +198,7 @@ def test_penetration_is_the_contact_depth_and_is_reported() -> None:
 
 def test_linear_yardstick_is_zero_on_linear_dynamics_and_the_residual_variance_otherwise() -> None:
     """s' = A s + B a + c exactly gives 0; added noise of std σ per dimension gives σ² / std(s)²."""
-    from datasets.fidelity import linear_step, linear_yardstick, reference_std
+    from rlsynth.datasets.fidelity import linear_step, linear_yardstick, reference_std
 
     rng = np.random.default_rng(0)
     n, o, k = 4000, 3, 2

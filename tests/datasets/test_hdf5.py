@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from helpers import assert_same_transitions, make_dataset
 
-from datasets.errors import ExportError, SourceError, ValidationError
-from datasets.hdf5 import read_hdf5, write_hdf5
+from rlsynth.datasets.errors import ExportError, SourceError, ValidationError
+from rlsynth.datasets.hdf5 import read_hdf5, write_hdf5
 
 KEYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
 

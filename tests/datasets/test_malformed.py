@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from helpers import hopper_info, make_dataset
 
-from datasets.errors import ValidationError
-from datasets.types import Episode
-from datasets.validation import validate_episodes
-from pipeline.cli import main
+from rlsynth.datasets.errors import ValidationError
+from rlsynth.datasets.types import Episode
+from rlsynth.datasets.validation import validate_episodes
+from rlsynth.pipeline.cli import main
 
 
 def good_arrays() -> dict[str, Any]:

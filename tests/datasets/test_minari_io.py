@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from helpers import assert_same_transitions, make_dataset
 
-from datasets.errors import ExportError, SourceError
-from datasets.minari_io import read_minari, write_minari
-from datasets.types import Dataset
+from rlsynth.datasets.errors import ExportError, SourceError
+from rlsynth.datasets.minari_io import read_minari, write_minari
+from rlsynth.datasets.types import Dataset
 
 
 def test_export_then_minari_load_dataset_gives_identical_episodes() -> None:

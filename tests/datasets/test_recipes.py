@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from helpers import assert_same_transitions
 
-from datasets.errors import RlsynthError
-from datasets.recipes import RecipeConfig, build
-from datasets.validation import validate_transitions
+from rlsynth.datasets.errors import RlsynthError
+from rlsynth.datasets.recipes import RecipeConfig, build
+from rlsynth.datasets.validation import validate_transitions
 
 
 def test_random_recipe_is_valid_and_seeded() -> None:
@@ -25,7 +25,7 @@ def test_random_recipe_is_valid_and_seeded() -> None:
 
 def test_recorded_transitions_obey_the_simulator() -> None:
     """Replaying a recorded episode's actions from its start state reproduces its observations."""
-    from datasets.envs import make_env
+    from rlsynth.datasets.envs import make_env
 
     ds = build(RecipeConfig("random", "HalfCheetah-v5", transitions=50, seed=0, progress=False)).dataset
     ep = ds.episodes()[0]

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from generators.edm import (
+from rlsynth.generators.edm import (
     Churn,
     EDMConfig,
     EDMPrecond,

@@ -17,17 +17,17 @@ import pytest
 import torch
 from helpers import random_hopper, tiny_generator
 
-from datasets.errors import RlsynthError
-from datasets.validation import validate_transitions
-from generators import api
-from generators.api import KINDS, LoadedGenerator, SampleOptions, load_generator, sample
-from generators.autoregressive import AutoregressiveConfig, Drafter
-from generators.checkpoint import CheckpointError, read_tensors
-from generators.diffusion import TrajectoryDiffusion, TransitionDiffusion
-from generators.edm import PerSampleNoise
-from generators.nets import CausalTransformer
-from generators.tokens import TokenLayout
-from generators.world_model import WorldModel
+from rlsynth.datasets.errors import RlsynthError
+from rlsynth.datasets.validation import validate_transitions
+from rlsynth.generators import api
+from rlsynth.generators.api import KINDS, LoadedGenerator, SampleOptions, load_generator, sample
+from rlsynth.generators.autoregressive import AutoregressiveConfig, Drafter
+from rlsynth.generators.checkpoint import CheckpointError, read_tensors
+from rlsynth.generators.diffusion import TrajectoryDiffusion, TransitionDiffusion
+from rlsynth.generators.edm import PerSampleNoise
+from rlsynth.generators.nets import CausalTransformer
+from rlsynth.generators.tokens import TokenLayout
+from rlsynth.generators.world_model import WorldModel
 
 CLASSES = {
     "trajectory": TrajectoryDiffusion,
@@ -203,8 +203,8 @@ def test_draft_temperature_scales_the_predictive_noise() -> None:
     temperature τ (2, not the config's 0.5) moves the first drafted token by exactly τ·σ·ε."""
     from helpers import TINY
 
-    from generators.autoregressive import AutoregressiveConfig
-    from generators.tokens import TokenLayout
+    from rlsynth.generators.autoregressive import AutoregressiveConfig
+    from rlsynth.generators.tokens import TokenLayout
 
     torch.manual_seed(0)
     layout = TokenLayout(3, 2, -np.ones(2), np.ones(2))
@@ -320,7 +320,7 @@ def test_per_sample_noise_makes_network_sampling_split_independent(
 ) -> None:
     gen = trained["trajectory"]
     cfg = gen.model.cfg  # type: ignore[union-attr]
-    from generators.edm import generate
+    from rlsynth.generators.edm import generate
 
     def run(seeds: range) -> torch.Tensor:
         with torch.no_grad():
@@ -386,7 +386,7 @@ def test_presets_are_fixed_step_counts_and_a_budget_plans_under_a_cap(tmp_path: 
     version made from it says so in its lineage."""
     from helpers import TINY, TINY_TRAIN
 
-    from generators.checkpoint import read_json
+    from rlsynth.generators.checkpoint import read_json
 
     assert all(cfg.budget_s is None for kind in api.PRESETS.values() for _, cfg in kind.values())
     res = api.train_generator("trajectory", random_hopper(), tmp_path / "b", steps=80, budget_s=600.0,
@@ -416,7 +416,7 @@ def test_same_seed_gives_the_same_weights_under_cpu_load(tmp_path: Path) -> None
     quiet machine and once beside two processes burning every core gives byte-identical weights."""
     from helpers import TINY, TINY_TRAIN
 
-    from generators.checkpoint import checkpoint_hash
+    from rlsynth.generators.checkpoint import checkpoint_hash
 
     def run(out: Path) -> str:
         api.train_generator("trajectory", random_hopper(), out, steps=20, seed=3, progress=False,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from helpers import tiny_generator
 
-from datasets.types import Transitions
-from generators.tokens import TokenLayout, step_scales
+from rlsynth.datasets.types import Transitions
+from rlsynth.generators.tokens import TokenLayout, step_scales
 
 
 def slow_and_fast(n: int = 4000) -> Transitions:

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from generators.checkpoint import CheckpointError, flatten_state, read_tensors, unflatten_state
-from generators.training import BUDGET_MARGIN, TrainConfig, lr_at, plan_steps, split, train
+from rlsynth.generators.checkpoint import CheckpointError, flatten_state, read_tensors, unflatten_state
+from rlsynth.generators.training import BUDGET_MARGIN, TrainConfig, lr_at, plan_steps, split, train
 
 
 class Quadratic(nn.Module):

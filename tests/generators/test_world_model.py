@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from datasets.errors import RlsynthError
-from datasets.recipes import RecipeConfig, build
-from datasets.types import Dataset
-from datasets.validation import validate_transitions
-from generators.api import LoadedGenerator, SampleOptions, load_generator, sample, train_generator
-from generators.checkpoint import CheckpointError, checkpoint_hash
-from generators.world_model import EnsembleLinear, WorldModel, WorldModelConfig
+from rlsynth.datasets.errors import RlsynthError
+from rlsynth.datasets.recipes import RecipeConfig, build
+from rlsynth.datasets.types import Dataset
+from rlsynth.datasets.validation import validate_transitions
+from rlsynth.generators.api import LoadedGenerator, SampleOptions, load_generator, sample, train_generator
+from rlsynth.generators.checkpoint import CheckpointError, checkpoint_hash
+from rlsynth.generators.world_model import EnsembleLinear, WorldModel, WorldModelConfig
 
 
 @functools.cache

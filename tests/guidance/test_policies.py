@@ -10,8 +10,8 @@ import pytest
 import torch
 from helpers import make_dataset, tiny_agent
 
-from datasets.d3rlpy_setup import import_d3rlpy
-from guidance.policies import D3rlpyPolicy, GaussianPolicy, TargetPolicy, load_policy, normal_log_prob
+from rlsynth.datasets.d3rlpy_setup import import_d3rlpy
+from rlsynth.guidance.policies import D3rlpyPolicy, GaussianPolicy, TargetPolicy, load_policy, normal_log_prob
 
 
 def batch(n: int = 6) -> tuple[torch.Tensor, torch.Tensor]:

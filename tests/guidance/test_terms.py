@@ -11,15 +11,15 @@ import pytest
 import torch
 from helpers import make_dataset, random_hopper, tiny_agent, tiny_generator
 
-from datasets.d3rlpy_setup import import_d3rlpy
-from datasets.errors import RlsynthError
-from generators.api import LoadedGenerator, SampleOptions, codec, load_generator, sample
-from generators.checkpoint import Normaliser
-from generators.edm import karras_sigmas
-from generators.tokens import TokenCodec, TokenLayout, windows
-from generators.world_model import WorldModel, WorldModelConfig, WorldModelNormalisers
-from guidance.policies import GaussianPolicy, load_policy
-from guidance.terms import (
+from rlsynth.datasets.d3rlpy_setup import import_d3rlpy
+from rlsynth.datasets.errors import RlsynthError
+from rlsynth.generators.api import LoadedGenerator, SampleOptions, codec, load_generator, sample
+from rlsynth.generators.checkpoint import Normaliser
+from rlsynth.generators.edm import karras_sigmas
+from rlsynth.generators.tokens import TokenCodec, TokenLayout, windows
+from rlsynth.generators.world_model import WorldModel, WorldModelConfig, WorldModelNormalisers
+from rlsynth.guidance.policies import GaussianPolicy, load_policy
+from rlsynth.guidance.terms import (
     DynamicsTerm,
     Guidance,
     PolicyTerm,

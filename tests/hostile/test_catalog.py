@@ -24,9 +24,9 @@ import pytest
 from helpers import make_dataset
 from hostile_harness import EVIL_ENV_ID, assert_refused, run_cli
 
-from datasets.catalog import Catalog
-from datasets.parquet import to_table
-from datasets.types import DatasetInfo
+from rlsynth.datasets.catalog import Catalog
+from rlsynth.datasets.parquet import to_table
+from rlsynth.datasets.types import DatasetInfo
 
 
 @dataclass(frozen=True)

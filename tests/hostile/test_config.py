@@ -122,7 +122,7 @@ def test_a_hostile_config_is_refused_at_load(
 
 def test_the_valid_base_config_loads(tmp_path: Path) -> None:
     """The cases above fail for the one thing each changes, not for something in the base."""
-    from pipeline.config import load_config
+    from rlsynth.pipeline.config import load_config
 
     p = tmp_path / "valid.yaml"
     p.write_text(VALID)

@@ -21,7 +21,7 @@ import pytest
 from helpers import make_dataset, tiny_agent, tiny_generator
 from hostile_harness import EVIL_ENV_ID, assert_refused
 
-from datasets.catalog import Catalog
+from rlsynth.datasets.catalog import Catalog
 
 KINDS = ("transition", "trajectory", "world-model")
 
@@ -29,7 +29,7 @@ KINDS = ("transition", "trajectory", "world-model")
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Real artefacts to tamper with: generators by kind, an agent with its sidecar, a catalog."""
-    from datasets.d3rlpy_setup import import_d3rlpy
+    from rlsynth.datasets.d3rlpy_setup import import_d3rlpy
 
     root = tmp_path_factory.mktemp("hostile-models")
     out = {kind: root / kind for kind in KINDS}
@@ -314,9 +314,9 @@ def test_make_whose_minari_copy_fails_after_the_commit_succeeds_with_a_warning(
 ) -> None:
     from click.testing import CliRunner
 
-    from datasets import minari_io
-    from datasets.errors import ExportError
-    from pipeline.cli import cli
+    from rlsynth.datasets import minari_io
+    from rlsynth.datasets.errors import ExportError
+    from rlsynth.pipeline.cli import cli
 
     def failing(*_: Any, **__: Any) -> Path:
         raise ExportError("disk full")
@@ -347,7 +347,7 @@ def test_generator_train_failing_mid_run_removes_its_staging(
 ) -> None:
     from helpers import TINY, TINY_TRAIN, random_hopper
 
-    from generators import api
+    from rlsynth.generators import api
 
     def broken(*_: Any, **__: Any) -> None:
         raise RuntimeError("disk full")

@@ -21,8 +21,8 @@ import pytest
 from helpers import make_dataset
 from hostile_harness import EVIL_ENV_ID, EVIL_MODULE, assert_refused
 
-from datasets.catalog import Catalog
-from datasets.minari_io import write_minari
+from rlsynth.datasets.catalog import Catalog
+from rlsynth.datasets.minari_io import write_minari
 
 KEYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
 HUGE_ROWS = 10**10

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 from helpers import make_dataset
 
-from datasets.catalog import Catalog
-from datasets.hdf5 import read_hdf5, write_hdf5
-from offline_rl.buffers import buffer_transitions, to_replay_buffer
+from rlsynth.datasets.catalog import Catalog
+from rlsynth.datasets.hdf5 import read_hdf5, write_hdf5
+from rlsynth.offline_rl.buffers import buffer_transitions, to_replay_buffer
 
 
 def test_hdf5_to_catalog_to_d3rlpy_buffer_keeps_every_transition(tmp_path: Path, catalog: Catalog) -> None:

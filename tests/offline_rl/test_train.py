@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 from helpers import make_dataset, random_hopper, tiny_generator
 
-from datasets.agents import AgentError, load_agent
-from datasets.catalog import Catalog
-from datasets.errors import RlsynthError
-from datasets.types import Dataset, Transitions
-from offline_rl.evaluate import D4RL_REFERENCES, Reference, evaluate_agent, reference_for, summarise
-from offline_rl.mixture import Mixture
-from offline_rl.pgd import PGDConfig, run_pgd
-from offline_rl.train import ALGOS, build_algo, train_agent
+from rlsynth.datasets.agents import AgentError, load_agent
+from rlsynth.datasets.catalog import Catalog
+from rlsynth.datasets.errors import RlsynthError
+from rlsynth.datasets.types import Dataset, Transitions
+from rlsynth.offline_rl.evaluate import D4RL_REFERENCES, Reference, evaluate_agent, reference_for, summarise
+from rlsynth.offline_rl.mixture import Mixture
+from rlsynth.offline_rl.pgd import PGDConfig, run_pgd
+from rlsynth.offline_rl.train import ALGOS, build_algo, train_agent
 
 
 def with_rewards(ds: Dataset, value: float, source: str) -> Dataset:
@@ -76,7 +76,7 @@ def test_bad_mixes_are_clear() -> None:
     with pytest.raises(RlsynthError, match="rows per batch must be positive"):
         Mixture.of([(make_dataset(), 0)])
     cheetah = random_hopper()  # same spaces: fine; a different env is not
-    from datasets.envs import env_info
+    from rlsynth.datasets.envs import env_info
 
     other = Dataset(info=env_info("HalfCheetah-v5"), transitions=cheetah.transitions, source="x")
     with pytest.raises(RlsynthError, match="other observation/action spaces"):
@@ -133,8 +133,8 @@ def test_corrupt_and_incompatible_agent_files_are_clear(tmp_path: Path) -> None:
     (tmp_path / "broken.d3.json").write_bytes((tmp_path / "good.d3.json").read_bytes())
     with pytest.raises(AgentError, match="does not match the SHA-256"):
         load_agent(broken)
-    from datasets.envs import env_info
-    from guidance.spec import GuidanceConfig, build_guidance
+    from rlsynth.datasets.envs import env_info
+    from rlsynth.guidance.spec import GuidanceConfig, build_guidance
 
     cheetah = env_info("HalfCheetah-v5")
     with pytest.raises(AgentError, match=r"agent expects observations \[11\] and 3 actions"):
@@ -166,7 +166,7 @@ class ConstantAgent:
 
 
 def test_evaluation_returns_match_a_hand_rollout() -> None:
-    from datasets.envs import make_env
+    from rlsynth.datasets.envs import make_env
 
     agent = ConstantAgent(np.array([0.2, -0.1, 0.3], np.float32))
     res = evaluate_agent(agent, "Hopper-v5", episodes=2, seed=7, reference=Reference(0.0, 100.0, "test"))
@@ -229,9 +229,9 @@ def test_pgd_loop_drafts_with_an_autoregressive_generator_and_records_its_refine
 def test_pgd_initial_target_guides_round_zero(tmp_path: Path) -> None:
     from helpers import tiny_agent
 
-    from datasets.d3rlpy_setup import import_d3rlpy
-    from datasets.sources import file_sha256
-    from guidance.spec import GuidanceConfig
+    from rlsynth.datasets.d3rlpy_setup import import_d3rlpy
+    from rlsynth.datasets.sources import file_sha256
+    from rlsynth.guidance.spec import GuidanceConfig
 
     gen = tiny_generator("trajectory", tmp_path / "gen", steps=5)
     cat = Catalog(str(tmp_path / "cat"))
@@ -254,8 +254,8 @@ def test_pgd_initial_target_guides_round_zero(tmp_path: Path) -> None:
 
 
 def test_comparison_refuses_a_missing_warm_start_agent_before_any_job(tmp_path: Path) -> None:
-    from guidance.spec import GuidanceConfig
-    from offline_rl.compare import CompareConfig, Condition, PGDSpec, compare
+    from rlsynth.guidance.spec import GuidanceConfig
+    from rlsynth.offline_rl.compare import CompareConfig, Condition, PGDSpec, compare
 
     spec = PGDSpec(
         generator=str(tmp_path / "gen"), real="hop@1", name="cmp", initial_target=str(tmp_path / "x.d3")
@@ -269,7 +269,7 @@ def test_comparison_refuses_a_missing_warm_start_agent_before_any_job(tmp_path: 
 
 
 def test_comparison_runner_writes_table_json_and_curves(tmp_path: Path) -> None:
-    from offline_rl.compare import CompareConfig, Condition, PGDSpec, compare
+    from rlsynth.offline_rl.compare import CompareConfig, Condition, PGDSpec, compare
 
     cat = Catalog(str(tmp_path / "cat"))
     cat.write("hop", random_hopper())

@@ -16,7 +16,11 @@ SHOW_KEYS = {"name", "version", "episodes", "transitions", "content_hash", "env_
 
 def rlsynth(*args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-m", "rlsynth.pipeline.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     if check:
         assert proc.returncode == 0, proc.stderr
@@ -192,7 +196,7 @@ def test_sac_recipe_stores_its_agent(tmp_path: Path, env: dict[str, str]) -> Non
     assert "agent.d3" in made["files"] and made["transitions"] == 60
     out = tmp_path / "agent.d3"
     rlsynth("datasets", "export-file", "med", "agent.d3", "--out", str(out), env=env)
-    from datasets.d3rlpy_setup import import_d3rlpy
+    from rlsynth.datasets.d3rlpy_setup import import_d3rlpy
 
     agent = import_d3rlpy().load_learnable(str(out))
     assert agent.predict(__import__("numpy").zeros((1, 11), "float32")).shape == (1, 3)
@@ -540,14 +544,14 @@ def test_diffusion_and_autoregressive_generators_from_the_cli(tmp_path: Path, en
 
 
 def test_cli_generator_kinds_match_the_registry() -> None:
-    from generators.api import KINDS
-    from pipeline.cli import GENERATOR_KINDS
+    from rlsynth.generators.api import KINDS
+    from rlsynth.pipeline.cli import GENERATOR_KINDS
 
     assert tuple(GENERATOR_KINDS) == tuple(KINDS)
 
 
 def test_agent_train_and_guided_sampling(tmp_path: Path, env: dict[str, str]) -> None:
-    from datasets.sources import file_sha256
+    from rlsynth.datasets.sources import file_sha256
 
     rlsynth("datasets", "make", "random", "--env", "Hopper-v5", "--name", "hop", "--transitions", "300",
             "--quiet", "--no-minari", env=env)  # fmt: skip

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-ENTRY = [sys.executable, "-c", "from pipeline.cli import entry; entry()"]
+ENTRY = [sys.executable, "-c", "from rlsynth.pipeline.cli import entry; entry()"]
 
 
 def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -52,7 +52,7 @@ def test_sigterm_during_training_exits_143_and_leaves_no_partial_output(
 def test_gc_clears_a_killed_writers_staging(tmp_path: Path, env: dict[str, str]) -> None:
     cat = tmp_path / "cat"
     script = (
-        "import os; from datasets.catalog import Catalog\n"
+        "import os; from rlsynth.datasets.catalog import Catalog\n"
         f"cat = Catalog({str(cat)!r})\n"
         "txn = cat.begin('toy', cat.read('toy@1').info)\n"
         "os.kill(os.getpid(), 9)\n"

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import config as config_module
-from pipeline.config import ConfigError, GuidanceSection, RunConfig, load_config, to_dict
+from rlsynth.pipeline import config as config_module
+from rlsynth.pipeline.config import ConfigError, GuidanceSection, RunConfig, load_config, to_dict
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -120,7 +120,7 @@ def test_missing_file_is_clear(tmp_path: Path) -> None:
 
 
 def test_guidance_defaults_match_the_guidance_package() -> None:
-    from guidance.policies import DETERMINISTIC_STD
+    from rlsynth.guidance.policies import DETERMINISTIC_STD
 
     assert GuidanceSection().deterministic_std == DETERMINISTIC_STD
 
@@ -150,10 +150,10 @@ def test_odd_files_are_refused_with_one_line(tmp_path: Path) -> None:
 
 def test_vocabularies_match_their_registries() -> None:
     """The config's literal vocabularies (kept so loading stays free of torch) are the registries'."""
-    from datasets.recipes import RECIPES
-    from generators.api import PRESETS
-    from guidance.spec import TERMS
-    from offline_rl.train import ALGOS
+    from rlsynth.datasets.recipes import RECIPES
+    from rlsynth.generators.api import PRESETS
+    from rlsynth.guidance.spec import TERMS
+    from rlsynth.offline_rl.train import ALGOS
 
     assert config_module.RECIPES == RECIPES and config_module.ALGOS == ALGOS
     assert config_module.GUIDANCE_TERMS == TERMS
@@ -167,7 +167,7 @@ def test_every_check_runs_without_torch(tmp_path: Path) -> None:
     import sys
 
     code = (
-        "import sys, time; t = time.perf_counter(); from pipeline.config import load_config; "
+        "import sys, time; t = time.perf_counter(); from rlsynth.pipeline.config import load_config; "
         f"load_config({str(CONFIGS / 'quickstart.yaml')!r}); "
         "print('torch' in sys.modules, time.perf_counter() - t)"
     )

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 from helpers import random_hopper, tiny_agent
 
-from datasets.catalog import Catalog
+from rlsynth.datasets.catalog import Catalog
 
 SHOW_KEYS = {"name", "version", "episodes", "transitions", "content_hash", "env_id", "lineage", "stats"}
 ONE_STEP_KEYS = {
@@ -33,7 +33,7 @@ AGENT_EVAL_KEYS = {"env_id", "episodes", "return_mean", "return_std", "normalise
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from datasets.d3rlpy_setup import import_d3rlpy
+    from rlsynth.datasets.d3rlpy_setup import import_d3rlpy
 
     root = tmp_path_factory.mktemp("json-contract")
     cat = Catalog(root / "catalog")
@@ -44,7 +44,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def run_json(*args: str) -> Any:
-    res = CliRunner().invoke(__import__("pipeline.cli", fromlist=["cli"]).cli, [*args, "--json"])
+    res = CliRunner().invoke(__import__("rlsynth.pipeline.cli", fromlist=["cli"]).cli, [*args, "--json"])
     assert res.exit_code == 0, res.output
     return json.loads(res.stdout)
 
@@ -84,7 +84,7 @@ def test_agent_eval_has_the_normalised_score(setup: dict[str, Path]) -> None:
 
 
 def test_normalised_score_is_null_without_reference_returns() -> None:
-    from offline_rl.evaluate import summarise
+    from rlsynth.offline_rl.evaluate import summarise
 
     res = summarise("Pendulum-v1", 0, [1.0, 3.0], [5, 5], None).to_json()
     assert res.keys() >= AGENT_EVAL_KEYS and res["normalised_score"] is None and res["return_mean"] == 2.0

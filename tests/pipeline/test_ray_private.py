@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 from processes import MARKER, free_port, marked_processes, wait_until_gone
 
-from datasets.errors import RlsynthError
-from pipeline.run import (
+from rlsynth.datasets.errors import RlsynthError
+from rlsynth.pipeline.run import (
     PrivateCluster,
     RayTarget,
     check_ray_address,

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.config import AgentsConfig, RunConfig, SourceConfig
-from pipeline.run import agents_caveat, fidelity_lines, write_report
+from rlsynth.pipeline.config import AgentsConfig, RunConfig, SourceConfig
+from rlsynth.pipeline.run import agents_caveat, fidelity_lines, write_report
 
 
 def _cfg(seeds: tuple[int, ...], steps: int) -> RunConfig:

@@ -19,9 +19,9 @@ import pytest
 import yaml
 from processes import MARKER, free_port, marked_processes, stop_marked
 
-from datasets.catalog import Catalog
-from pipeline.config import from_dict
-from pipeline.run import FAIL_ONCE_ENV, run_pipeline, start_private_cluster, stop_private_cluster
+from rlsynth.datasets.catalog import Catalog
+from rlsynth.pipeline.config import from_dict
+from rlsynth.pipeline.run import FAIL_ONCE_ENV, run_pipeline, start_private_cluster, stop_private_cluster
 
 TINY = {
     "name": "tiny",
@@ -79,16 +79,16 @@ def test_every_stage_runs_and_a_failed_shard_is_retried(ray_cluster: None, tmp_p
     report = (tmp_path / "runs" / "r1" / "report.md").read_text()
     assert syn["ref"] in report and "| pgd |" in report
     assert (tmp_path / "runs" / "r1" / "config.yaml").is_file()
-    cli = [sys.executable, "-m", "pipeline.cli", "runs"]
+    cli = [sys.executable, "-m", "rlsynth.pipeline.cli", "runs"]
     listed = subprocess.run([*cli, "list", "--runs", str(tmp_path / "runs"), "--json"], capture_output=True,
                             text=True, check=True)  # fmt: skip
     assert json.loads(listed.stdout) == [
         {"run": "r1", "path": str(tmp_path / "runs" / "r1"), "finished": True}
     ]
-    shown = subprocess.run([sys.executable, "-m", "pipeline.cli", "runs", "show", "r1", "--runs",
+    shown = subprocess.run([sys.executable, "-m", "rlsynth.pipeline.cli", "runs", "show", "r1", "--runs",
                             str(tmp_path / "runs")], capture_output=True, text=True, check=True)  # fmt: skip
     assert syn["ref"] in shown.stdout
-    missing = subprocess.run([sys.executable, "-m", "pipeline.cli", "runs", "show", "nope", "--runs",
+    missing = subprocess.run([sys.executable, "-m", "rlsynth.pipeline.cli", "runs", "show", "nope", "--runs",
                               str(tmp_path / "runs")], capture_output=True, text=True)  # fmt: skip
     assert missing.returncode == 1 and "no such run" in missing.stderr
     # A second run of the same config skips every stage.
@@ -103,7 +103,7 @@ def test_every_stage_runs_and_a_failed_shard_is_retried(ray_cluster: None, tmp_p
 
 def rlsynth(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", *args],
+        [sys.executable, "-m", "rlsynth.pipeline.cli", *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -206,9 +206,9 @@ def test_ray_job_submit_to_a_real_head_puts_the_dataset_in_the_catalog(tmp_path:
 def test_a_drafter_stage_trains_and_records_its_refiner(tmp_path: Path) -> None:
     from helpers import random_hopper
 
-    from datasets.catalog import Catalog
-    from generators.api import SampleOptions, load_generator, sample
-    from pipeline.run import _task_train_generator
+    from rlsynth.datasets.catalog import Catalog
+    from rlsynth.generators.api import SampleOptions, load_generator, sample
+    from rlsynth.pipeline.run import _task_train_generator
 
     cat = Catalog(str(tmp_path / "cat"))
     ref = str(cat.write("tiny/src", random_hopper(), lineage={}))
