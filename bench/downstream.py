@@ -23,6 +23,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 from rlsynth.datasets.catalog import Catalog
 from rlsynth.datasets.errors import RlsynthError
 from rlsynth.generators.api import SampleOptions, load_generator, sample
+from rlsynth.generators.options import SamplerSettings
 from rlsynth.guidance.spec import GuidanceConfig, build_guidance
 from rlsynth.offline_rl.compare import CompareConfig, Condition, PGDSpec, compare
 from rlsynth.offline_rl.train import ALGOS
@@ -64,7 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--scale", type=float, default=0.05, help="policy guidance scale")
     p.add_argument(
-        "--polish", type=int, default=0, help="denoise-renoise iterations after sampling every set (0: off)"
+        "--polish",
+        type=int,
+        default=None,
+        help="denoise-renoise iterations after sampling every set (0: off; default: the model's)",
     )
     p.add_argument(
         "--pgd-std",
@@ -103,7 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(a, flag)}")
     if not a.scale > 0 or not a.pgd_std > 0:
         p.error(f"--scale and --pgd-std must be positive, got {a.scale} and {a.pgd_std}")
-    if a.polish < 0:
+    if a.polish is not None and a.polish < 0:
         p.error(f"--polish must be ≥ 0, got {a.polish}")
     seeds = int_list(p, "--seeds", a.seeds)
     algos = a.algos.split(",")
@@ -150,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         real_rows=real_rows,
         guidance=gcfg,
         initial_target=a.target if a.pgd_warm_start else None,
-        polish=a.polish,
+        sampler=SamplerSettings(polish=a.polish),
     )
     build = {
         "real": lambda: Condition(names["real"], data=(a.data,)),

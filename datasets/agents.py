@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rlsynth.datasets.d3rlpy_setup import import_d3rlpy
-from rlsynth.datasets.errors import RlsynthError, brief, first_line
+from rlsynth.datasets.errors import RlsynthError, brief, first_line, read_bounded
 from rlsynth.datasets.sources import file_sha256
 from rlsynth.datasets.types import check_env_id
 
@@ -47,18 +47,10 @@ class _BuiltinsOnly(pickle.Unpickler):
         raise AgentError(f"refuses to load {module}.{name}: a .d3 file holds only plain data")
 
 
-def _read_bounded(path: Path, limit: int, what: str) -> bytes:
-    size = path.stat().st_size
-    if size > limit:
-        raise AgentError(f"{path}: {size} bytes, more than an {what} may hold ({limit})")
-    with open(path, "rb") as f:
-        return f.read(limit + 1)
-
-
 def _read_container(path: Path) -> dict[str, Any]:
     # Unpickled from memory, not the file: a length field claiming more bytes than the file has then
     # fails as truncated data instead of asking the file object for a buffer that size.
-    data = _read_bounded(path, MAX_AGENT_BYTES, "agent file")
+    data = read_bounded(path, MAX_AGENT_BYTES, "agent file", AgentError)
     try:
         obj = _BuiltinsOnly(io.BytesIO(data)).load()
     except AgentError as e:
@@ -85,7 +77,7 @@ def read_sidecar(path: Path) -> dict[str, Any] | None:
     if not side.is_file():
         return None
     try:
-        record = json.loads(_read_bounded(side, MAX_SIDECAR_BYTES, "agent record"))
+        record = json.loads(read_bounded(side, MAX_SIDECAR_BYTES, "agent record", AgentError))
     except (OSError, ValueError, RecursionError) as e:
         raise AgentError(f"{side}: unreadable agent record ({first_line(e)})") from None
     if not isinstance(record, dict):

@@ -8,6 +8,9 @@ exception at its boundary and re-raises one of these, quoting the library at mos
 
 from __future__ import annotations
 
+import os
+import stat
+
 # A message is printed after "error: " on one terminal line; beyond this it stops being read.
 MAX_MESSAGE_CHARS = 1000
 # What a quoted library message may add to ours: its first line, shortened.
@@ -72,3 +75,35 @@ class CatalogError(RlsynthError):
 
 class ExportError(RlsynthError):
     """An export target that is invalid or already exists."""
+
+
+def read_bounded(path: str | os.PathLike[str], limit: int, what: str, error: type[RlsynthError]) -> bytes:
+    """The bytes of the regular file ``path``, refused as ``error`` (one line naming the file) when it is
+    larger than ``limit`` or not a regular file.
+
+    Every file rlsynth reads whole (agent files, checkpoint and metadata JSON, run configs) comes through
+    here: the size is checked on the open descriptor before anything is read, so a file that grows or is
+    swapped after the check still yields at most ``limit`` bytes, and a FIFO or device planted under the
+    name is refused instead of blocking or streaming without end.
+    """
+    where = os.fspath(path)
+    try:
+        fd = os.open(where, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise error(f"{where}: no such {what}") from None
+    except OSError as e:
+        raise error(f"{where}: cannot open the {what} ({first_line(e)})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+        os.close(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise error(f"{where}: not a regular file (a {what} must be one)")
+        raise error(f"{where}: {st.st_size} bytes, more than a {what} may hold ({limit})")
+    with os.fdopen(fd, "rb") as f:
+        try:
+            data = f.read(limit + 1)
+        except OSError as e:
+            raise error(f"{where}: cannot read the {what} ({first_line(e)})") from None
+    if len(data) > limit:
+        raise error(f"{where}: more than the {limit} bytes a {what} may hold")
+    return data

@@ -26,8 +26,9 @@ When ``sample`` is given, a seeded subset of rows is evaluated and the result sa
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -282,12 +283,96 @@ def policy_log_likelihood(
     return {"mean": mean, "per_action_dim": mean / t.actions.shape[1], "rows": len(rows)}
 
 
-def _nn_dist(query: np.ndarray, ref: np.ndarray, chunk: int = 1024) -> np.ndarray:
+NN_QUERY_BLOCK = 1024
+"""Query rows per distance block (the chunks the dense search used: the matrix product's path, and so
+the last bits of a distance, may depend on a call's row counts)."""
+NN_REF_BLOCK = 32768
+"""Reference rows per distance block, at least (a reference is split evenly into blocks of between this
+and twice this many rows; a smaller one is one block): a block of distances is at most NN_QUERY_BLOCK ×
+2·NN_REF_BLOCK float32 (256 MB) whatever the sizes of the query set and the reference, and normalised
+features are built a block at a time too, so memory does not grow with |reference| × |queries| (4 GB at
+1M reference rows for the dense search)."""
+
+
+def _features(x: Transitions, rows: slice | np.ndarray) -> np.ndarray:
+    """(s, a) of some rows, float64."""
+    return np.concatenate([x.observations[rows], x.actions[rows]], 1).astype(np.float64)
+
+
+def _blocks(n: int, size: int) -> Iterator[slice]:
+    return (slice(lo, min(lo + size, n)) for lo in range(0, n, size))
+
+
+def _even_blocks(n: int, size: int) -> Iterator[slice]:
+    """``n`` rows in blocks of ``size`` to ``2·size − 1`` rows (one block if n < size). No short tail
+    block: matrix products with a handful of rows take another path, whose distances differ in the last
+    bit from those of the whole reference."""
+    k = max(1, n // size)
+    bounds = np.arange(k + 1) * n // k
+    return (slice(int(lo), int(hi)) for lo, hi in itertools.pairwise(bounds))
+
+
+def _sequential_sum(parts: Iterator[np.ndarray]) -> np.ndarray:
+    """Column sums of blocks stacked in order, bit-equal to ``np.sum(stacked, 0)``: numpy sums a C-ordered
+    table's axis 0 row after row, so each block's rows are added after the running total."""
+    total: np.ndarray | None = None
+    for part in parts:
+        total = part.sum(0) if total is None else np.concatenate([total[None], part]).sum(0)
+    assert total is not None, "no rows"
+    return total
+
+
+def feature_stats(x: Transitions) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std (floored) of the (s, a) columns, bit-equal to numpy's ``mean(0)`` and ``std(0)`` of
+    the whole float64 table, summed a block at a time."""
+    n = len(x)
+    mean = _sequential_sum(_features(x, b) for b in _blocks(n, NN_REF_BLOCK)) / n
+    sq = _sequential_sum(np.square(_features(x, b) - mean) for b in _blocks(n, NN_REF_BLOCK)) / n
+    return mean, np.maximum(np.sqrt(sq), STD_FLOOR)
+
+
+@dataclass(frozen=True)
+class ZScored:
+    """Rows of a dataset's (s, a) features z-scored by reference statistics, made float32 when read (the
+    float32 cast of the float64 z-score, as distances were always taken), a block at a time."""
+
+    x: Transitions
+    mu: np.ndarray
+    sd: np.ndarray
+
+    def rows(self, idx: slice | np.ndarray) -> np.ndarray:
+        return ((_features(self.x, idx) - self.mu) / self.sd).astype(np.float32)
+
+    def blocks(self, order: np.ndarray | None = None) -> Iterator[np.ndarray]:
+        """All rows (or the rows ``order`` lists) in blocks of NN_REF_BLOCK to twice that."""
+        n = len(self.x) if order is None else len(order)
+        for b in _even_blocks(n, NN_REF_BLOCK):
+            yield self.rows(b if order is None else order[b])
+
+
+def _nn_dist(query: np.ndarray, ref_blocks: Iterator[np.ndarray], n_ref: int) -> np.ndarray:
+    """Distance from each query row (float32) to its nearest row among the reference blocks (float32,
+    ``n_ref`` rows in all), float64.
+
+    Each distance is the one ``torch.cdist`` gives against the whole reference: cdist takes matrix
+    products unless both sides have at most 25 rows, so each block is measured by the path the call on the
+    whole reference would have taken, and a minimum of minima is the minimum. A product's entries do not
+    depend on the other rows of the call once both sides have a dozen rows or more (MKL; the tests check
+    it); query chunks of fewer rows (a remainder of under 8 queries) may differ from the whole-reference
+    call in the last bit of a float32 distance, as the whole-reference call differs between thread counts.
+    """
     import torch
 
-    q, r = torch.as_tensor(query, dtype=torch.float32), torch.as_tensor(ref, dtype=torch.float32)
-    out = [torch.cdist(q[lo : lo + chunk], r).min(1).values for lo in range(0, len(q), chunk)]
-    return torch.cat(out).numpy().astype(np.float64)
+    q = torch.as_tensor(query, dtype=torch.float32)
+    best = torch.full((len(q),), math.inf)
+    for block in ref_blocks:
+        r = torch.as_tensor(block, dtype=torch.float32)
+        for b in _blocks(len(q), NN_QUERY_BLOCK):
+            mm = b.stop - b.start > 25 or n_ref > 25
+            mode = "use_mm_for_euclid_dist" if mm else "donot_use_mm_for_euclid_dist"
+            near = torch.cdist(q[b], r, compute_mode=mode).min(1).values
+            torch.minimum(best[b], near, out=best[b])
+    return best.numpy().astype(np.float64)
 
 
 def novelty_and_coverage(
@@ -298,22 +383,17 @@ def novelty_and_coverage(
     ``novelty``: distance from dataset rows to their nearest reference row; ``reference_spacing``: the same
     for reference rows against the rest of the reference (the scale to read novelty against);
     ``coverage``: fraction of reference rows with a dataset row closer than the median reference spacing.
+    Memory: the distance blocks of :data:`NN_REF_BLOCK` and one permutation of the reference rows.
     """
-
-    def feats(x: Transitions) -> np.ndarray:
-        return np.concatenate([x.observations, x.actions], 1).astype(np.float64)
-
-    ref_f = feats(ref)
-    mu, sd = ref_f.mean(0), np.maximum(ref_f.std(0), STD_FLOOR)
-    ref_z, ds_z = (ref_f - mu) / sd, (feats(t) - mu) / sd
-    q = ds_z[rng.choice(len(ds_z), size=min(n, len(ds_z)), replace=False)]
-    perm = rng.permutation(len(ref_z))
+    mu, sd = feature_stats(ref)
+    ref_z, ds_z = ZScored(ref, mu, sd), ZScored(t, mu, sd)
+    q = ds_z.rows(rng.choice(len(t), size=min(n, len(t)), replace=False))
+    perm = rng.permutation(len(ref))
     half = len(perm) // 2
-    ref_a, ref_b = ref_z[perm[:half]], ref_z[perm[half:]]
-    spacing = _nn_dist(ref_a[:n], ref_b)
-    novelty = _nn_dist(q, ref_z)
-    ref_q = ref_z[rng.choice(len(ref_z), size=min(n, len(ref_z)), replace=False)]
-    cover = _nn_dist(ref_q, ds_z) <= float(np.median(spacing))
+    spacing = _nn_dist(ref_z.rows(perm[:half][:n]), ref_z.blocks(perm[half:]), len(perm) - half)
+    novelty = _nn_dist(q, ref_z.blocks(), len(ref))
+    ref_q = ref_z.rows(rng.choice(len(ref), size=min(n, len(ref)), replace=False))
+    cover = _nn_dist(ref_q, ds_z.blocks(), len(t)) <= float(np.median(spacing))
     return {
         "novelty": {"mean": float(novelty.mean()), "median": float(np.median(novelty)), "rows": len(q)},
         "reference_spacing": {"mean": float(spacing.mean()), "median": float(np.median(spacing))},

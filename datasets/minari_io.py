@@ -22,7 +22,15 @@ from typing import Any
 
 import numpy as np
 
-from rlsynth.datasets.errors import ExportError, RlsynthError, SourceError, ValidationError, brief, one_line
+from rlsynth.datasets.errors import (
+    ExportError,
+    RlsynthError,
+    SourceError,
+    ValidationError,
+    brief,
+    one_line,
+    read_bounded,
+)
 from rlsynth.datasets.hdf5 import MAX_ROWS, MAX_WIDTH, check_total, declared_bytes, hard_link, open_hdf5
 from rlsynth.datasets.types import (
     BoxSpace,
@@ -99,24 +107,22 @@ def _dataset_folder(dataset_id: str, where: str) -> Path:
     return minari_root() / dataset_id
 
 
-def _plain_file(path: Path, where: str, limit: int | None = None) -> int:
+def _plain_file(path: Path, where: str) -> int:
     """Size of ``path``, refusing links and special files (their bytes would come from elsewhere)."""
     if path.is_symlink():
         raise SourceError(f"{where}: {path} is a symbolic link; refused")
     if not path.is_file():
         raise SourceError(f"{where}: {path} is missing or not a regular file")
-    size = path.stat().st_size
-    if limit is not None and size > limit:
-        raise SourceError(f"{where}: {path} is {size} bytes; more than any metadata file")
-    return size
+    return path.stat().st_size
 
 
 def _metadata(data: Path, where: str) -> dict[str, Any]:
     path = data / METADATA_FILE
-    _plain_file(path, where, MAX_METADATA_BYTES)
+    _plain_file(path, where)
+    raw = read_bounded(path, MAX_METADATA_BYTES, "Minari metadata file", SourceError)
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise SourceError(f"{where}: {path} is not readable JSON ({brief(e)})") from None
     if not isinstance(meta, dict):
         raise SourceError(f"{where}: {path} is not a JSON object")

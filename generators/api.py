@@ -48,20 +48,25 @@ from rlsynth.generators.diffusion import (
     transition_features,
 )
 from rlsynth.generators.edm import Churn, Denoiser, EDMConfig, PerSampleNoise, Polish, generate, schedule
+from rlsynth.generators.options import SamplerSettings
 from rlsynth.generators.tokens import (
     TokenCodec,
     TokenLayout,
+    WindowStore,
     decode_windows,
+    flat_tokens,
     start_tokens,
     step_scales,
-    windows,
+    window_normaliser,
 )
 from rlsynth.generators.training import (
     STATE_JSON,
+    Data,
     TrainConfig,
     TrainResult,
     check_resumable,
     resolve_device,
+    rows_of,
     split,
     train,
 )
@@ -81,37 +86,34 @@ KINDS = ("trajectory", "transition", "autoregressive", "world-model")
 CHUNKS = {"trajectory": 256, "transition": 4096, "autoregressive": 1024}
 
 
-@dataclass(frozen=True)
-class SampleOptions:
-    """How to sample; options a family does not use are ignored by it."""
+@dataclass(frozen=True, kw_only=True)
+class SampleOptions(SamplerSettings):
+    """:class:`~generators.options.SamplerSettings` bound to one call: its seed and the objects a family may
+    use (the settings are declared, with their defaults and docs, in :mod:`generators.options`)."""
 
     seed: int = 0
-    steps: int | None = None
-    """Diffusion: sampler steps (autoregressive: refinement steps K). Default: the model's config."""
-    horizon: int | None = None
-    """World model: rollout length."""
     policy: ActionFn | None = None
     """World model: actions from this policy instead of the data's."""
-    sigma_start: float | None = None
-    """Autoregressive: refinement noise level (0: raw drafts). Default: the model's config."""
     refiner: LoadedGenerator | None = None
     """Autoregressive: the trajectory-diffusion model that refines drafts."""
-    temperature: float | None = None
-    """Autoregressive: scale of the drafter's predictive std (below 1: sharper, less diverse drafts).
-    Default: the model's config."""
-    churn: float | None = None
-    """Diffusion families: EDM's S_churn (0: the deterministic ODE; per-step noise is capped at γ = √2 − 1,
-    reached when churn ≥ 0.41 × steps). Autoregressive: the refinement's (default 0). Default: the
-    model's config."""
-    polish: int | None = None
-    """Diffusion families and the autoregressive refinement: denoise–renoise iterations after sampling
-    (:class:`generators.edm.Polish`, σ 0.5 → 0.05; 0 or None: off). 30 cut trajectory diffusion's one-step
-    dynamics error from 0.187 to 0.082 on HalfCheetah medium-replay at about half the sampling rate
-    (BENCHMARKS.md)."""
     guidance: Guide | None = None
     """Diffusion families: guidance bound to the sample space; it wraps the denoiser, the sampler is
     unchanged. Autoregressive: tilts every drafted token (``Guide.bind_draft``) and guides the refinement
     steps as it guides diffusion (under the pgd schedule a single refinement step has weight 0)."""
+
+    @classmethod
+    def of(
+        cls,
+        settings: SamplerSettings,
+        *,
+        seed: int = 0,
+        policy: ActionFn | None = None,
+        refiner: LoadedGenerator | None = None,
+        guidance: Guide | None = None,
+    ) -> SampleOptions:
+        """``settings`` with a call's seed and bound objects."""
+        values = asdict(settings.settings())
+        return cls(**values, seed=seed, policy=policy, refiner=refiner, guidance=guidance)
 
 
 class Guide(Protocol):
@@ -177,12 +179,10 @@ class Family:
     def build(self, info: DatasetInfo, cfg: Any) -> nn.Module:
         raise NotImplementedError
 
-    def prepare(self, ds: Dataset, cfg: Any) -> tuple[dict[str, Normaliser], dict[str, torch.Tensor]]:
+    def prepare(self, ds: Dataset, cfg: Any) -> tuple[dict[str, Normaliser], Data]:
         raise NotImplementedError
 
-    def finish(
-        self, model: nn.Module, data: dict[str, torch.Tensor], train_cfg: TrainConfig, out: Path
-    ) -> None:
+    def finish(self, model: nn.Module, data: Data, train_cfg: TrainConfig, out: Path) -> None:
         """Work after training (the world model picks its elites here)."""
 
     def sample(self, gen: LoadedGenerator, source: Dataset, n: int, opts: SampleOptions) -> list[Episode]:
@@ -195,16 +195,17 @@ def _layout(info: DatasetInfo) -> TokenLayout:
 
 def _window_data(
     ds: Dataset, horizon: int, stride: int, step_scale: float = 0.0
-) -> tuple[dict[str, Normaliser], dict[str, torch.Tensor]]:
+) -> tuple[dict[str, Normaliser], Data]:
+    """Normalised H-step windows as a :class:`WindowStore`: each token held once, so memory grows with
+    the transitions, not with H times them; the statistics are those of all windows' tokens."""
     layout = _layout(ds.info)
-    w = windows(layout, ds.episodes(), horizon, stride)
-    if len(w) < 2:
+    flat = flat_tokens(layout, ds.transitions, horizon, stride)
+    if len(flat.starts) < 2:
         raise RlsynthError(f"{ds.source} has fewer than 2 windows of {horizon} steps; lower the horizon")
-    norm = Normaliser.fit(w.reshape(-1, layout.dim))
+    norm = window_normaliser(flat)
     if step_scale:
         norm = replace(norm, std=step_scales(layout, norm.std, ds.transitions, step_scale))
-    x = norm.normalise(torch.from_numpy(w))
-    return {"tokens": norm}, {"x": x}
+    return {"tokens": norm}, {"x": WindowStore.normalised(flat, norm)}
 
 
 def codec(gen: LoadedGenerator) -> TokenCodec:
@@ -294,9 +295,7 @@ class TrajectoryFamily(Family):
     def build(self, info: DatasetInfo, cfg: TrajectoryConfig) -> nn.Module:
         return TrajectoryDiffusion(_layout(info), cfg)
 
-    def prepare(
-        self, ds: Dataset, cfg: TrajectoryConfig
-    ) -> tuple[dict[str, Normaliser], dict[str, torch.Tensor]]:
+    def prepare(self, ds: Dataset, cfg: TrajectoryConfig) -> tuple[dict[str, Normaliser], Data]:
         return _window_data(ds, cfg.horizon, cfg.stride, cfg.step_scale)
 
     def sample(self, gen: LoadedGenerator, source: Dataset, n: int, opts: SampleOptions) -> list[Episode]:
@@ -333,7 +332,9 @@ class TransitionFamily(Family):
     ) -> tuple[dict[str, Normaliser], dict[str, torch.Tensor]]:
         f = transition_features(_layout(ds.info), ds.transitions)
         norm = Normaliser.fit(f)
-        return {"features": norm}, {"x": norm.normalise(torch.from_numpy(f))}
+        # In place (the raw features are not needed again): the same float32 operations as normalise().
+        x = torch.from_numpy(f).sub_(torch.as_tensor(norm.mean)).div_(torch.as_tensor(norm.std))
+        return {"features": norm}, {"x": x}
 
     def sample(self, gen: LoadedGenerator, source: Dataset, n: int, opts: SampleOptions) -> list[Episode]:
         cfg: TransitionConfig = gen.model.cfg  # type: ignore[assignment]
@@ -364,9 +365,7 @@ class AutoregressiveFamily(Family):
     def build(self, info: DatasetInfo, cfg: AutoregressiveConfig) -> nn.Module:
         return Drafter(_layout(info), cfg)
 
-    def prepare(
-        self, ds: Dataset, cfg: AutoregressiveConfig
-    ) -> tuple[dict[str, Normaliser], dict[str, torch.Tensor]]:
+    def prepare(self, ds: Dataset, cfg: AutoregressiveConfig) -> tuple[dict[str, Normaliser], Data]:
         return _window_data(ds, cfg.horizon, cfg.stride)
 
     def sample(self, gen: LoadedGenerator, source: Dataset, n: int, opts: SampleOptions) -> list[Episode]:
@@ -434,13 +433,12 @@ class WorldModelFamily(Family):
         norms = WorldModelNormalisers.fit(ds.transitions)
         return norms.as_map(), training_tensors(ds.transitions, norms)
 
-    def finish(
-        self, model: nn.Module, data: dict[str, torch.Tensor], train_cfg: TrainConfig, out: Path
-    ) -> None:
+    def finish(self, model: nn.Module, data: Data, train_cfg: TrainConfig, out: Path) -> None:
         assert isinstance(model, WorldModel)
         _, val_idx = split(len(data["x"]), train_cfg.val_fraction, train_cfg.seed)
         device = next(model.parameters()).device
-        model.select_elites(data["x"][val_idx].to(device), data["y"][val_idx].to(device))
+        x, y = rows_of(data["x"], val_idx), rows_of(data["y"], val_idx)
+        model.select_elites(x.to(device), y.to(device))
         write_tensors(out / "model.safetensors", model.state_dict())
 
     def sample(self, gen: LoadedGenerator, source: Dataset, n: int, opts: SampleOptions) -> list[Episode]:
@@ -452,7 +450,7 @@ class WorldModelFamily(Family):
             source,
             n,
             seed=opts.seed,
-            horizon=opts.horizon or 32,
+            horizon=opts.horizon,
             policy=opts.policy,
         )
 
@@ -759,8 +757,10 @@ def _plot_history(result: TrainResult, path: Path, kind: str) -> None:
 SIZE_LIMITS = {
     "horizon": 1024, "width": 8192, "depth": 64, "emb": 4096, "heads": 64, "kv_heads": 64,
     "mlp_ratio": 16, "stride": 1024, "sample_steps": 10_000, "refine_steps": 1000, "ensemble": 100,
-    "elites": 100, "hidden": 8192, "layers": 64, "channels": 8192,
+    "elites": 100, "hidden": 8192, "layers": 64, "channels": 8192, "polish": 10_000,
 }  # fmt: skip
+# Settings where 0 means "none" (no refinement steps, no polishing) rather than an empty model.
+MAY_BE_ZERO = frozenset({"refine_steps", "polish"})
 MAX_CHANNEL_LEVELS = 8
 SIGNED_FLOATS = frozenset({"p_mean"})
 """Float settings that may be negative (log σ's mean); every other one is a non-negative scale."""
@@ -779,7 +779,7 @@ def _check_number(name: str, v: Any, hint: Any, where: Path) -> None:
     if v is None and hint == (int | None):
         return
     limit = SIZE_LIMITS.get(name, 1_000_000)
-    lowest = 0 if name == "refine_steps" else 1
+    lowest = 0 if name in MAY_BE_ZERO else 1
     if type(v) is not int or not lowest <= v <= limit:
         raise CheckpointError(f"{bad} must be an integer in [{lowest}, {limit}]")
 
@@ -953,8 +953,8 @@ def _finite_non_negative(name: str, value: float) -> float:
     return value
 
 
-def _polish_steps(opts: SampleOptions) -> int:
-    n = opts.polish or 0
+def _polish_steps(opts: SampleOptions, default: int) -> int:
+    n = default if opts.polish is None else opts.polish
     if n < 0:
         raise RlsynthError(f"polish must be a non-negative number of iterations, got {n}")
     return n
@@ -969,21 +969,21 @@ def used_settings(gen: LoadedGenerator, opts: SampleOptions) -> dict[str, Any]:
         return {
             "steps": opts.steps or cfg.sample_steps,
             "churn": _finite_non_negative("churn", churn),
-            "polish": _polish_steps(opts),
+            "polish": _polish_steps(opts, cfg.polish),
         }
     if isinstance(cfg, AutoregressiveConfig):
         temperature = cfg.temperature if opts.temperature is None else opts.temperature
         sigma_start = cfg.sigma_start if opts.sigma_start is None else opts.sigma_start
-        if _polish_steps(opts) and sigma_start == 0:
+        if opts.polish and sigma_start == 0:
             raise RlsynthError("polish applies to refined drafts; raw drafts (sigma_start 0) are not refined")
         return {
             "steps": opts.steps or cfg.refine_steps,
             "sigma_start": _finite_non_negative("sigma_start", sigma_start),
             "temperature": _finite_non_negative("temperature", temperature),
             "churn": _finite_non_negative("churn", opts.churn or 0.0),
-            "polish": _polish_steps(opts),
+            "polish": _polish_steps(opts, cfg.polish if sigma_start else 0),
         }
-    return {"horizon": opts.horizon or 32}
+    return {"horizon": opts.horizon}
 
 
 def sample(

@@ -54,6 +54,10 @@ class AutoregressiveConfig:
     """Refinement: noise level the draft is raised to (0 disables refinement); see ``temperature``."""
     refine_steps: int = 1
     """Refinement: Heun steps from ``sigma_start`` down to 0 (picked with ``sigma_start``)."""
+    polish: int = 10
+    """Denoise–renoise iterations after the refinement (none for raw drafts). 10 brought the refined
+    drafts' one-step error to that of polished trajectory diffusion at several times its speed
+    (BENCHMARKS.md, Generators)."""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AutoregressiveConfig:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from rlsynth.datasets.errors import RlsynthError, first_line
+from rlsynth.datasets.errors import RlsynthError, first_line, read_bounded
 
 
 class CheckpointError(RlsynthError):
@@ -112,15 +112,12 @@ a bigger one is refused before it is read."""
 
 def read_json(path: Path, limit: int = MAX_JSON_BYTES) -> Any:
     """A checkpoint's JSON file, bounded in size; every failure is one line naming the file."""
+    if not path.exists() and not path.is_symlink():
+        raise CheckpointError(f"{path}: missing (not a complete rlsynth checkpoint)")
+    data = read_bounded(path, limit, "checkpoint file", CheckpointError)
     try:
-        size = path.stat().st_size
-        if size > limit:
-            raise CheckpointError(f"{path}: {size} bytes, more than a checkpoint file holds ({limit})")
-        with open(path, "rb") as f:
-            return json.loads(f.read(limit + 1))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing (not a complete rlsynth checkpoint)") from None
-    except (OSError, ValueError, RecursionError) as e:
+        return json.loads(data)
+    except (ValueError, RecursionError) as e:
         raise CheckpointError(f"{path}: cannot be read ({first_line(e)})") from None
 
 

@@ -16,7 +16,7 @@ from torch import nn
 from rlsynth.datasets.types import Episode, Transitions
 from rlsynth.generators.edm import EDMConfig, EDMPrecond, edm_loss
 from rlsynth.generators.nets import ResidualMLP, TemporalUNet1D
-from rlsynth.generators.tokens import TokenLayout
+from rlsynth.generators.tokens import BLOCK_ROWS, TokenLayout
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,11 @@ class TrajectoryConfig:
     one-step dynamics error by a third on HalfCheetah medium-replay (0.196 → 0.133), but policy-guided
     data sampled that way trained worse TD3+BC agents (9.8 vs 11.8; BENCHMARKS.md), so it is an option
     (``--steps 40 --churn 40``), not the default."""
+    polish: int = 30
+    """Denoise–renoise iterations after sampling (:class:`generators.edm.Polish`, σ 0.5 → 0.05). On by
+    default: on every dataset measured it cut the one-step dynamics error severalfold while coverage rose
+    and the spread barely moved (BENCHMARKS.md, Generators and Polishing), at about half the sampling rate.
+    ``--polish 0`` samples without it."""
     edm: EDMConfig = field(default_factory=EDMConfig)
 
     @classmethod
@@ -55,12 +60,16 @@ class TransitionConfig:
     width: int = 512
     depth: int = 4
     emb: int = 128
-    sample_steps: int = 40
+    sample_steps: int = 20
     """Heun steps when sampling from noise."""
-    s_churn: float = 40.0
-    """EDM churn. With 40 steps it cut this family's one-step dynamics error from 0.118 to 0.069 on
-    HalfCheetah medium-replay (BENCHMARKS.md, generators); unlike trajectory diffusion, no downstream
-    measurement argues against it here."""
+    s_churn: float = 0.0
+    """EDM churn (0: the deterministic ODE). 40 steps with churn 40 beat 20 plain steps when neither was
+    polished, but 20 plain steps and polish were both more accurate and faster (BENCHMARKS.md, Generators)."""
+    polish: int = 30
+    """Denoise–renoise iterations after sampling (:class:`generators.edm.Polish`, σ 0.5 → 0.05). On by
+    default: on every dataset measured it cut the one-step dynamics error severalfold while coverage rose
+    and the spread barely moved (BENCHMARKS.md, Generators and Polishing), at about half the sampling rate.
+    ``--polish 0`` samples without it."""
     edm: EDMConfig = field(default_factory=EDMConfig)
 
     @classmethod
@@ -104,17 +113,20 @@ class TransitionDiffusion(nn.Module):
 
 
 def transition_features(layout: TokenLayout, t: Transitions) -> np.ndarray:
-    """[obs, action code, reward, next_obs, terminal] per row (N, 2·obs + act + 2), float32."""
-    return np.concatenate(
-        [
-            t.observations,
-            layout.encode_actions(t.actions),
-            t.rewards[:, None],
-            t.next_observations,
-            t.terminals[:, None].astype(np.float64),
-        ],
-        1,
-    ).astype(np.float32)
+    """[obs, action code, reward, next_obs, terminal] per row (N, 2·obs + act + 2), float32.
+
+    Written column by column into the float32 result (action codes in blocks of ``BLOCK_ROWS``), so no
+    float64 copy of the whole table is made; every value is the float32 cast of the float64 one.
+    """
+    o, a = layout.obs_dim, layout.act_dim
+    f = np.empty((len(t), 2 * o + a + 2), np.float32)
+    f[:, :o] = t.observations
+    for lo in range(0, len(t), BLOCK_ROWS):
+        f[lo : lo + BLOCK_ROWS, o : o + a] = layout.encode_actions(t.actions[lo : lo + BLOCK_ROWS])
+    f[:, o + a] = t.rewards
+    f[:, o + a + 1 : 2 * o + a + 1] = t.next_observations
+    f[:, -1] = t.terminals
+    return f
 
 
 def decode_transitions(layout: TokenLayout, x: np.ndarray) -> list[Episode]:

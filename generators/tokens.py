@@ -9,6 +9,10 @@ continued past its end by absorbing tokens (the terminal successor state, zero a
 done = 1) so windows may run into a termination; a truncated episode only yields windows that fit inside it.
 Decoding a window gives up to H−1 transitions (``next_obs`` is the following token's observation); the
 first token with done > 0.5 ends the segment as a terminal transition.
+
+Training does not hold the windows themselves (H copies of every token, with float64 copies while they
+were normalised: a peak of 10 KB per Hopper transition at H = 32): a :class:`WindowStore` keeps each token
+once, in one flat array with every episode's padding, and gathers a batch of windows by their start rows.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rlsynth.datasets.types import BoxSpace, Episode, Transitions
+from rlsynth.datasets.types import BoxSpace, Episode, Transitions, episodes_to_transitions
+from rlsynth.generators.checkpoint import Normaliser
 
 ACTION_CLIP = 0.999
 
@@ -81,17 +86,150 @@ def episode_tokens(layout: TokenLayout, e: Episode, pad: int) -> np.ndarray:
 
 
 def windows(layout: TokenLayout, episodes: tuple[Episode, ...], horizon: int, stride: int = 1) -> np.ndarray:
-    """All H-step windows (N, H, D), float32; see the module docstring for the episode-end rules."""
-    out = []
-    for e in episodes:
-        tok = episode_tokens(layout, e, pad=horizon - 1)
-        # A terminated episode's windows may start at any real step; a truncated one's must fit inside it.
-        last_start = e.length - 1 if e.terminated else e.length - horizon
-        for s in range(0, last_start + 1, stride):
-            out.append(tok[s : s + horizon])
-    if not out:
+    """All H-step windows (N, H, D), float32, materialised (small data only: training uses
+    :class:`WindowStore`); see the module docstring for the episode-end rules."""
+    if not episodes:
         return np.zeros((0, horizon, layout.dim), np.float32)
-    return np.stack(out).astype(np.float32)
+    flat = flat_tokens(layout, episodes_to_transitions(episodes), horizon, stride)
+    return flat.tokens[flat.starts[:, None] + np.arange(horizon)]
+
+
+BLOCK_ROWS = 1 << 16
+"""Rows per block when tokens are built and their statistics summed: bounds the float64 temporaries to a
+few MB whatever the dataset's size."""
+
+
+@dataclass(frozen=True)
+class FlatTokens:
+    """Every episode's raw tokens back to back, a terminated episode followed by its H−1 absorbing tokens,
+    and the first row of every H-step window (episodes in order, starts ascending: the order
+    :func:`windows` lists them in). Shapes: tokens (M, D) float32, starts (N,) int64."""
+
+    tokens: np.ndarray
+    starts: np.ndarray
+    horizon: int
+
+    def window_counts(self) -> np.ndarray:
+        """How many windows hold each token row (M,), float64 (exact: they are small integers): what every
+        token weighs when statistics are taken over the windows."""
+        edges = np.zeros(len(self.tokens) + 1)
+        # Starts are distinct, and so are the ends: plain fancy-index updates count each once.
+        edges[self.starts] += 1
+        edges[self.starts + self.horizon] -= 1
+        np.cumsum(edges, out=edges)
+        return edges[:-1]
+
+
+def flat_tokens(layout: TokenLayout, t: Transitions, horizon: int, stride: int = 1) -> FlatTokens:
+    """The tokens of ``t``'s episodes and their window starts, built from the columns in blocks (no
+    per-row Python, no per-episode copies); the values equal :func:`episode_tokens` cast to float32."""
+    if horizon < 1 or stride < 1:
+        raise ValueError(f"horizon and stride must be >= 1, got {horizon} and {stride}")
+    bounds = t.episode_bounds()
+    lengths = np.diff(bounds)
+    terminated = t.terminals[bounds[1:] - 1].astype(bool) if len(lengths) else np.zeros(0, bool)
+    pad = (horizon - 1) * terminated.astype(np.int64)
+    # An episode's first token row: its first transition's row plus the padding of the episodes before it.
+    first = bounds[:-1] + np.cumsum(pad) - pad
+    starts = _window_starts(first, lengths, terminated, horizon, stride)
+    tokens = np.zeros((len(t) + int(pad.sum()), layout.dim), np.float32)
+    _fill_steps(layout, tokens, t, np.repeat(first - bounds[:-1], lengths))
+    _absorb(
+        layout,
+        tokens,
+        t.next_observations[bounds[1:][terminated] - 1],
+        (first + lengths)[terminated],
+        horizon,
+    )
+    return FlatTokens(tokens, starts, horizon)
+
+
+def _fill_steps(layout: TokenLayout, tokens: np.ndarray, t: Transitions, shift: np.ndarray) -> None:
+    """Write every transition's token at its row plus ``shift`` (the padding before its episode)."""
+    for lo in range(0, len(t), BLOCK_ROWS):
+        hi = min(lo + BLOCK_ROWS, len(t))
+        tokens[np.arange(lo, hi) + shift[lo:hi]] = _step_tokens(layout, t, lo, hi)
+
+
+def _step_tokens(layout: TokenLayout, t: Transitions, lo: int, hi: int) -> np.ndarray:
+    """Tokens of rows lo..hi-1 in float64, as :func:`episode_tokens` builds them, so their float32 cast
+    matches it."""
+    tok = np.zeros((hi - lo, layout.dim))
+    tok[:, layout.obs] = t.observations[lo:hi]
+    tok[:, layout.act] = layout.encode_actions(t.actions[lo:hi])
+    tok[:, -2] = t.rewards[lo:hi]
+    tok[:, -1] = t.terminals[lo:hi]
+    return tok
+
+
+def _absorb(
+    layout: TokenLayout, tokens: np.ndarray, last_obs: np.ndarray, at: np.ndarray, horizon: int
+) -> None:
+    """Write H−1 absorbing tokens (the terminal successor state, done = 1) from each row of ``at``."""
+    if horizon == 1 or not len(at):
+        return
+    rows = at[:, None] + np.arange(horizon - 1)
+    tokens[rows, layout.obs] = last_obs[:, None, :]
+    tokens[rows, -1] = 1.0
+
+
+def _window_starts(
+    first: np.ndarray, lengths: np.ndarray, terminated: np.ndarray, horizon: int, stride: int
+) -> np.ndarray:
+    """Start rows of every window: a terminated episode's may start at any real step, a truncated one's
+    must fit inside it."""
+    last = np.where(terminated, lengths - 1, lengths - horizon)
+    count = np.where(last >= 0, last // stride + 1, 0)
+    before = np.cumsum(count) - count
+    # Window j, the k-th of its episode (k = j − before), starts at first + stride·k.
+    starts = np.repeat(first - stride * before, count)
+    starts += np.arange(0, stride * len(starts), stride, dtype=np.int64)
+    return starts
+
+
+def window_normaliser(flat: FlatTokens, floor: float = 1e-6) -> Normaliser:
+    """The statistics ``Normaliser.fit`` takes over all windows' tokens, from each token weighted by the
+    number of windows holding it (float64 sums in blocks), without building the windows."""
+    w = flat.window_counts()
+    total = w.sum()
+    mean = np.zeros(flat.tokens.shape[1])
+    for lo in range(0, len(w), BLOCK_ROWS):
+        mean += w[lo : lo + BLOCK_ROWS] @ flat.tokens[lo : lo + BLOCK_ROWS].astype(np.float64)
+    mean /= total
+    var = np.zeros_like(mean)
+    for lo in range(0, len(w), BLOCK_ROWS):
+        d = flat.tokens[lo : lo + BLOCK_ROWS].astype(np.float64)
+        d -= mean
+        var += w[lo : lo + BLOCK_ROWS] @ np.square(d, out=d)
+    std = np.sqrt(var / total)
+    return Normaliser(mean.astype(np.float32), np.maximum(std, floor).astype(np.float32))
+
+
+@dataclass(frozen=True)
+class WindowStore:
+    """H-step windows gathered by index from one flat array of normalised tokens: window i is
+    ``tokens[starts[i] : starts[i] + H]``. Memory is the tokens once, not H times; a batch of B windows
+    costs B·H rows to gather. Shapes: tokens (M, D) float32, starts (N,) int64."""
+
+    tokens: torch.Tensor
+    starts: torch.Tensor
+    horizon: int
+
+    @classmethod
+    def normalised(cls, flat: FlatTokens, norm: Normaliser) -> WindowStore:
+        """The store of ``flat``'s windows under ``norm``; ``flat.tokens`` is normalised in place (the
+        raw tokens are not kept: a second copy is what the store exists to avoid)."""
+        x = torch.from_numpy(flat.tokens)
+        # The same float32 operations as Normaliser.normalise, so the values match it bit for bit.
+        x.sub_(torch.as_tensor(norm.mean)).div_(torch.as_tensor(norm.std))
+        return cls(x, torch.from_numpy(flat.starts), flat.horizon)
+
+    def __len__(self) -> int:
+        return int(self.starts.shape[0])
+
+    def index(self, idx: torch.Tensor) -> torch.Tensor:
+        """Windows (B, H, D) of the window indices ``idx`` (B,)."""
+        return self.tokens[self.starts[idx].unsqueeze(-1) + torch.arange(self.horizon)]
 
 
 def step_scales(layout: TokenLayout, std: np.ndarray, t: Transitions, alpha: float) -> np.ndarray:

@@ -6,7 +6,9 @@ EMA weights, the optimiser moments, the step and the batch RNG are saved (safete
 ``checkpoint_every`` steps and on Ctrl-C, and a later call with the same folder continues from there.
 
 A model only has to be an ``nn.Module`` with ``loss(batch) -> (scalar tensor, metrics dict)`` where
-``batch`` maps names to tensors whose first axis is the sample axis.
+``batch`` maps names to tensors whose first axis is the sample axis. The data a run draws batches from maps
+names to tensors, or to :class:`Rows` that gather samples by index without holding them as one tensor
+(trajectory windows: :class:`generators.tokens.WindowStore`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,24 @@ from rlsynth.generators.checkpoint import (
 )
 
 Batch = dict[str, torch.Tensor]
+
+
+class Rows(Protocol):
+    """Samples gathered by index (B,) -> tensor (B, ...), for data too large to hold one row per sample."""
+
+    def __len__(self) -> int: ...
+
+    def index(self, idx: torch.Tensor) -> torch.Tensor: ...
+
+
+Column = torch.Tensor | Rows
+Data = Mapping[str, Column]
+"""What training draws batches from: columns sharing their first (sample) axis."""
+
+
+def rows_of(column: Column, idx: torch.Tensor) -> torch.Tensor:
+    """The samples ``idx`` of one column."""
+    return column[idx] if isinstance(column, torch.Tensor) else column.index(idx)
 
 
 class Trainable(Protocol):
@@ -141,8 +161,8 @@ def split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.T
     return perm[n_val:], perm[:n_val]
 
 
-def _take(data: Mapping[str, torch.Tensor], idx: torch.Tensor, device: torch.device) -> Batch:
-    return {k: v[idx].to(device, non_blocking=True) for k, v in data.items()}
+def _take(data: Data, idx: torch.Tensor, device: torch.device) -> Batch:
+    return {k: rows_of(v, idx).to(device, non_blocking=True) for k, v in data.items()}
 
 
 def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
@@ -155,7 +175,7 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 def validation_loss(
     model: nn.Module,
-    data: Mapping[str, torch.Tensor],
+    data: Data,
     idx: torch.Tensor,
     device: torch.device,
     batch_size: int,
@@ -278,7 +298,7 @@ def check_resumable(out: Path, cfg: TrainConfig, fingerprint: Mapping[str, Any] 
 
 def train(
     model: nn.Module,
-    data: Mapping[str, torch.Tensor],
+    data: Data,
     cfg: TrainConfig,
     out: Path,
     *,
@@ -287,7 +307,7 @@ def train(
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> TrainResult:
-    """Train ``model`` on ``data`` (tensors sharing their first axis), checkpointing into ``out``.
+    """Train ``model`` on ``data`` (columns sharing their first axis), checkpointing into ``out``.
 
     If ``out`` holds a state from the same ``fingerprint`` (model + train config), training resumes from it.
     The deployable weights (EMA when enabled) end in ``out/model.safetensors``. ``clock`` times the steps

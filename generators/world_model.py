@@ -48,7 +48,8 @@ class WorldModelConfig:
 
 
 class EnsembleLinear(nn.Module):
-    """E independent linear layers applied in one batched matmul. x: (E, B, in) -> (E, B, out)."""
+    """E independent linear layers applied in one batched matmul. x: (E, B, in) -> (E, B, out), or
+    (len(members), B, in) -> (len(members), B, out) for a subset of members."""
 
     def __init__(self, members: int, d_in: int, d_out: int) -> None:
         super().__init__()
@@ -56,8 +57,10 @@ class EnsembleLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(members, d_in, d_out).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.zeros(members, 1, d_out))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(self.bias, x, self.weight)
+    def forward(self, x: torch.Tensor, members: torch.Tensor | None = None) -> torch.Tensor:
+        if members is None:
+            return torch.baddbmm(self.bias, x, self.weight)
+        return torch.baddbmm(self.bias[members], x, self.weight[members])
 
 
 @dataclass(frozen=True)
@@ -121,15 +124,29 @@ class WorldModel(nn.Module):
         self.elite_idx: torch.Tensor
         self.register_buffer("elite_idx", torch.arange(cfg.elites))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: (E, B, obs+act) -> mean (E, B, D), logvar (E, B, D), terminal logit (E, B); D = obs + 1."""
+    def forward(
+        self, x: torch.Tensor, members: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (E, B, obs+act) -> mean (E, B, D), logvar (E, B, D), terminal logit (E, B); D = obs + 1.
+
+        ``members`` (E',) evaluates only those members, x (E', B, obs+act) holding each one's rows: the same
+        per-member products as the whole ensemble's at E'/E of the cost.
+        """
+        return self.read_head(self.head_output(x, members))
+
+    def head_output(self, x: torch.Tensor, members: torch.Tensor | None = None) -> torch.Tensor:
+        """The head's raw output (E, B, 2D + 1) (or (E', B, 2D + 1) for ``members``): see :meth:`forward`."""
         h = x
         for layer in self.trunk:
-            h = F.silu(layer(h))
-        out = self.head(h)
+            h = F.silu(layer(h, members))
+        return self.head(h, members)
+
+    def read_head(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Raw head outputs (..., 2D + 1) -> mean, log-variance within the learned bounds, terminal logit."""
         mean, raw, term = out[..., : self.out_dim], out[..., self.out_dim : 2 * self.out_dim], out[..., -1]
-        logvar = self.max_logvar - F.softplus(self.max_logvar - raw)
-        logvar = self.min_logvar + F.softplus(logvar - self.min_logvar)
+        hi, lo = self.max_logvar.flatten(), self.min_logvar.flatten()
+        logvar = hi - F.softplus(hi - raw)
+        logvar = lo + F.softplus(logvar - lo)
         return mean, logvar, term
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -177,6 +194,32 @@ class StepOutput:
     diverged: torch.Tensor
 
 
+BUCKET_ROWS = 64
+"""Rows per member's product: a multiple of this. A row must come out as the whole-ensemble evaluation of
+all rollouts gave it, bit for bit, and two things there depend on the shape: BLAS kernels for a handful of
+rows (fewer than 12 on the CPUs measured) sum in another order than for many, and torch's elementwise
+kernels take a scalar path, with other rounding, for a tail that does not fill a vector (at the end of a
+tensor, or of a thread's share of it). A multiple of 64 rows fills the vectors of each share at 1, 2, 4 or
+8 threads; at others (3, 6) the whole ensemble's own shares end mid-vector, its results already differ from
+its results at 2 threads, and rows near those ends can differ in their last bits from these."""
+
+
+def member_buckets(member: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows grouped by the member evaluating them: (used (U,) members, rows (U, M) each one's row indices,
+    padded with row 0, bucket (B,) and slot (B,) where each row's result lies); M a multiple of
+    BUCKET_ROWS."""
+    used, bucket, counts = torch.unique(member, return_inverse=True, return_counts=True)
+    order = torch.argsort(bucket, stable=True)
+    index = torch.arange(len(member), device=member.device)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.empty_like(bucket)
+    slot[order] = index - starts[bucket[order]]
+    m = -(-int(counts.max()) // BUCKET_ROWS) * BUCKET_ROWS
+    rows = torch.zeros((len(used), m), dtype=torch.long, device=member.device)
+    rows[bucket, slot] = index
+    return used, rows, bucket, slot
+
+
 @torch.no_grad()
 def model_step(
     model: WorldModel,
@@ -187,11 +230,13 @@ def model_step(
     noise: torch.Tensor | None,
 ) -> StepOutput:
     """One autoregressive step for B rollouts. obs (B, o), act (B, a), member (B,) indices into the ensemble,
-    noise (B, o+1) standard normal draws or ``None`` for the mean prediction."""
+    noise (B, o+1) standard normal draws or ``None`` for the mean prediction.
+
+    Each row is evaluated by its own member only (:func:`member_buckets`), not by the whole ensemble."""
     x = torch.cat([norms.obs.normalise(obs), norms.act.normalise(act)], 1)
-    mean, logvar, logit = model(x.unsqueeze(0).expand(model.cfg.ensemble, -1, -1))
-    rows = torch.arange(x.shape[0], device=x.device)
-    mu, lv, lg = mean[member, rows], logvar[member, rows], logit[member, rows]
+    used, rows, bucket, slot = member_buckets(member)
+    # Rows are read off the head first, so the log-variance bounds run on B rows, not on the padded buckets.
+    mu, lv, lg = model.read_head(model.head_output(x[rows], members=used)[bucket, slot])
     z = mu if noise is None else mu + torch.exp(0.5 * lv) * noise
     o = model.obs_dim
     next_obs = obs + norms.delta.denormalise(z[:, :o])

@@ -1,4 +1,5 @@
-"""A guidance spec as users give it (CLI flags, pipeline configs) -> a :class:`~guidance.terms.Guidance`.
+"""A guidance spec as users give it (:class:`guidance.options.GuidanceConfig`: CLI flags, run configs, the
+PGD loop) -> a :class:`~guidance.terms.Guidance`.
 
 Files are loaded and checked here, once: the target agent (safe ``.d3`` loader) and the world model whose
 ensemble gives dynamics and return guidance. Lineage records each term's options, the agent file's
@@ -7,7 +8,6 @@ SHA-256 and the world model's checkpoint hash.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,59 +17,16 @@ from rlsynth.datasets.sources import file_sha256
 from rlsynth.datasets.types import DatasetInfo
 from rlsynth.generators.api import load_generator
 from rlsynth.generators.world_model import WorldModel, WorldModelNormalisers
-from rlsynth.guidance.policies import DETERMINISTIC_STD, load_policy
+from rlsynth.guidance.options import TERMS, GuidanceConfig
+from rlsynth.guidance.policies import load_policy
 from rlsynth.guidance.terms import Guidance, TermOptions, policy_guidance, world_model_guidance
 
-TERMS = ("policy", "dynamics", "return")
+__all__ = ["TERMS", "GuidanceConfig", "build_guidance"]
 
 
-@dataclass(frozen=True)
-class GuidanceConfig:
-    """Which guidance terms to apply and how; every term shares the schedule, point and normalisation."""
-
-    terms: tuple[str, ...] = ()
-    """Any of policy, dynamics, return."""
-    policy: str | None = None
-    """Target agent (.d3) for policy guidance."""
-    scale: float = 0.05
-    """Policy guidance scale c."""
-    world_model: str | None = None
-    """World-model generator folder for dynamics and return guidance."""
-    dynamics_scale: float = 0.01
-    """Raw dynamics gradients are stiff: 0.02 and above diverged on some HalfCheetah windows, 0.01 lowered
-    the dynamics error (BENCHMARKS.md, guidance)."""
-    return_scale: float = 0.05
-    schedule: str = "pgd"
-    at: str = "x0"
-    """Evaluation point of the gradients: noisy or x0."""
-    normalise: bool = False
-    """Divide each sample's gradient by its L2 norm (then a scale is a step length)."""
-    deterministic_std: float = DETERMINISTIC_STD
-    """σ of N(μ(s), σ²) for deterministic actors (TD3+BC, BC, TD3, DDPG), in the agent's action units."""
-
-    def __post_init__(self) -> None:
-        unknown = [t for t in self.terms if t not in TERMS]
-        if unknown:
-            raise RlsynthError(f"unknown guidance term {unknown[0]!r} (terms: {', '.join(TERMS)})")
-        if len(set(self.terms)) != len(self.terms):
-            raise RlsynthError("a guidance term is given twice")
-        if self.deterministic_std <= 0:
-            raise RlsynthError(f"deterministic_std must be positive, got {self.deterministic_std}")
-        self.options(self.scale)
-
-    def check_inputs(self) -> None:
-        """The files the terms need are named (checked when guidance is built, not when configured: the
-        PGD loop fills in its target agent each round)."""
-        if "policy" in self.terms and self.policy is None:
-            raise RlsynthError("policy guidance needs a target agent: --policy AGENT.d3")
-        if {"dynamics", "return"} & set(self.terms) and self.world_model is None:
-            raise RlsynthError("dynamics and return guidance need a world model: --world-model DIR")
-
-    def options(self, scale: float) -> TermOptions:
-        try:
-            return TermOptions(scale=scale, schedule=self.schedule, at=self.at, normalise=self.normalise)
-        except ValueError as e:
-            raise RlsynthError(f"guidance: {e}") from None
+def _term_options(cfg: GuidanceConfig, scale: float) -> TermOptions:
+    """One term's options: its scale, and the schedule, point and normalisation every term shares."""
+    return TermOptions(scale=scale, schedule=cfg.schedule, at=cfg.at, normalise=cfg.normalise)
 
 
 def build_guidance(cfg: GuidanceConfig, info: DatasetInfo) -> Guidance | None:
@@ -91,7 +48,7 @@ def build_guidance(cfg: GuidanceConfig, info: DatasetInfo) -> Guidance | None:
             "sha256": file_sha256(path),
             "deterministic_std": cfg.deterministic_std,
         }
-        parts.append(policy_guidance(pol, cfg.options(cfg.scale), lineage))
+        parts.append(policy_guidance(pol, _term_options(cfg, cfg.scale), lineage))
     wm_terms = [t for t in cfg.terms if t in ("dynamics", "return")]
     if wm_terms:
         assert cfg.world_model is not None
@@ -105,7 +62,7 @@ def build_guidance(cfg: GuidanceConfig, info: DatasetInfo) -> Guidance | None:
         wm_lineage = {"folder": str(wm.folder.resolve()), "checkpoint_hash": wm.checkpoint_hash}
         for term in wm_terms:
             scale = cfg.dynamics_scale if term == "dynamics" else cfg.return_scale
-            parts.append(world_model_guidance(term, wm.model, norms, cfg.options(scale), wm_lineage))
+            parts.append(world_model_guidance(term, wm.model, norms, _term_options(cfg, scale), wm_lineage))
     out = parts[0]
     for p in parts[1:]:
         out = out + p

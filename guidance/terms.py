@@ -48,7 +48,7 @@ import torch
 from rlsynth.generators.edm import Denoiser
 from rlsynth.generators.tokens import Steps, TokenCodec
 from rlsynth.generators.world_model import WorldModel, WorldModelNormalisers
-from rlsynth.guidance.policies import TargetPolicy
+from rlsynth.guidance.policies import ScoredPolicy, TargetPolicy
 
 SCHEDULES = ("constant", "linear", "pgd")
 POINTS = ("noisy", "x0")
@@ -141,12 +141,32 @@ class Term:
 
 
 class PolicyTerm(Term):
+    """J = Σ_t log π(a_t | s_t). The term moves actions only, so ∇J needs ∂ log π/∂a and not the actor's
+    state gradient: a :class:`ScoredPolicy` gives it in closed form from one forward pass of the actor,
+    chained through the codec's action decoding (a VJP over elementwise ops); other targets fall back to
+    autograd through ``log_prob`` (:meth:`Term.value_and_gradient`, also the tests' oracle)."""
+
     name = "policy"
     part = "act"
 
     def __init__(self, codec: TokenCodec, options: TermOptions, policy: TargetPolicy) -> None:
         super().__init__(codec, options)
         self.policy = policy
+        self.scored = policy if isinstance(policy, ScoredPolicy) else None
+
+    def value_and_gradient(self, point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.scored is None:
+            return super().value_and_gradient(point)
+        point = point.detach().requires_grad_(True)
+        with torch.enable_grad():
+            s = self.codec.steps(point)
+        b, t = s.valid.shape
+        obs, act = s.obs.detach().reshape(b * t, -1), s.act.detach().reshape(b * t, -1)
+        lp, score = self.scored.log_prob_and_action_score(obs, act)
+        j = (lp.reshape(b, t).to(point.device, point.dtype) * s.valid).sum(1)
+        cotangent = score.reshape(b, t, -1).to(point.device, point.dtype) * s.valid[..., None]
+        (g,) = torch.autograd.grad(s.act, point, cotangent)
+        return j, torch.nan_to_num(g) * self.codec.mask(point, self.part)
 
     def objective(self, z: torch.Tensor) -> torch.Tensor:
         s = self.codec.steps(z)
@@ -179,10 +199,12 @@ class _WorldModelTerm(Term):
         return flat(s.obs), flat(s.act), flat(s.next_obs)
 
     def elite_means(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-        """Elite members' mean predictions (E', N, o+1), normalised: [Δŝ, r̂]; inputs on the model's device."""
+        """Elite members' mean predictions (E', N, o+1), normalised: [Δŝ, r̂]; inputs on the model's device.
+        Only the elites are evaluated (and back-propagated through), not the whole ensemble."""
         x = torch.cat([self.norms.obs.normalise(obs), self.norms.act.normalise(act)], 1)
-        mean, _, _ = self.model(x.unsqueeze(0).expand(self.model.cfg.ensemble, -1, -1))
-        return mean[self.model.elite_idx]
+        elites = self.model.elite_idx
+        mean, _, _ = self.model(x.unsqueeze(0).expand(len(elites), -1, -1), members=elites)
+        return mean
 
 
 class DynamicsTerm(_WorldModelTerm):

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from rlsynth.datasets.errors import RlsynthError
-from rlsynth.guidance.spec import GuidanceConfig
+from rlsynth.generators.options import SamplerSettings
+from rlsynth.guidance.options import GuidanceConfig
 from rlsynth.offline_rl.pgd import PGDConfig, check_initial_target, check_initial_target_file
 
 
@@ -39,8 +40,8 @@ class PGDSpec:
     guidance: GuidanceConfig = field(default_factory=lambda: GuidanceConfig(terms=("policy",)))
     initial_target: str | None = None
     """Agent file guiding round 0 (None: round 0 unguided); see :class:`offline_rl.pgd.PGDConfig`."""
-    polish: int = 0
-    """Denoise–renoise iterations after sampling each set; see :class:`offline_rl.pgd.PGDConfig`."""
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    """How each set is sampled; see :class:`offline_rl.pgd.PGDConfig`."""
 
     def __post_init__(self) -> None:
         check_initial_target(self.initial_target, self.guidance)
@@ -124,7 +125,7 @@ def _run_job(job: Job) -> dict[str, Any]:
             real_rows=p.real_rows,
             guidance=p.guidance,
             initial_target=p.initial_target,
-            polish=p.polish,
+            sampler=p.sampler,
             seed=job.seed,
         )
         gen = load_generator(p.generator, device=cfg.generator_device)

@@ -27,6 +27,7 @@ from rlsynth.datasets.errors import RlsynthError
 from rlsynth.datasets.sources import file_sha256
 from rlsynth.datasets.types import Dataset
 from rlsynth.generators.api import LoadedGenerator, SampleOptions, generator_lineage, refiner_for, sample
+from rlsynth.generators.options import SamplerSettings
 from rlsynth.guidance.spec import GuidanceConfig, build_guidance
 from rlsynth.offline_rl.mixture import Mixture
 from rlsynth.offline_rl.train import ALGOS, Callback, TrainingLog, build_algo, fit
@@ -64,8 +65,8 @@ class PGDConfig:
     """An agent file from an earlier stage (e.g. trained on the real data) that guides round 0; None: round
     0 is unguided, as in policy-guided diffusion. Our small generators' unguided data can teach an agent
     to stand still, and a loop whose first target stands still only reinforces it."""
-    polish: int = 0
-    """Denoise–renoise iterations after sampling each set (:class:`generators.edm.Polish`; 0: off)."""
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    """How each set is sampled (steps, churn, polish, ...: :class:`generators.options.SamplerSettings`)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -74,9 +75,8 @@ class PGDConfig:
         for key in ("steps", "regenerate_every", "synthetic_transitions", "synthetic_rows"):
             if getattr(self, key) < 1:
                 raise RlsynthError(f"pgd {key} must be positive, got {getattr(self, key)}")
-        for key in ("real_rows", "polish"):
-            if getattr(self, key) < 0:
-                raise RlsynthError(f"pgd {key} must be ≥ 0, got {getattr(self, key)}")
+        if self.real_rows < 0:
+            raise RlsynthError(f"pgd real_rows must be ≥ 0, got {self.real_rows}")
         check_initial_target(self.initial_target, self.guidance)
 
     @property
@@ -142,9 +142,7 @@ def run_pgd(
             generator,
             real,
             cfg.synthetic_transitions,
-            SampleOptions(
-                seed=cfg.seed * 1_000_003 + r, guidance=guidance, refiner=refiner, polish=cfg.polish
-            ),
+            SampleOptions.of(cfg.sampler, seed=cfg.seed * 1_000_003 + r, guidance=guidance, refiner=refiner),
         )
         lineage = {
             "sources": [real_lineage or {"source": real.source}],

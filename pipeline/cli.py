@@ -20,8 +20,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from click.core import ParameterSource
 
 from rlsynth.datasets.errors import RlsynthError
+from rlsynth.generators.options import SamplerSettings
+from rlsynth.guidance.options import GuidanceConfig
+from rlsynth.pipeline.cli_options import from_params, group_options
 
 # Kept in step with generators.api.KINDS (imported lazily: torch is slow to import for --help).
 GENERATOR_KINDS = ("trajectory", "transition", "autoregressive", "world-model")
@@ -691,40 +695,7 @@ def generator_train_cmd(
 @click.option("--n-transitions", type=click.IntRange(min=1), required=True)
 @click.option("--name", required=True, help="Catalog name of the new version.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option(
-    "--steps",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Diffusion sampler steps (autoregressive: refinement steps K); default: the model's.",
-)
-@click.option(
-    "--sigma-start",
-    type=click.FloatRange(min=0),
-    default=None,
-    help="autoregressive: refinement noise level (0: raw drafts); default: the model's.",
-)
-@click.option(
-    "--temperature",
-    type=click.FloatRange(min=0),
-    default=None,
-    help="autoregressive: scale of the drafter's predictive std (below 1: sharper, less diverse drafts); "
-    "default: the model's.",
-)
-@click.option(
-    "--churn",
-    type=click.FloatRange(min=0),
-    default=None,
-    help="Diffusion kinds: EDM S_churn, noise re-injected per Heun step (0: deterministic); default: the "
-    "model's (autoregressive: 0, for the refinement).",
-)
-@click.option(
-    "--polish",
-    type=click.IntRange(min=0),
-    default=None,
-    help="Diffusion kinds (autoregressive: the refinement): denoise-renoise iterations after sampling, "
-    "σ 0.5 → 0.05 (30 cut trajectory diffusion's one-step dynamics error from 0.187 to 0.082 on HalfCheetah "
-    "at about half the sampling rate; it narrows the spread a little); default: 0.",
-)
+@group_options(SamplerSettings)
 @click.option(
     "--refiner",
     default=None,
@@ -732,71 +703,18 @@ def generator_train_cmd(
     help="autoregressive: trajectory model refining the drafts (default: the one recorded).",
 )
 @click.option(
-    "--horizon",
-    type=click.IntRange(min=1),
-    default=32,
-    show_default=True,
-    help="world-model: steps per rollout.",
-)
-@click.option(
     "--policy",
     "policy_spec",
     default="data",
     show_default=True,
-    help="world-model: 'data' replays the dataset's actions; or a d3rlpy agent (.d3) acting "
-    "deterministically.",
+    help="world-model: 'data' replays the dataset's actions, or a d3rlpy agent (.d3) acting "
+    "deterministically; diffusion kinds and drafts: the target agent of --guidance policy.",
 )
 @click.option(
     "--data", "data_ref", default=None, help="Start states from this dataset (default: the training data)."
 )
-@click.option(
-    "--guidance",
-    "guidance_terms",
-    multiple=True,
-    type=click.Choice(["policy", "dynamics", "return"]),
-    help="Guidance term (repeatable): policy (needs --policy), dynamics, return (need --world-model). "
-    "Diffusion kinds: wraps the denoiser; autoregressive: tilts every drafted token.",
-)
-@click.option(
-    "--scale",
-    type=click.FloatRange(min=0),
-    default=0.05,
-    show_default=True,
-    help="Policy scale c (autoregressive drafts move once per token, by c × predictive variance × ∇: "
-    "they take larger scales, ~1-3).",
-)
-@click.option(
-    "--world-model",
-    "world_model",
-    default=None,
-    type=click.Path(file_okay=False),
-    help="World-model generator folder for dynamics / return guidance.",
-)
-@click.option("--dynamics-scale", type=click.FloatRange(min=0), default=0.01, show_default=True)
-@click.option("--return-scale", type=click.FloatRange(min=0), default=0.05, show_default=True)
-@click.option(
-    "--schedule", type=click.Choice(["pgd", "linear", "constant"]), default="pgd", show_default=True
-)
-@click.option(
-    "--guide-at",
-    type=click.Choice(["x0", "noisy"]),
-    default="x0",
-    show_default=True,
-    help="Where gradients are taken: the denoiser's x0 estimate or the noisy sample.",
-)
-@click.option(
-    "--normalise-gradient/--raw-gradient",
-    default=False,
-    show_default=True,
-    help="Divide each sample's gradient by its L2 norm (the scale becomes a step length).",
-)
-@click.option(
-    "--deterministic-std",
-    type=click.FloatRange(min=0, min_open=True),
-    default=0.1,
-    show_default=True,
-    help="σ of N(μ(s), σ²) for deterministic target actors (TD3+BC, BC).",
-)
+# --policy is GuidanceConfig.policy too: one flag for the agent, whichever way it steers the samples.
+@group_options(GuidanceConfig, skip=("policy",))
 @catalog_option
 @json_option
 @click.pass_context
@@ -806,26 +724,12 @@ def generator_sample_cmd(
     n_transitions: int,
     name: str,
     seed: int,
-    steps: int | None,
-    sigma_start: float | None,
-    temperature: float | None,
-    churn: float | None,
-    polish: int | None,
     refiner: str | None,
-    horizon: int,
     policy_spec: str,
     data_ref: str | None,
-    guidance_terms: tuple[str, ...],
-    scale: float,
-    world_model: str | None,
-    dynamics_scale: float,
-    return_scale: float,
-    schedule: str,
-    guide_at: str,
-    normalise_gradient: bool,
-    deterministic_std: float,
     catalog_uri: str | None,
     as_json: bool,
+    **options: Any,
 ) -> None:
     """Sample a new catalog version from a trained generator, with full lineage.
 
@@ -841,33 +745,24 @@ def generator_sample_cmd(
         sample,
         used_settings,
     )
-    from rlsynth.guidance.spec import GuidanceConfig, build_guidance
+    from rlsynth.guidance.spec import build_guidance
 
+    settings = from_params(SamplerSettings, options)
     check_name(name)
     cat = _catalog(ctx, catalog_uri)
     gen = load_generator(folder)
     diffused = gen.kind != "world-model"
-    if diffused and policy_spec != "data" and "policy" not in guidance_terms:
+    agent = policy_spec if diffused and policy_spec != "data" else None
+    gcfg = from_params(GuidanceConfig, options, policy=agent)
+    if diffused and policy_spec != "data" and "policy" not in gcfg.terms:
         raise click.BadParameter(
             "diffusion samples follow a target agent only through --guidance policy", param_hint="--policy"
         )
-    if not diffused and guidance_terms:
+    if not diffused and gcfg.terms:
         raise click.BadParameter(
             "world-model rollouts are steered by --policy (the agent acts), not by guidance",
             param_hint="--guidance",
         )
-    gcfg = GuidanceConfig(
-        terms=guidance_terms,
-        policy=policy_spec if diffused and policy_spec != "data" else None,
-        scale=scale,
-        world_model=world_model,
-        dynamics_scale=dynamics_scale,
-        return_scale=return_scale,
-        schedule=schedule,
-        at=guide_at,
-        normalise=normalise_gradient,
-        deterministic_std=deterministic_std,
-    )
     guidance = build_guidance(gcfg, gen.info)
     src = gen.config["data"].get("source", {})
     ref = data_ref or src.get("ref") or src.get("source")
@@ -886,26 +781,14 @@ def generator_sample_cmd(
             "path": str(Path(policy_spec).resolve()),
             "sha256": file_sha256(Path(policy_spec)),
         }
-    if temperature is not None and gen.kind != "autoregressive":
+    if _given(ctx, "temperature") and gen.kind != "autoregressive":
         raise click.BadParameter("applies to autoregressive generators only", param_hint="--temperature")
-    if churn is not None and not diffused:
-        raise click.BadParameter("applies to diffusion kinds only", param_hint="--churn")
-    if polish is not None and not diffused:
-        raise click.BadParameter("applies to diffusion kinds only", param_hint="--polish")
+    for option in ("churn", "polish"):
+        if _given(ctx, option) and not diffused:
+            raise click.BadParameter("applies to diffusion kinds only", param_hint=f"--{option}")
     explicit = load_generator(refiner) if refiner and gen.kind == "autoregressive" else None
     refiner_gen = refiner_for(gen, SampleOptions(refiner=explicit))
-    opts = SampleOptions(
-        seed=seed,
-        steps=steps,
-        horizon=horizon,
-        policy=policy_fn,
-        sigma_start=sigma_start,
-        refiner=refiner_gen,
-        guidance=guidance,
-        temperature=temperature,
-        churn=churn,
-        polish=polish,
-    )
+    opts = SampleOptions.of(settings, seed=seed, policy=policy_fn, refiner=refiner_gen, guidance=guidance)
     used = used_settings(gen, opts)
     ds = sample(gen, source, n_transitions, opts)
     lineage = {
@@ -916,16 +799,22 @@ def generator_sample_cmd(
         "guidance": list(guidance.spec) if guidance is not None else None,
         "sampling": {
             "n_transitions": n_transitions,
-            "horizon": horizon,
+            "horizon": settings.horizon,
             "policy": policy_lineage,
             # The settings used (the model's defaults resolved), not the flags as given.
             **used,
         },
         "seeds": {"sample": seed},
     }
-    tags = {"generator": gen.kind, "guidance": "+".join(guidance_terms) or "none"}
+    tags = {"generator": gen.kind, "guidance": "+".join(gcfg.terms) or "none"}
     r = cat.write(name, ds, lineage=lineage, tags=tags)
     _report_version(cat, r, as_json, "sampled")
+
+
+def _given(ctx: click.Context, param: str) -> bool:
+    """The user set ``param`` (on the command line or through the environment), not its default."""
+    source = ctx.get_parameter_source(param)
+    return source is not None and source not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
 
 
 @cli.group()

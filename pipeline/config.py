@@ -11,18 +11,19 @@ the key path (``configs/x.yaml: synthesize.guidance.scale: must be finite, got n
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import types
 import typing
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 from rlsynth.datasets.errors import RlsynthError
+from rlsynth.generators.options import OptionError, SamplerSettings
+from rlsynth.guidance.options import GuidanceConfig
 
 
 class ConfigError(RlsynthError):
@@ -42,14 +43,14 @@ class FieldError(ConfigError):
         return FieldError(_join(where, self.key), self.problem)
 
 
-# The vocabularies, as literals: importing the registries (offline_rl.train, generators.api, guidance.spec,
+# The vocabularies, as literals: importing the registries (offline_rl.train, generators.api,
 # datasets.recipes) pulls in torch and takes seconds, and loading a config must not. Tests check each
-# literal against its registry.
+# literal against its registry. (The sampler and guidance sections are the torch-free option groups
+# themselves, generators.options and guidance.options, which declare their own vocabularies and bounds.)
 RECIPES = ("random", "sac-medium-replay", "sac-medium")
 ALGOS = ("iql", "td3bc", "cql", "bc")
 GUIDED_KINDS = ("trajectory", "transition", "autoregressive")
 PRESETS = ("cpu-small", "gpu-paper")
-GUIDANCE_TERMS = ("policy", "dynamics", "return")
 CONDITIONS = ("real", "synthetic", "mixed", "pgd")
 
 # The run name becomes part of a folder name under --runs: one path component, never '.' or '..'
@@ -59,9 +60,6 @@ RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # Counts go to numpy, torch and d3rlpy as int32-sized values; a larger one is a typo or an attack.
 MAX_COUNT = 2**31 - 1
 MAX_SEED = 2**32 - 1  # numpy's seed range
-# Guidance scales beyond this diverge at once (drafts use the largest, a few units: README, Guidance).
-MAX_SCALE = 1e3
-MAX_STD = 1e2
 # A config is a page of YAML; this stops a huge or endless file (a FIFO, /dev/zero) before it is parsed.
 MAX_CONFIG_BYTES = 1 << 20
 
@@ -90,14 +88,6 @@ def _count(key: str, value: int, minimum: int = 1) -> None:
 def _seed(key: str, value: int) -> None:
     if not 0 <= value <= MAX_SEED:
         raise FieldError(key, f"seeds are integers from 0 to {MAX_SEED}, got {value}")
-
-
-def _real(key: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
-    if not math.isfinite(value):
-        raise FieldError(key, f"must be finite, got {value}")
-    if value > high or value < low or (low_open and value == low):
-        bound = "(" if low_open else "["
-        raise FieldError(key, f"must be in {bound}{low:g}, {high:g}], got {value:g}")
 
 
 def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
@@ -220,27 +210,10 @@ class GeneratorConfig:
             _count("steps", self.steps)
 
 
-@dataclass(frozen=True)
-class GuidanceSection:
-    terms: tuple[str, ...] = ("policy",)
-    """Guidance terms: policy (target agent), dynamics and/or return (needs world_model_steps > 0)."""
-    scale: float = 0.05
-    """Policy guidance scale."""
-    dynamics_scale: float = 0.01
-    """Dynamics guidance scale (0.02 and above diverged on some HalfCheetah windows; see BENCHMARKS.md)."""
-    deterministic_std: float = 0.1
-    """A deterministic target actor (TD3+BC) is read as N(μ(s), std²): smaller pulls actions harder.
-    (guidance.policies.DETERMINISTIC_STD; a literal here keeps config loading free of torch.)"""
-    world_model_steps: int = 0
-    """Train a world model for dynamics / return guidance for this many steps (0: none)."""
-
-    def __post_init__(self) -> None:
-        _choices("terms", self.terms, GUIDANCE_TERMS)
-        _distinct("terms", self.terms, non_empty=False)
-        _real("scale", self.scale, 0.0, MAX_SCALE)
-        _real("dynamics_scale", self.dynamics_scale, 0.0, MAX_SCALE)
-        _real("deterministic_std", self.deterministic_std, 0.0, MAX_STD, low_open=True)
-        _count("world_model_steps", self.world_model_steps, minimum=0)
+def _run_guidance() -> GuidanceConfig:
+    # A run synthesises for its target agent unless told otherwise (terms: [] for unguided); a mapping
+    # in the YAML overrides fields of this default, so `guidance: {scale: 0.1}` keeps the policy term.
+    return GuidanceConfig(terms=("policy",))
 
 
 @dataclass(frozen=True)
@@ -251,11 +224,20 @@ class SynthesizeConfig:
     """Ray tasks, each sampling and writing its own Parquet part."""
     name: str = "run/synthetic"
     """Catalog name of the synthetic versions."""
-    guidance: GuidanceSection = field(default_factory=GuidanceSection)
-    """Guidance for the synthetic data (terms: [] for unguided)."""
-    polish: int = 0
-    """Denoise–renoise iterations after sampling (``generator sample --polish``; 0: off). 30 cut the
-    cpu-small trajectory model's one-step dynamics error from 0.187 to 0.082 on HalfCheetah medium-replay."""
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    """How the generator samples (every field of generators.options.SamplerSettings); also the PGD loop's."""
+    guidance: GuidanceConfig = field(default_factory=_run_guidance)
+    """Guidance for the synthetic data (every field of guidance.options.GuidanceConfig). policy and
+    world_model default to the run's target agent and trained world model."""
+    world_model_steps: int = 0
+    """Train a world model for dynamics / return guidance for this many steps (0: its preset's); unused
+    when the guidance names a world_model."""
+
+    MOVED_KEYS: ClassVar[dict[str, str]] = {
+        "polish": "sampler.polish",
+        "guidance.world_model_steps": "world_model_steps",
+    }
+    """Keys of earlier configs, still read, and where they live now."""
 
     def __post_init__(self) -> None:
         _count("transitions", self.transitions)
@@ -263,9 +245,9 @@ class SynthesizeConfig:
         if self.transitions < self.shards:
             raise FieldError("", "need shards ≥ 1 and at least one transition per shard")
         _dataset_name("name", self.name)
-        if self.polish < 0:
-            raise FieldError("polish", f"need ≥ 0 iterations, got {self.polish}")
-        _count("polish", self.polish, minimum=0)  # and the upper bound
+        _count("world_model_steps", self.world_model_steps, minimum=0)
+        if self.world_model_steps and self.guidance.world_model is not None:
+            raise FieldError("world_model_steps", "the guidance names a world_model; give one or the other")
 
 
 @dataclass(frozen=True)
@@ -360,13 +342,14 @@ def check_run_name(name: str) -> str:
 # --- YAML to dataclasses --------------------------------------------------------------------------------
 
 
-def _convert(tp: Any, value: Any, where: str) -> Any:
-    """``value`` as type ``tp`` (dataclasses, tuples, optionals, scalars), or a ConfigError at ``where``."""
+def _convert(tp: Any, value: Any, where: str, base: Any = None) -> Any:
+    """``value`` as type ``tp`` (dataclasses, tuples, optionals, scalars), or a ConfigError at ``where``.
+    A mapping for a dataclass overrides the fields of ``base`` (the field's default) when there is one."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {_shown(value)}")
-        return _build(tp, value, where)
+        return _build(tp, value, where, base)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -389,18 +372,55 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
-def _build(cls: type, data: dict[Any, Any], where: str) -> Any:
+def _nested_base(base: Any, f: dataclasses.Field[Any]) -> Any:
+    """What a mapping given for field ``f`` overrides: the parent's value, else the field's default."""
+    if base is not None:
+        return getattr(base, f.name)
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _moved(data: dict[Any, Any], moved: dict[str, str], where: str) -> dict[Any, Any]:
+    """``data`` with the keys of earlier configs (``moved``: paths at most one level deep) at their
+    current places; a value given at both is refused."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for old, new in moved.items():
+        head, _, leaf = old.rpartition(".")
+        holder = out.get(head) if head else out
+        if not isinstance(holder, dict) or leaf not in holder:
+            continue
+        value = holder.pop(leaf)
+        new_head, _, new_leaf = new.rpartition(".")
+        target = out.setdefault(new_head, {}) if new_head else out
+        if not isinstance(target, dict):
+            raise ConfigError(f"{_join(where, new_head)}: expected a mapping, got {_shown(target)}")
+        if new_leaf in target:
+            raise ConfigError(f"{_join(where, old)}: also given as {_join(where, new)}; give it once")
+        target[new_leaf] = value
+    return out
+
+
+def _build(cls: type, data: dict[Any, Any], where: str, base: Any = None) -> Any:
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in fields(cls)}
     for key in data:
         if not isinstance(key, str):
             raise ConfigError(f"{_join(where, _shown(key))}: keys are names, not {type(key).__name__}")
-    unknown = sorted(set(data) - names)
+    data = _moved(data, getattr(cls, "MOVED_KEYS", {}), where)
+    by_name = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(by_name))
     if unknown:
-        raise ConfigError(f"{_join(where, unknown[0][:60])}: unknown key (known: {', '.join(sorted(names))})")
-    kwargs = {k: _convert(hints[k], v, _join(where, k)) for k, v in data.items()}
+        known = ", ".join(sorted(by_name))
+        raise ConfigError(f"{_join(where, unknown[0][:60])}: unknown key (known: {known})")
+    kwargs = {
+        k: _convert(hints[k], v, _join(where, k), _nested_base(base, by_name[k])) for k, v in data.items()
+    }
     try:
-        return cls(**kwargs)
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+    except OptionError as e:
+        raise FieldError(e.key, e.problem).under(where) from None
     except FieldError as e:
         raise e.under(where) from None
     except ConfigError:

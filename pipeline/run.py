@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -40,6 +40,8 @@ from urllib.parse import urlsplit
 import yaml
 
 from rlsynth.datasets.errors import RlsynthError
+from rlsynth.generators.options import SamplerSettings
+from rlsynth.guidance.options import GuidanceConfig
 from rlsynth.pipeline.config import RunConfig, check_run_name, to_dict
 
 FAIL_ONCE_ENV = "RLSYNTH_FAIL_SHARD_ONCE"
@@ -158,18 +160,23 @@ def _task_train_generator(
     }
 
 
-def _task_shard(
-    catalog_uri: str | None,
-    txn: Any,
-    index: int,
-    generator: str,
-    source_ref: str,
-    n: int,
-    seed: int,
-    guidance: dict[str, Any] | None,
-    episode_offset: int,
-    polish: int = 0,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class SynthesisTask:
+    """What every shard of one synthesis shares; each Ray shard task gets it as one value."""
+
+    catalog_uri: str | None
+    generator: str
+    """The generator's folder."""
+    source_ref: str
+    """Start states (the source's catalog ref)."""
+    seed: int
+    """The run's seed; shard k samples with seed sample_seed(seed, k)."""
+    sampler: SamplerSettings
+    guidance: GuidanceConfig | None
+    """With the target agent and world model filled in (None: unguided)."""
+
+
+def _task_shard(task: SynthesisTask, txn: Any, index: int, n: int, episode_offset: int) -> dict[str, Any]:
     """Sample shard ``index`` and write it as part ``index`` of the open transaction (atomic per part)."""
     import numpy as np
     import torch
@@ -177,23 +184,43 @@ def _task_shard(
     from rlsynth.datasets.catalog import Catalog
     from rlsynth.datasets.types import Transitions
     from rlsynth.generators.api import SampleOptions, load_generator, sample, sample_seed
-    from rlsynth.guidance.spec import GuidanceConfig, build_guidance
+    from rlsynth.guidance.spec import build_guidance
 
     torch.set_num_threads(1)
     marker = os.environ.get(FAIL_ONCE_ENV)
     if marker and not Path(marker).exists():
         Path(marker).write_text(f"shard {index} failed once on purpose\n")
         raise RuntimeError(f"injected failure in shard {index}")
-    gen = load_generator(generator, device="cpu")
-    source = Catalog(catalog_uri).read(source_ref)
-    g = build_guidance(GuidanceConfig(**guidance), gen.info) if guidance else None
+    gen = load_generator(task.generator, device="cpu")
+    source = Catalog(task.catalog_uri).read(task.source_ref)
+    g = build_guidance(task.guidance, gen.info) if task.guidance is not None else None
     t0 = time.perf_counter()
-    ds = sample(gen, source, n, SampleOptions(seed=sample_seed(seed, index), guidance=g, polish=polish))
+    opts = SampleOptions.of(task.sampler, seed=sample_seed(task.seed, index), guidance=g)
+    ds = sample(gen, source, n, opts)
     t = ds.transitions
     cols = {c: np.array(getattr(t, c)) for c in Transitions.columns()}
     cols["episode_id"] = cols["episode_id"] + episode_offset
     part = txn.write_part(index, Transitions(**cols))
     return {"index": index, "rows": len(t), "seconds": time.perf_counter() - t0, "part": part}
+
+
+def synthesis_guidance(
+    g: GuidanceConfig, target_agent: str, world_model: str | None
+) -> GuidanceConfig | None:
+    """A run's synthesis guidance: ``g`` with the files it names, else the run's target agent (for the
+    policy term) and trained world model; None when it has no terms."""
+    if not g.terms:
+        return None
+    return replace(
+        g,
+        policy=g.policy or (target_agent if "policy" in g.terms else None),
+        world_model=g.world_model or world_model,
+    )
+
+
+def pgd_guidance(g: GuidanceConfig) -> GuidanceConfig:
+    """The PGD condition's guidance: ``g``'s policy term as configured; the loop fills in its agent."""
+    return replace(g, terms=("policy",), policy=None, world_model=None)
 
 
 # --- the run ------------------------------------------------------------------------------------------
@@ -471,8 +498,31 @@ def run_pipeline(
     target = check_ray_address(address)
     cat = Catalog(catalog_uri)
     check_source_exists(cfg, cat)
+    check_guidance_files(cfg)
     with ray_session(target, log) as ray:
         return _run_stages(cfg, run_dir, cat, catalog_uri, ray, log)
+
+
+def check_guidance_files(cfg: RunConfig) -> None:
+    """The agent and world model the guidance section names, if any, exist (before anything starts)."""
+    g = cfg.synthesize.guidance
+    if g.policy is not None and not Path(g.policy).is_file():
+        raise RlsynthError(f"synthesize.guidance.policy: {g.policy}: no such agent file")
+    if g.world_model is not None and not Path(g.world_model).is_dir():
+        raise RlsynthError(f"synthesize.guidance.world_model: {g.world_model}: no such generator folder")
+
+
+def named_inputs(g: GuidanceConfig) -> dict[str, str]:
+    """The content hashes of the files the guidance section names: synthesis depends on them."""
+    from rlsynth.datasets.sources import file_sha256
+    from rlsynth.generators.checkpoint import checkpoint_hash
+
+    out: dict[str, str] = {}
+    if g.policy is not None:
+        out["policy"] = file_sha256(Path(g.policy))
+    if g.world_model is not None:
+        out["world_model"] = checkpoint_hash(Path(g.world_model))
+    return out
 
 
 def check_source_exists(cfg: RunConfig, cat: Any) -> None:
@@ -563,7 +613,8 @@ def _run_stages(
     metrics["stages"] |= {"target": target, "generator": gen}
     gsec = cfg.synthesize.guidance
     wm: dict[str, Any] | None = None
-    if {"dynamics", "return"} & set(gsec.terms):
+    if {"dynamics", "return"} & set(gsec.terms) and gsec.world_model is None:
+        wm_steps = cfg.synthesize.world_model_steps
 
         def wm_work(folder: Path) -> dict[str, Any]:
             return ray.get(
@@ -572,30 +623,20 @@ def _run_stages(
                     src["ref"],
                     "world-model",
                     "cpu-small",
-                    gsec.world_model_steps or None,
+                    wm_steps or None,
                     cfg.seed,
                     str(folder / "model"),
                 )
             )
 
-        wm = runner.stage("world-model", {"steps": gsec.world_model_steps, "seed": cfg.seed}, src_in, wm_work)
+        wm = runner.stage("world-model", {"steps": wm_steps, "seed": cfg.seed}, src_in, wm_work)
         metrics["stages"]["world-model"] = wm
-    guidance = (
-        {
-            "terms": list(gsec.terms),
-            "policy": target["agent"] if "policy" in gsec.terms else None,
-            "scale": gsec.scale,
-            "world_model": wm["folder"] if wm else None,
-            "dynamics_scale": gsec.dynamics_scale,
-            "deterministic_std": gsec.deterministic_std,
-        }
-        if gsec.terms
-        else None
-    )
+    guidance = synthesis_guidance(gsec, target["agent"], wm["folder"] if wm else None)
 
     # 4. synthesize: shards as Ray tasks, one commit
     syn_cfg = asdict(cfg.synthesize) | {"seed": cfg.seed}
     syn_in = {"generator": gen["checkpoint_hash"], "target": target["agent"], "source": src["content_hash"]}
+    syn_in |= named_inputs(gsec)
 
     def synth_work(folder: Path) -> dict[str, Any]:
         s = cfg.synthesize
@@ -606,16 +647,14 @@ def _run_stages(
         ]
         offsets = [sum(sizes[:i]) for i in range(s.shards)]
         max_in_flight = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        task = SynthesisTask(catalog_uri, gen["folder"], src["ref"], cfg.seed, s.sampler, guidance)
         try:
-            shard_args = [
-                (catalog_uri, txn, i, gen["folder"], src["ref"], n, cfg.seed, guidance, offsets[i], s.polish)
-                for i, n in enumerate(sizes)
-            ]
+            shard_args = [(task, txn, i, n, offsets[i]) for i, n in enumerate(sizes)]
             results = run_bounded(ray, remote["shard"], shard_args, max_in_flight, "synthesize", log)
             lineage = {
                 "sources": [{"ref": src["ref"], "content_hash": src["content_hash"]}],
                 "generator": {"folder": gen["folder"], "checkpoint_hash": gen["checkpoint_hash"]},
-                "guidance": guidance,
+                "guidance": None if guidance is None else asdict(guidance),
                 "synthesize": syn_cfg,
                 "run": str(run_dir),
             }
@@ -675,15 +714,11 @@ def _run_stages(
             elif c == "mixed":
                 conds.append(Condition("mixed", data=(syn["ref"],), mix=((src["ref"], 16),)))
             else:
-                from rlsynth.guidance.spec import GuidanceConfig
-
                 conds.append(Condition("pgd", pgd=PGDSpec(
                     generator=gen["folder"], real=src["ref"], name=f"{cfg.synthesize.name}-pgd",
                     regenerate_every=a.pgd_regenerate_every, synthetic_transitions=a.pgd_transitions,
-                    guidance=GuidanceConfig(terms=("policy",), scale=gsec.scale,
-                                            deterministic_std=gsec.deterministic_std),
-                    initial_target=target["agent"] if a.pgd_warm_start else None,
-                    polish=cfg.synthesize.polish)))  # fmt: skip
+                    guidance=pgd_guidance(gsec), initial_target=target["agent"] if a.pgd_warm_start else None,
+                    sampler=cfg.synthesize.sampler)))  # fmt: skip
         ccfg = CompareConfig(algos=a.algos, seeds=a.seeds, steps=a.steps, eval_every=a.eval_every,
                              eval_episodes=a.eval_episodes, final_episodes=a.final_episodes,
                              catalog=catalog_uri)  # fmt: skip
@@ -706,7 +741,8 @@ def _run_stages(
         "synthetic": syn["content_hash"],
         "generator": gen["checkpoint_hash"],
     } | ({"target": target["agent"]} if cfg.agents.pgd_warm_start else {})
-    agents_key = asdict(cfg.agents) | {"seed": cfg.seed, "scale": gsec.scale, "std": gsec.deterministic_std}
+    pgd_sampling = {"guidance": asdict(pgd_guidance(gsec)), "sampler": asdict(cfg.synthesize.sampler)}
+    agents_key = asdict(cfg.agents) | {"seed": cfg.seed} | pgd_sampling
     agents = runner.stage("agents", agents_key, agents_in, agents_work)
     metrics["stages"]["agents"] = agents
     metrics["status"] = runner.status

@@ -5,12 +5,14 @@ from __future__ import annotations
 import functools
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from helpers import make_dataset
+from helpers import make_dataset, make_episode
 
+from rlsynth.datasets import fidelity
 from rlsynth.datasets.envs import env_info, make_env
 from rlsynth.datasets.errors import RlsynthError
 from rlsynth.datasets.fidelity import EvalConfig, MujocoOracle, NoOracleError, evaluate, plot, window_starts
@@ -149,6 +151,108 @@ def test_novelty_and_coverage_against_a_reference() -> None:
     assert far["novelty"]["mean"] > 2 * r["novelty"]["mean"]
     assert far["coverage"] < r["coverage"]
     assert 0.0 <= far["coverage"] <= r["coverage"] <= 1.0
+
+
+def old_nn_dist(query: np.ndarray, ref: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """The old search, kept as the oracle: each query chunk against the whole reference at once."""
+    q, r = torch.as_tensor(query, dtype=torch.float32), torch.as_tensor(ref, dtype=torch.float32)
+    out = [torch.cdist(q[lo : lo + chunk], r).min(1).values for lo in range(0, len(q), chunk)]
+    return torch.cat(out).numpy().astype(np.float64)
+
+
+def old_novelty_and_coverage(
+    t: Transitions, ref: Transitions, n: int, rng: np.random.Generator
+) -> dict[str, Any]:
+    """The old implementation, kept as the oracle: whole float64 tables, dense blocks."""
+
+    def feats(x: Transitions) -> np.ndarray:
+        return np.concatenate([x.observations, x.actions], 1).astype(np.float64)
+
+    ref_f = feats(ref)
+    mu, sd = ref_f.mean(0), np.maximum(ref_f.std(0), 1e-6)
+    ref_z, ds_z = (ref_f - mu) / sd, (feats(t) - mu) / sd
+    q = ds_z[rng.choice(len(ds_z), size=min(n, len(ds_z)), replace=False)]
+    perm = rng.permutation(len(ref_z))
+    half = len(perm) // 2
+    ref_a, ref_b = ref_z[perm[:half]], ref_z[perm[half:]]
+    spacing = old_nn_dist(ref_a[:n], ref_b)
+    novelty = old_nn_dist(q, ref_z)
+    ref_q = ref_z[rng.choice(len(ref_z), size=min(n, len(ref_z)), replace=False)]
+    cover = old_nn_dist(ref_q, ds_z) <= float(np.median(spacing))
+    return {
+        "novelty": {"mean": float(novelty.mean()), "median": float(np.median(novelty)), "rows": len(q)},
+        "reference_spacing": {"mean": float(spacing.mean()), "median": float(np.median(spacing))},
+        "coverage": float(cover.mean()),
+    }
+
+
+def random_rows(seed: int, lengths: tuple[int, ...], obs_dim: int = 11, act_dim: int = 3) -> Transitions:
+    rng = np.random.default_rng(seed)
+    eps = [make_episode(rng, n, i % 2 == 0, obs_dim, act_dim) for i, n in enumerate(lengths)]
+    return episodes_to_transitions(eps)
+
+
+@pytest.mark.parametrize("block", [40, 300, fidelity.NN_REF_BLOCK])
+@pytest.mark.parametrize(
+    ("ref_lengths", "ds_lengths", "n"),
+    [
+        ((500, 400, 600), (700, 650), 1100),  # several query blocks, the last one partial
+        ((9, 11), (12, 18), 1100),  # references of at most 25 rows: cdist's direct path
+        ((300, 200), (100,), 40),
+        ((1000, 1033), (999, 1000, 1), 2000),  # the default query count; uneven block splits
+    ],
+)
+def test_blocked_novelty_and_coverage_equal_the_dense_search(
+    monkeypatch: pytest.MonkeyPatch,
+    block: int,
+    ref_lengths: tuple[int, ...],
+    ds_lengths: tuple[int, ...],
+    n: int,
+) -> None:
+    monkeypatch.setattr(fidelity, "NN_REF_BLOCK", block)
+    ref, t = random_rows(0, ref_lengths), random_rows(1, ds_lengths)
+    want = old_novelty_and_coverage(t, ref, n, np.random.default_rng(3))
+    assert fidelity.novelty_and_coverage(t, ref, n, np.random.default_rng(3)) == want
+
+
+@pytest.mark.parametrize("block", [1, 7, 64, fidelity.NN_REF_BLOCK])
+@pytest.mark.parametrize("dims", [(1, 1), (11, 3), (17, 6)])
+def test_feature_stats_equal_numpy_over_the_whole_table(
+    monkeypatch: pytest.MonkeyPatch, block: int, dims: tuple[int, int]
+) -> None:
+    monkeypatch.setattr(fidelity, "NN_REF_BLOCK", block)
+    t = random_rows(2, (90, 45, 120), *dims)
+    table = np.concatenate([t.observations, t.actions], 1).astype(np.float64) * 37.0 + 1e3  # rounding-prone
+    t = replace(t, observations=table[:, : dims[0]], actions=table[:, dims[0] :])
+    mean, std = fidelity.feature_stats(t)
+    np.testing.assert_array_equal(mean, table.mean(0))
+    np.testing.assert_array_equal(std, np.maximum(table.std(0), 1e-6))
+
+
+def test_nearest_distances_match_a_brute_force_search(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fidelity, "NN_REF_BLOCK", 50)
+    rng = np.random.default_rng(4)
+    q, r = rng.normal(size=(1300, 17)).astype(np.float32), rng.normal(size=(333, 17)).astype(np.float32)
+    brute = np.sqrt(((q[:, None].astype(np.float64) - r[None]) ** 2).sum(-1)).min(1)
+    blocks = (r[lo : lo + 50] for lo in range(0, len(r), 50))
+    np.testing.assert_allclose(fidelity._nn_dist(q, blocks, len(r)), brute, rtol=1e-5, atol=1e-5)
+
+
+def test_no_distance_block_spans_the_whole_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Memory is bounded by the block: no cdist call sees more than NN_QUERY_BLOCK × 2·NN_REF_BLOCK pairs."""
+    shapes: list[tuple[int, int]] = []
+    cdist = torch.cdist
+
+    def spy(x1: torch.Tensor, x2: torch.Tensor, **kw: Any) -> torch.Tensor:
+        shapes.append((len(x1), len(x2)))
+        return cdist(x1, x2, **kw)
+
+    monkeypatch.setattr(fidelity, "NN_REF_BLOCK", 64)
+    monkeypatch.setattr(torch, "cdist", spy)
+    ref, t = random_rows(5, (900, 700)), random_rows(6, (800, 600))
+    fidelity.novelty_and_coverage(t, ref, 1500, np.random.default_rng(0))
+    assert max(a for a, _ in shapes) <= fidelity.NN_QUERY_BLOCK
+    assert min(b for _, b in shapes) >= 64 and max(b for _, b in shapes) < 2 * 64
 
 
 def test_window_starts_never_cross_episodes() -> None:

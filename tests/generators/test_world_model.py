@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import assert_same_transitions
 
 from rlsynth.datasets.errors import RlsynthError
 from rlsynth.datasets.recipes import RecipeConfig, build
 from rlsynth.datasets.types import Dataset
 from rlsynth.datasets.validation import validate_transitions
+from rlsynth.generators import world_model
 from rlsynth.generators.api import LoadedGenerator, SampleOptions, load_generator, sample, train_generator
 from rlsynth.generators.checkpoint import CheckpointError, checkpoint_hash
-from rlsynth.generators.world_model import EnsembleLinear, WorldModel, WorldModelConfig
+from rlsynth.generators.world_model import (
+    BUCKET_ROWS,
+    EnsembleLinear,
+    StepOutput,
+    WorldModel,
+    WorldModelConfig,
+    WorldModelNormalisers,
+    member_buckets,
+    model_step,
+)
 
 
 @functools.cache
@@ -115,3 +128,102 @@ def test_bad_requests_are_clear_errors(gen: LoadedGenerator, tmp_path: Path) -> 
     (tmp_path / "broken").mkdir()
     with pytest.raises(CheckpointError, match=r"config\.json: missing"):
         load_generator(tmp_path / "broken")
+
+
+# --- evaluating only the member each row uses, against the whole ensemble's evaluation -----------------
+
+
+@torch.no_grad()
+def whole_ensemble_step(
+    model: WorldModel,
+    norms: WorldModelNormalisers,
+    obs: torch.Tensor,
+    act: torch.Tensor,
+    member: torch.Tensor,
+    noise: torch.Tensor | None,
+) -> StepOutput:
+    """:func:`model_step` as it was: every member evaluates every row, then each row keeps its own."""
+    x = torch.cat([norms.obs.normalise(obs), norms.act.normalise(act)], 1)
+    mean, logvar, logit = model(x.unsqueeze(0).expand(model.cfg.ensemble, -1, -1))
+    rows = torch.arange(x.shape[0], device=x.device)
+    mu, lv, lg = mean[member, rows], logvar[member, rows], logit[member, rows]
+    z = mu if noise is None else mu + torch.exp(0.5 * lv) * noise
+    o = model.obs_dim
+    next_obs = obs + norms.delta.denormalise(z[:, :o])
+    reward = norms.reward.denormalise(z[:, o:]).squeeze(1)
+    bound = model.cfg.divergence_bound
+    diverged = ~torch.isfinite(next_obs).all(1) | (norms.obs.normalise(next_obs).abs() > bound).any(1)
+    return StepOutput(next_obs, reward, torch.sigmoid(lg) > 0.5, diverged)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run with n torch threads: bit-identity needs each thread's share of an elementwise op to fill whole
+    vectors in the whole ensemble's tensors too, true at 1, 2, 4 or 8 threads, not at 3 (see BUCKET_ROWS)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_member_buckets_place_every_row_once() -> None:
+    member = torch.tensor([3, 0, 3, 3, 1, 0, 3])
+    used, rows, bucket, slot = member_buckets(member)
+    assert used.tolist() == [0, 1, 3]
+    assert rows.shape == (3, BUCKET_ROWS)
+    # Each row sits in its member's bucket, in order; the padding repeats row 0.
+    assert rows[bucket, slot].tolist() == list(range(7))
+    assert rows[2, :4].tolist() == [0, 2, 3, 6] and rows[0, :2].tolist() == [1, 5]
+    assert (used[bucket] == member).all()
+    assert member_buckets(torch.zeros(BUCKET_ROWS + 1, dtype=torch.long))[1].shape == (1, 2 * BUCKET_ROWS)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        WorldModelConfig(ensemble=3, elites=2, hidden=16, layers=1),
+        WorldModelConfig(),  # cpu-small's ensemble: 5 members, 4 elites, 3 layers of 200
+    ],
+)
+@pytest.mark.parametrize("noise", [True, False])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_model_step_evaluating_only_the_used_members_is_bit_identical(
+    cfg: WorldModelConfig, noise: bool, threads: int
+) -> None:
+    torch.manual_seed(0)
+    data = tiny_data()
+    model = WorldModel(data.info.observation_space.dim, data.info.action_space.dim, cfg)
+    model.elite_idx.copy_(torch.arange(cfg.ensemble)[-cfg.elites :])  # members from 1 on
+    norms = WorldModelNormalisers.fit(data.transitions)
+    t = data.transitions
+    rows = np.random.default_rng(0).choice(len(t), 256)  # one rollout chunk
+    obs, act = torch.as_tensor(t.observations[rows]), torch.as_tensor(t.actions[rows])
+    for k in range(4):
+        g = torch.Generator().manual_seed(k)
+        member = model.elite_idx[torch.randint(cfg.elites, (256,), generator=g)]
+        z = torch.randn((256, model.out_dim), generator=g) if noise else None
+        with torch_threads(threads):
+            new = model_step(model, norms, obs, act, member, z)
+            old = whole_ensemble_step(model, norms, obs, act, member, z)
+        for field in ("next_obs", "reward", "terminal", "diverged"):
+            assert torch.equal(getattr(new, field), getattr(old, field)), field
+        obs = new.next_obs
+
+
+def test_rollouts_are_those_of_the_whole_ensemble_evaluation(
+    gen: LoadedGenerator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Same seeds, same content: the trained cpu-small-shaped ensemble, replayed and policy-driven actions.
+    runs = []
+    for step in (model_step, whole_ensemble_step):
+        monkeypatch.setattr(world_model, "model_step", step)
+        with torch_threads(2):
+            replay = sample_world_model(gen, tiny_data(), 600, seed=5, horizon=12)
+            driven = sample_world_model(
+                gen, tiny_data(), 300, seed=6, horizon=8, policy=lambda o: 0.3 * torch.tanh(o[:, :6])
+            )
+        runs.append((replay, driven))
+    for a, b in zip(*runs, strict=True):
+        assert_same_transitions(a, b)

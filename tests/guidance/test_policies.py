@@ -11,7 +11,18 @@ import torch
 from helpers import make_dataset, tiny_agent
 
 from rlsynth.datasets.d3rlpy_setup import import_d3rlpy
-from rlsynth.guidance.policies import D3rlpyPolicy, GaussianPolicy, TargetPolicy, load_policy, normal_log_prob
+from rlsynth.guidance.policies import (
+    ATANH_CLIP,
+    D3rlpyPolicy,
+    GaussianPolicy,
+    ScoredPolicy,
+    TargetPolicy,
+    load_policy,
+    normal_log_prob,
+    normal_score,
+    tanh_normal_log_prob,
+    tanh_normal_score,
+)
 
 
 def batch(n: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,3 +90,139 @@ def test_gaussian_policy_protocol() -> None:
     obs, _ = batch()
     assert isinstance(pol, TargetPolicy)
     torch.testing.assert_close(pol.mean_action(obs), obs[:, :3])
+
+
+# --- closed-form action scores, against finite differences and autograd (the fallback) -----------------
+
+
+def central_difference(f: object, a: torch.Tensor, h: float) -> torch.Tensor:
+    """∂/∂a of Σ f(a) per entry by central differences (float64)."""
+    g = torch.zeros_like(a)
+    for i in range(a.shape[0]):
+        for d in range(a.shape[1]):
+            e = torch.zeros_like(a)
+            e[i, d] = h
+            g[i, d] = (f(a + e) - f(a - e)).sum() / (2 * h)  # type: ignore[operator]
+    return g
+
+
+def autograd_score(log_prob: object, a: torch.Tensor) -> torch.Tensor:
+    a = a.detach().clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(log_prob(a).sum(), a)  # type: ignore[operator]
+    return g
+
+
+@pytest.mark.parametrize("std", [1.0, 0.3, 1e-4])
+def test_normal_score_is_the_gradient(std: float) -> None:
+    gen = torch.Generator().manual_seed(0)
+    mu = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    a = mu + std * torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    sd = torch.full_like(a, std)
+    score = normal_score(a, mu, sd)
+    torch.testing.assert_close(score, autograd_score(lambda x: normal_log_prob(x, mu, sd), a), rtol=0, atol=0)
+    fd = central_difference(lambda x: normal_log_prob(x, mu, sd), a, h=1e-3 * std)
+    torch.testing.assert_close(score, fd, rtol=1e-6, atol=1e-6 / std)
+
+
+# Near the bound: |a| → 1 inside the clip (1 − 1e-5 is 10× the clip's distance from it), on the clip
+# itself, and past it, where the clamp is flat and the gradient 0.
+EDGE = [0.0, 0.5, -0.9, 0.999, -(1 - 1e-5), ATANH_CLIP]
+
+
+@pytest.mark.parametrize("std", [0.5, 1e-3])
+def test_tanh_normal_score_is_the_gradient_up_to_the_bounds(std: float) -> None:
+    a = torch.tensor([EDGE], dtype=torch.float64).T.repeat(1, 2)  # (6, 2)
+    a[:, 1] = -a[:, 1]
+    mu = torch.linspace(-1.0, 1.0, a.numel(), dtype=torch.float64).reshape(a.shape)
+    sd = torch.full_like(a, std)
+    score = tanh_normal_score(a, mu, sd)
+    assert torch.isfinite(score).all()
+    oracle = autograd_score(lambda x: tanh_normal_log_prob(x, mu, sd), a)
+    torch.testing.assert_close(score, oracle, rtol=1e-12, atol=0)
+    inner = a.abs() < ATANH_CLIP  # a difference step must not cross the clip
+    h = 1e-4 * (1 - a.abs()).clamp_min(1e-7)
+    fd = torch.zeros_like(a)
+    for i, d in inner.nonzero().tolist():
+        e = torch.zeros_like(a)
+        e[i, d] = h[i, d]
+        fd[i, d] = (tanh_normal_log_prob(a + e, mu, sd) - tanh_normal_log_prob(a - e, mu, sd)).sum() / (
+            2 * e[i, d]
+        )
+    torch.testing.assert_close(score[inner], fd[inner], rtol=1e-5, atol=1e-6)
+
+
+def test_tanh_normal_score_is_zero_past_the_clip_like_autograd() -> None:
+    a = torch.tensor([[1.0, -1.0, 1 - 1e-7, 1.5]], dtype=torch.float64)
+    mu, sd = torch.zeros_like(a), torch.full_like(a, 0.1)
+    score = tanh_normal_score(a, mu, sd)
+    assert score.tolist() == [[0.0] * 4]
+    torch.testing.assert_close(score, autograd_score(lambda x: tanh_normal_log_prob(x, mu, sd), a))
+
+
+def edge_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Real observations with actions pushed to the bounds in some entries (env units = agent units)."""
+    obs, act = batch(8)
+    act = act.clone()
+    act[0, 0], act[1, 1], act[2, 2], act[3, 0] = 0.99999, -0.999999, 1.0, -1.0
+    return obs, act
+
+
+def d3rlpy_targets() -> dict[str, D3rlpyPolicy]:
+    d3 = import_d3rlpy()
+    scaler = d3.preprocessing.MinMaxActionScaler(
+        minimum=np.full(3, -2.0, np.float32), maximum=np.full(3, 2.0, np.float32)
+    )
+    configs = {
+        "iql (gaussian around tanh mu)": d3.algos.IQLConfig(batch_size=16),
+        "cql (tanh-squashed)": d3.algos.CQLConfig(batch_size=16),
+        "sac (tanh-squashed, state-dependent std)": d3.algos.SACConfig(batch_size=16),
+        "td3+bc (deterministic, action scaler)": d3.algos.TD3PlusBCConfig(
+            batch_size=16, action_scaler=scaler
+        ),
+        "sac with action scaler": d3.algos.SACConfig(batch_size=16, action_scaler=scaler),
+    }
+    return {k: D3rlpyPolicy(tiny_agent(c, steps=2)) for k, c in configs.items()}
+
+
+@pytest.fixture(scope="module")
+def targets() -> dict[str, D3rlpyPolicy]:
+    return d3rlpy_targets()
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "iql (gaussian around tanh mu)",
+        "cql (tanh-squashed)",
+        "sac (tanh-squashed, state-dependent std)",
+        "td3+bc (deterministic, action scaler)",
+        "sac with action scaler",
+    ],
+)
+def test_d3rlpy_closed_form_score_matches_autograd(targets: dict[str, D3rlpyPolicy], name: str) -> None:
+    pol = targets[name]
+    assert isinstance(pol, ScoredPolicy)
+    obs, act = edge_batch()
+    if pol.act_scaler is not None:
+        act = 2 * act  # env actions in [-2, 2]: the agent sees them in [-1, 1]
+    lp, score = pol.log_prob_and_action_score(obs, act)
+    assert not lp.requires_grad and not score.requires_grad
+    torch.testing.assert_close(lp, pol.log_prob(obs, act), rtol=0, atol=0)  # the same forward pass
+    oracle = autograd_score(lambda a: pol.log_prob(obs, a), act)
+    # Gaussian kinds agree bit for bit; tanh-squashed ones to float32 rounding of 2a − (atanh a − μ)/σ²,
+    # whose entries reach 1e5 at the bounds.
+    torch.testing.assert_close(score, oracle, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("std", [0.3, 1e-3])
+def test_gaussian_policy_closed_form_score_matches_autograd_and_finite_differences(std: float) -> None:
+    w = torch.linspace(-0.5, 0.5, 33, dtype=torch.float64).reshape(11, 3)
+    pol = GaussianPolicy(mean_fn=lambda o: torch.tanh(o @ w), std=torch.full((3,), std, dtype=torch.float64))
+    assert isinstance(pol, ScoredPolicy)
+    obs, act = (x.double() for x in batch())
+    lp, score = pol.log_prob_and_action_score(obs, act)
+    torch.testing.assert_close(lp, pol.log_prob(obs, act), rtol=0, atol=0)
+    oracle = autograd_score(lambda a: pol.log_prob(obs, a), act)
+    torch.testing.assert_close(score, oracle, rtol=0, atol=0)
+    fd = central_difference(lambda a: pol.log_prob(obs, a), act, h=1e-3 * std)
+    torch.testing.assert_close(score, fd, rtol=1e-6, atol=1e-6 / std)

@@ -18,7 +18,7 @@ from rlsynth.generators.checkpoint import Normaliser
 from rlsynth.generators.edm import karras_sigmas
 from rlsynth.generators.tokens import TokenCodec, TokenLayout, windows
 from rlsynth.generators.world_model import WorldModel, WorldModelConfig, WorldModelNormalisers
-from rlsynth.guidance.policies import GaussianPolicy, load_policy
+from rlsynth.guidance.policies import D3rlpyPolicy, GaussianPolicy, load_policy
 from rlsynth.guidance.terms import (
     DynamicsTerm,
     Guidance,
@@ -121,6 +121,89 @@ def test_policy_gradient_matches_finite_differences_and_moves_actions_only() -> 
     c, z = window_codec()
     term = PolicyTerm(c, TermOptions(scale=1, normalise=False), target_policy())
     check_gradient(term, z, moved=[11, 12, 13], fixed=[0, 5, 10, 14, 15])
+
+
+def transition_codec() -> tuple[TokenCodec, torch.Tensor]:
+    """A codec for Hopper-shaped transition features and a batch of random normalised ones (float64)."""
+    layout = TokenLayout.for_spaces(make_dataset().info.observation_space, make_dataset().info.action_space)
+    f = 2 * layout.obs_dim + layout.act_dim + 2
+    gen = torch.Generator().manual_seed(0)
+    c = TokenCodec(layout, np.linspace(-0.5, 0.5, f), np.linspace(0.5, 2.0, f), "transition")
+    return c, 2 * torch.randn(64, f, generator=gen, dtype=torch.float64)
+
+
+class PlainTarget:
+    """A target with no closed-form score: guidance falls back to autograd through ``log_prob``."""
+
+    def __init__(self, inner: GaussianPolicy) -> None:
+        self.inner = inner
+
+    def log_prob(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        return self.inner.log_prob(obs, act)
+
+    def mean_action(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.inner.mean_action(obs)
+
+
+@pytest.mark.parametrize("form", ["window", "transition"])
+def test_closed_form_policy_gradient_is_autograds(form: str) -> None:
+    c, z = window_codec() if form == "window" else transition_codec()
+    term = PolicyTerm(c, TermOptions(scale=1), target_policy())
+    assert term.scored is not None
+    j, g = term.value_and_gradient(z)
+    j_auto, g_auto = Term.value_and_gradient(term, z)  # the autograd oracle
+    assert float(g.abs().max()) > 1e-3
+    torch.testing.assert_close(j, j_auto, rtol=0, atol=0)
+    torch.testing.assert_close(g, g_auto, rtol=1e-12, atol=1e-12)
+    fallback = PolicyTerm(c, TermOptions(scale=1), PlainTarget(target_policy()))
+    assert fallback.scored is None
+    torch.testing.assert_close(fallback.value_and_gradient(z)[1], g_auto, rtol=0, atol=0)
+
+
+def test_closed_form_policy_gradient_of_a_squashed_d3rlpy_agent_is_autograds() -> None:
+    # float32 actor: its score agrees with autograd to float32 rounding (tests/guidance/test_policies.py).
+    d3 = import_d3rlpy()
+    pol = load_target(d3.algos.SACConfig(batch_size=16))
+    c, z = window_codec()
+    z = z.clone()
+    z[:2, :, c.layout.act] *= 40  # action codes far out: decoded actions on the tanh bounds
+    term = PolicyTerm(c, TermOptions(scale=1), pol)
+    j, g = term.value_and_gradient(z)
+    j_auto, g_auto = Term.value_and_gradient(term, z)
+    torch.testing.assert_close(j, j_auto, rtol=0, atol=0)
+    torch.testing.assert_close(g, g_auto, rtol=1e-4, atol=1e-5)
+
+
+def load_target(config: object) -> D3rlpyPolicy:
+    return D3rlpyPolicy(tiny_agent(config, steps=2))
+
+
+def whole_ensemble_elite_means(term: DynamicsTerm, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+    """The elites' means from the whole ensemble's evaluation (what evaluating only them replaced)."""
+    x = torch.cat([term.norms.obs.normalise(obs), term.norms.act.normalise(act)], 1)
+    mean, _, _ = term.model(x.unsqueeze(0).expand(term.model.cfg.ensemble, -1, -1))
+    return mean[term.model.elite_idx]
+
+
+@pytest.mark.parametrize("cls", [DynamicsTerm, ReturnTerm])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_world_model_terms_evaluating_only_the_elites_are_bit_identical(
+    cls: type[DynamicsTerm], dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    c, z = window_codec()
+    wm = WorldModel(11, 3, WorldModelConfig(ensemble=5, elites=3, hidden=32, layers=2)).to(dtype)
+    wm.elite_idx.copy_(torch.tensor([0, 2, 4]))  # a dropped member between the elites
+    term = cls(c, TermOptions(scale=1), wm, world_model()[1])
+    z = z.to(dtype).repeat(8, 1, 1)
+    j, g = term.value_and_gradient(z)
+    monkeypatch.setattr(cls, "elite_means", whole_ensemble_elite_means)
+    j_all, g_all = term.value_and_gradient(z)
+    assert float(g.abs().max()) > 0
+    assert torch.equal(j, j_all)
+    # The input's gradient sums the members' parts, and the whole ensemble's sum held exact zeros for the
+    # dropped members: torch's reduction groups its terms by position, so a sum may differ in its last bit.
+    tol = 1e-6 if dtype == torch.float32 else 1e-14
+    torch.testing.assert_close(g, g_all, rtol=tol, atol=tol * float(g.abs().max()))
 
 
 @pytest.mark.parametrize("cls", [DynamicsTerm, ReturnTerm])

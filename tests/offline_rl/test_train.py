@@ -15,6 +15,7 @@ from rlsynth.datasets.agents import AgentError, load_agent
 from rlsynth.datasets.catalog import Catalog
 from rlsynth.datasets.errors import RlsynthError
 from rlsynth.datasets.types import Dataset, Transitions
+from rlsynth.generators.options import SamplerSettings
 from rlsynth.offline_rl.evaluate import D4RL_REFERENCES, Reference, evaluate_agent, reference_for, summarise
 from rlsynth.offline_rl.mixture import Mixture
 from rlsynth.offline_rl.pgd import PGDConfig, run_pgd
@@ -215,13 +216,13 @@ def test_pgd_loop_drafts_with_an_autoregressive_generator_and_records_its_refine
     ar = replace(ar, config={**ar.config, "refiner": str(traj.folder)})  # as `--refiner` records it
     cat = Catalog(str(tmp_path / "cat"))
     cfg = PGDConfig(algo="td3bc", steps=6, regenerate_every=4, synthetic_transitions=60, synthetic_rows=12,
-                    real_rows=4, polish=2)  # fmt: skip
+                    real_rows=4, sampler=SamplerSettings(polish=2))  # fmt: skip
     res = run_pgd(cfg, ar, random_hopper(), cat, "pgd/ar", tmp_path / "run", progress=False)
     first, second = (cat.manifest(r.version)["lineage"] for r in res.rounds)
     assert first["generator"]["kind"] == "autoregressive" and first["guidance"] is None
-    assert first["pgd"]["config"]["polish"] == 2
-    with pytest.raises(RlsynthError, match="pgd polish must be ≥ 0, got -1"):
-        replace(cfg, polish=-1)
+    assert first["pgd"]["config"]["sampler"]["polish"] == 2
+    with pytest.raises(RlsynthError, match="polish must be a non-negative number of iterations, got -1"):
+        replace(cfg, sampler=SamplerSettings(polish=-1))
     assert second["generator"]["refiner"]["checkpoint_hash"] == traj.checkpoint_hash
     assert second["guidance"][0]["term"] == "policy" and cat.read("pgd/ar@2").n_transitions == 60
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from rlsynth.pipeline import config as config_module
-from rlsynth.pipeline.config import ConfigError, GuidanceSection, RunConfig, load_config, to_dict
+from rlsynth.pipeline.config import ConfigError, RunConfig, load_config, to_dict
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -53,7 +53,26 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
         ("source: {recipe: random}\nagents: {pgd_warm_start: 3}\n", "agents.pgd_warm_start: expected bool"),
         ("source: {recipe: random, ref: a@1}\n", "exactly one of ref or recipe"),
         ("source: {recipe: random}\ngenerator: {kind: world-model}\n", "cannot be guided"),
-        ("source: {recipe: random}\nsynthesize: {polish: -2}\n", "synthesize.polish: need ≥ 0 iterations"),
+        (
+            "source: {recipe: random}\nsynthesize: {polish: -2}\n",
+            "synthesize.sampler.polish: must be a non-negative number of iterations",
+        ),
+        (
+            "source: {recipe: random}\nsynthesize: {polish: 2, sampler: {polish: 3}}\n",
+            "synthesize.polish: also given as synthesize.sampler.polish",
+        ),
+        (
+            "source: {recipe: random}\nsynthesize: {sampler: {churn: -1}}\n",
+            "synthesize.sampler.churn: must be a finite non-negative number",
+        ),
+        (
+            "source: {recipe: random}\nsynthesize: {sampler: {steps: 0}}\n",
+            "synthesize.sampler.steps: must be",
+        ),
+        (
+            "source: {recipe: random}\nsynthesize: {sampler: {seed: 3}}\n",
+            "synthesize.sampler.seed: unknown key",
+        ),
         ("source: [1, 2]\n", "source: expected a mapping"),
         ("- just\n- a list\n", "must be a mapping"),
         ("source: {recipe: random\n", "not valid YAML"),
@@ -77,7 +96,19 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
         ("source: {recipe: random}\ntarget: {algo: ppo}\n", "target.algo: unknown 'ppo'"),
         ("source: {recipe: random}\ngenerator: {preset: huge}\n", "generator.preset: unknown 'huge'"),
         ("source: {recipe: random}\ngenerator: {steps: 0}\n", "generator.steps: must be between 1"),
-        ("source: {recipe: random}\nsynthesize: {guidance: {terms: [vibes]}}\n", "guidance.terms: unknown"),
+        (
+            "source: {recipe: random}\nsynthesize: {guidance: {terms: [vibes]}}\n",
+            "guidance.terms: must be one of policy, dynamics, return, got 'vibes'",
+        ),
+        ("source: {recipe: random}\nsynthesize: {guidance: {schedule: cosine}}\n", "guidance.schedule: must"),
+        ("source: {recipe: random}\nsynthesize: {guidance: {at: there}}\n", "guidance.at: must be one of"),
+        ("source: {recipe: random}\nsynthesize: {guidance: {normalise: 1}}\n", "normalise: expected bool"),
+        ("source: {recipe: random}\nsynthesize: {guidance: {return_scale: 2000}}\n", "must be in [0, 1000]"),
+        ("source: {recipe: random}\nsynthesize: {guidance: {colour: red}}\n", "guidance.colour: unknown key"),
+        (
+            "source: {recipe: random}\nsynthesize: {world_model_steps: 5, guidance: {world_model: wm}}\n",
+            "synthesize.world_model_steps: the guidance names a world_model",
+        ),
         ("source: {recipe: random}\nsynthesize: {guidance: {terms: [policy, policy]}}\n", "given twice"),
         (
             "source: {recipe: random}\nsynthesize: {guidance: {scale: .nan}}\n",
@@ -119,10 +150,14 @@ def test_missing_file_is_clear(tmp_path: Path) -> None:
         load_config(tmp_path / "nope.yaml")
 
 
-def test_guidance_defaults_match_the_guidance_package() -> None:
-    from rlsynth.guidance.policies import DETERMINISTIC_STD
+def test_earlier_keys_are_read_where_they_live_now() -> None:
+    from rlsynth.pipeline.config import from_dict
 
-    assert GuidanceSection().deterministic_std == DETERMINISTIC_STD
+    synthesize = {"polish": 3, "guidance": {"world_model_steps": 7, "scale": 0.2}}
+    old = from_dict({"source": {"recipe": "random"}, "synthesize": synthesize})
+    assert old.synthesize.sampler.polish == 3 and old.synthesize.world_model_steps == 7
+    assert old.synthesize.guidance.scale == 0.2 and old.synthesize.guidance.terms == ("policy",)
+    assert "polish" not in to_dict(old)["synthesize"]  # the resolved config has the current keys
 
 
 def test_an_alias_bomb_is_refused_at_once(tmp_path: Path) -> None:
@@ -152,11 +187,11 @@ def test_vocabularies_match_their_registries() -> None:
     """The config's literal vocabularies (kept so loading stays free of torch) are the registries'."""
     from rlsynth.datasets.recipes import RECIPES
     from rlsynth.generators.api import PRESETS
-    from rlsynth.guidance.spec import TERMS
+    from rlsynth.guidance import options, terms
     from rlsynth.offline_rl.train import ALGOS
 
     assert config_module.RECIPES == RECIPES and config_module.ALGOS == ALGOS
-    assert config_module.GUIDANCE_TERMS == TERMS
+    assert options.SCHEDULES == terms.SCHEDULES and options.POINTS == terms.POINTS
     for kind in config_module.GUIDED_KINDS:
         assert tuple(PRESETS[kind]) == config_module.PRESETS
 

@@ -73,7 +73,7 @@ def test_every_stage_runs_and_a_failed_shard_is_retried(ray_cluster: None, tmp_p
     assert cat.verify(syn["ref"])["ok"]
     assert man["lineage"]["generator"]["checkpoint_hash"] == m["stages"]["generator"]["checkpoint_hash"]
     assert man["lineage"]["guidance"]["terms"] == ["policy"]
-    assert man["lineage"]["synthesize"]["polish"] == 2  # and the shards sampled with it
+    assert man["lineage"]["synthesize"]["sampler"]["polish"] == 2  # and the shards sampled with it
     agg = {r["condition"] for r in m["stages"]["agents"]["aggregate"]}
     assert agg == {"real", "synthetic", "mixed", "pgd"}
     report = (tmp_path / "runs" / "r1" / "report.md").read_text()
