@@ -496,7 +496,7 @@ def test_diffusion_and_autoregressive_generators_from_the_cli(tmp_path: Path, en
                               "--steps", "2", "--churn", other, "--json", env=env))  # fmt: skip
     assert churned["lineage"]["sampling"]["churn"] == float(other)
     assert churned["content_hash"] != made["content_hash"]  # the option reaches the sampler
-    assert made["lineage"]["sampling"]["polish"] == 0
+    assert made["lineage"]["sampling"]["polish"] == model_cfg["polish"]  # polished by default
     polished = as_json(rlsynth("generator", "sample", str(traj), "--n-transitions", "40", "--name", "hc/traj",
                                "--steps", "2", "--polish", "3", "--json", env=env))  # fmt: skip
     assert polished["lineage"]["sampling"]["polish"] == 3
