@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import yaml
 
-from rlsynth.datasets.errors import RlsynthError
+from rlsynth.datasets.errors import RlsynthError, read_bounded
 from rlsynth.generators.options import OptionError, SamplerSettings
 from rlsynth.guidance.options import GuidanceConfig
 
@@ -464,12 +464,9 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
 
 
 def _read_yaml(p: Path) -> Any:
-    if not p.is_file():
-        raise ConfigError(f"{p}: no such config file" if not p.exists() else f"{p}: not a regular file")
-    with open(p, "rb") as f:
-        raw = f.read(MAX_CONFIG_BYTES + 1)
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{p}: larger than {MAX_CONFIG_BYTES >> 10} KiB; a run config is a page of YAML")
+    if not p.exists():
+        raise ConfigError(f"{p}: no such config file")
+    raw = read_bounded(p, MAX_CONFIG_BYTES, "run config (a page of YAML)", ConfigError)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
