@@ -22,10 +22,12 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 from rlsynth.datasets.catalog import Catalog
 from rlsynth.datasets.errors import RlsynthError
-from rlsynth.generators.api import SampleOptions, load_generator, sample
+from rlsynth.datasets.sources import source_lineage
+from rlsynth.generators.api import load_generator
 from rlsynth.generators.options import SamplerSettings
-from rlsynth.guidance.spec import GuidanceConfig, build_guidance
+from rlsynth.guidance.options import GuidanceConfig
 from rlsynth.offline_rl.compare import CompareConfig, Condition, PGDSpec, compare
+from rlsynth.offline_rl.synthesis import synthesize
 from rlsynth.offline_rl.train import ALGOS
 from rlsynth.pipeline.bench_report import int_list, write_section
 
@@ -133,15 +135,24 @@ def main(argv: list[str] | None = None) -> None:
     stamp = time.strftime("%Y%m%d%H%M%S")
     gcfg = GuidanceConfig(terms=("policy",), scale=a.scale, deterministic_std=a.pgd_std)
     made = {}
-    static = [("unguided", None)] if {"unguided", "mix"} & set(keys) else []
+    static: list[tuple[str, GuidanceConfig | None]] = (
+        [("unguided", None)] if {"unguided", "mix"} & set(keys) else []
+    )
     if "guided" in keys:
-        static.append(("guided", build_guidance(GuidanceConfig(terms=("policy",), policy=a.target,
-                       scale=a.scale), gen.info)))  # fmt: skip
+        static.append(("guided", GuidanceConfig(terms=("policy",), policy=a.target, scale=a.scale)))
     for label, g in static:
         t0 = time.perf_counter()
-        ds = sample(gen, real, a.synthetic, SampleOptions(seed=1, guidance=g, polish=a.polish))
-        ref = cat.write(f"bench/downstream-{stamp}/{label}", ds, lineage={"bench": "downstream", "guidance":
-                        None if g is None else list(g.spec)})  # fmt: skip
+        syn = synthesize(
+            gen,
+            real,
+            a.synthetic,
+            SamplerSettings(polish=a.polish),
+            g,
+            seed=1,
+            source_ref=source_lineage(a.data, real, cat),
+            producer={"name": "bench/downstream"},
+        )
+        ref = cat.write(f"bench/downstream-{stamp}/{label}", syn.dataset, lineage=syn.lineage)
         made[label] = str(ref)
         print(f"{label}: {ref} in {time.perf_counter() - t0:.0f} s", flush=True)
     pgd = PGDSpec(

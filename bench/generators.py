@@ -34,10 +34,10 @@ from rlsynth.generators.api import (
     SampleOptions,
     load_generator,
     preset,
-    sample,
     train_generator,
 )
 from rlsynth.generators.diffusion import TrajectoryConfig, TransitionConfig
+from rlsynth.offline_rl.synthesis import synthesize
 from rlsynth.pipeline.bench_report import write_section
 
 # About one whole sampling chunk of every family (AR: 1024 windows ≈ 31.7k transitions; trajectory:
@@ -107,7 +107,7 @@ def timed_sample(gen: LoadedGenerator, ds: Dataset, n: int, opts: SampleOptions)
     rates = []
     for _ in range(REPEATS):
         t0 = time.perf_counter()
-        out = sample(gen, ds, n, opts)
+        out = synthesize(gen, ds, n, opts.settings(), seed=opts.seed, refiner=opts.refiner).dataset
         rates.append(n / (time.perf_counter() - t0))
     return out, float(np.median(rates))
 

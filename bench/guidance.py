@@ -37,12 +37,13 @@ from rlsynth.generators.api import (
     SampleOptions,
     load_generator,
     record_refiner,
-    sample,
     train_generator,
     used_settings,
 )
+from rlsynth.generators.options import SamplerSettings
 from rlsynth.guidance.policies import D3rlpyPolicy, load_policy
-from rlsynth.guidance.spec import GuidanceConfig, build_guidance
+from rlsynth.guidance.spec import GuidanceConfig
+from rlsynth.offline_rl.synthesis import synthesize
 from rlsynth.offline_rl.train import train_agent
 from rlsynth.pipeline.bench_report import write_section
 
@@ -107,10 +108,9 @@ def run_target(
     ]
     for label, cfg, sigma_start in conds:
         cfg = replace(cfg, policy=str(agent) if "policy" in cfg.terms else None, world_model=str(wm_dir))
-        g = build_guidance(cfg, gen.info)
-        opts = SampleOptions(seed=0, guidance=g, refiner=ref, sigma_start=sigma_start)
+        settings = SamplerSettings(sigma_start=sigma_start)
         t0 = time.perf_counter()
-        synth = sample(gen, ds, N, opts)
+        synth = synthesize(gen, ds, N, settings, cfg if cfg.terms else None, seed=0, refiner=ref).dataset
         rate = N / (time.perf_counter() - t0)
         row = {
             "target": name,

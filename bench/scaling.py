@@ -19,8 +19,9 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from rlsynth.datasets.catalog import Catalog
+from rlsynth.generators.options import SamplerSettings
 from rlsynth.pipeline.bench_report import write_section
-from rlsynth.pipeline.run import _task_shard, init_ray, run_bounded
+from rlsynth.pipeline.run import SynthesisTask, _task_shard, init_ray, run_bounded
 
 
 def main() -> None:
@@ -42,15 +43,18 @@ def main() -> None:
         cat.write("source", src.read(a.data))
         # Warm-up: start both worker processes and import everything before anything is timed.
         warm = cat.begin("warm-up", info)
-        warm_args = [(tmp, warm, i, a.generator, "source@1", 10, 0, None, 10 * i) for i in range(2)]
+        warm_task = SynthesisTask(tmp, a.generator, "source@1", 0, SamplerSettings(), None, shards=2)
+        warm_args = [(warm_task, warm, i, 10, 10 * i) for i in range(2)]
         run_bounded(ray, task, warm_args, 2, "warm-up", lambda _s: None)
         warm.abort()
         hashes = []
         for workers in (1, 2):
             txn = cat.begin("synthetic", info)
+            shard_task = SynthesisTask(
+                tmp, a.generator, "source@1", 0, SamplerSettings(), None, shards=a.shards
+            )
             args = [
-                (tmp, txn, i, a.generator, "source@1", a.shard_transitions, 0, None, i * a.shard_transitions)
-                for i in range(a.shards)
+                (shard_task, txn, i, a.shard_transitions, i * a.shard_transitions) for i in range(a.shards)
             ]
             t0 = time.perf_counter()
             results = run_bounded(ray, task, args, workers, f"{workers} worker(s)", lambda _s: None)

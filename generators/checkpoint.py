@@ -10,16 +10,22 @@ A checkpoint folder holds::
 Optimiser state dicts are nested dicts of tensors and numbers; they are flattened to ``a.b.c`` keys for
 safetensors, with the non-tensor leaves and the nesting kept in JSON. Writes go to a temporary name and are
 renamed into place, so an interrupted save never leaves a half-written checkpoint behind.
+
+A checkpoint is untrusted input: its model config is checked against the config class's field types and
+:data:`SIZE_LIMITS`, its data description and its normalisers against their shapes, each failure one line
+naming the file (:mod:`generators.loading` applies these checks before anything is built).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import os
 import struct
 import tempfile
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rlsynth.datasets.errors import RlsynthError, first_line, read_bounded
+from rlsynth.datasets.types import DatasetInfo
 
 
 class CheckpointError(RlsynthError):
@@ -283,3 +290,82 @@ def checkpoint_hash(folder: Path) -> str:
         h.update(name.encode())
         h.update(hashlib.sha256(p.read_bytes()).digest())
     return "sha256:" + h.hexdigest()
+
+
+# Upper bounds on a checkpoint's architecture sizes, far above any preset (gpu-paper's largest width is
+# 1024): a config.json is untrusted, and these keep even building a meta-device skeleton cheap.
+SIZE_LIMITS = {
+    "horizon": 1024, "width": 8192, "depth": 64, "emb": 4096, "heads": 64, "kv_heads": 64,
+    "mlp_ratio": 16, "stride": 1024, "sample_steps": 10_000, "refine_steps": 1000, "ensemble": 100,
+    "elites": 100, "hidden": 8192, "layers": 64, "channels": 8192, "polish": 10_000,
+}  # fmt: skip
+# Settings where 0 means "none" (no refinement steps, no polishing) rather than an empty model.
+MAY_BE_ZERO = frozenset({"refine_steps", "polish"})
+MAX_CHANNEL_LEVELS = 8
+SIGNED_FLOATS = frozenset({"p_mean"})
+"""Float settings that may be negative (log σ's mean); every other one is a non-negative scale."""
+
+
+def _check_number(name: str, v: Any, hint: Any, where: Path) -> None:
+    """One model-config value against its declared type and bound."""
+    bad = f"{where}: model setting {name}={str(v)[:40]}"
+    name = name.rsplit(".", 1)[-1]
+    if hint is float:
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise CheckpointError(f"{bad} is not a finite number")
+        if v < 0 and name not in SIGNED_FLOATS:
+            raise CheckpointError(f"{bad} must not be negative")
+        return
+    if v is None and hint == (int | None):
+        return
+    limit = SIZE_LIMITS.get(name, 1_000_000)
+    lowest = 0 if name in MAY_BE_ZERO else 1
+    if type(v) is not int or not lowest <= v <= limit:
+        raise CheckpointError(f"{bad} must be an integer in [{lowest}, {limit}]")
+
+
+def check_model_fields(cls: Any, d: Any, where: Path, prefix: str = "") -> None:
+    """Every field of ``d`` is one of ``cls``'s, of its type and within :data:`SIZE_LIMITS` (nested
+    dataclasses are checked the same way), before anything is built from it."""
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{where}: model config {prefix or 'model'} is not a JSON object")
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(d) - set(hints))
+    if unknown:
+        raise CheckpointError(f"{where}: unknown model setting {prefix}{unknown[0][:40]}")
+    for name, v in d.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            check_model_fields(hint, v, where, f"{prefix}{name}.")
+        elif typing.get_origin(hint) is tuple:
+            if not isinstance(v, list) or not 1 <= len(v) <= MAX_CHANNEL_LEVELS:
+                raise CheckpointError(
+                    f"{where}: model setting {name} must be a list of 1-{MAX_CHANNEL_LEVELS} sizes"
+                )
+            for x in v:
+                _check_number(name, x, int, where)
+        else:
+            _check_number(f"{prefix}{name}", v, hint, where)
+
+
+def checkpoint_info(config: Any, where: Path) -> DatasetInfo:
+    """The data description a checkpoint records (its env id checked: gymnasium would import a
+    ``module:Name`` id); each failure is one line naming the file."""
+    data = config.get("data")
+    if not isinstance(data, dict) or not isinstance(data.get("info"), dict):
+        raise CheckpointError(f"{where}: no data.info (not an rlsynth generator config)")
+    if not isinstance(data.get("source", {}), dict):
+        raise CheckpointError(f"{where}: data.source is not a JSON object")
+    try:
+        return DatasetInfo.from_json(data["info"])
+    except RlsynthError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{where}: data.info is malformed ({type(e).__name__}: {e})") from None
+
+
+def read_norms(path: Path, dims: dict[str, int]) -> dict[str, Normaliser]:
+    stats = read_json(path)
+    if not isinstance(stats, dict) or set(stats) != set(dims):
+        raise CheckpointError(f"{path}: expected normalisers {sorted(dims)}")
+    return {k: Normaliser.from_json(stats[k], dims[k], f"{path} [{k}]") for k in dims}

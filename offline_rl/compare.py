@@ -110,6 +110,7 @@ def _run_job(job: Job) -> dict[str, Any]:
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
     if cond.pgd is not None:
+        from rlsynth.datasets.sources import source_lineage
         from rlsynth.generators.api import load_generator
         from rlsynth.offline_rl.pgd import run_pgd
 
@@ -131,7 +132,8 @@ def _run_job(job: Job) -> dict[str, Any]:
         gen = load_generator(p.generator, device=cfg.generator_device)
         res = run_pgd(
             pcfg, gen, real, cat, f"{p.name}/{job.algo}-s{job.seed}", out,
-            every=cfg.eval_every, callback=callback, progress=False,
+            real_lineage=source_lineage(p.real, real, cat), every=cfg.eval_every, callback=callback,
+            progress=False,
         )  # fmt: skip
         agent_path = res.agent
         extra: dict[str, Any] = {"versions": [r.version for r in res.rounds]}

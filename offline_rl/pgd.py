@@ -4,8 +4,10 @@ An agent trains on batches of ``synthetic_rows`` synthetic + ``real_rows`` real 
 the paper). The synthetic set is sampled from a diffusion generator and regenerated every
 ``regenerate_every`` agent steps with the current agent as the policy-guidance target; the first set is
 unguided (there is no trained agent yet) unless ``initial_target`` names an agent from an earlier stage.
-Each synthetic set is committed as the next catalog version of ``name``; its lineage holds the round, the
-agent step, the agent file's SHA-256 and the previous round's version, so the chain can be followed back.
+Each synthetic set is committed as the next catalog version of ``name`` (sampled through
+:func:`offline_rl.synthesis.synthesize`); its lineage's ``agent`` pins the target agent's file by SHA-256 and
+its ``producer`` holds the round, the agent step and the previous round's version, so the chain can be
+followed back.
 The agent saved for each round lives in ``out/agents/``.
 
 The agent's observation scaler is fitted on the first round's mixture and then kept: regenerating data
@@ -24,12 +26,12 @@ import numpy as np
 from rlsynth.datasets.agents import save_agent
 from rlsynth.datasets.catalog import Catalog
 from rlsynth.datasets.errors import RlsynthError
-from rlsynth.datasets.sources import file_sha256
 from rlsynth.datasets.types import Dataset
-from rlsynth.generators.api import LoadedGenerator, SampleOptions, generator_lineage, refiner_for, sample
+from rlsynth.generators.api import LoadedGenerator, SampleOptions, refiner_for
 from rlsynth.generators.options import SamplerSettings
-from rlsynth.guidance.spec import GuidanceConfig, build_guidance
+from rlsynth.guidance.spec import GuidanceConfig
 from rlsynth.offline_rl.mixture import Mixture
+from rlsynth.offline_rl.synthesis import synthesize
 from rlsynth.offline_rl.train import ALGOS, Callback, TrainingLog, build_algo, fit
 
 
@@ -129,33 +131,32 @@ def run_pgd(
     for r in range(cfg.rounds):
         start = r * cfg.regenerate_every
         target: Path | None = None
-        guidance = None
         if r == 0 and cfg.initial_target is not None:
             target = Path(cfg.initial_target).resolve()
         elif r > 0 and cfg.guidance.terms:
             target = out / "agents" / f"step-{start}.d3"
             save_agent(algo, target, {"pgd_round": r, "step": start, "algo": cfg.algo})
+        gcfg = None
         if target is not None:
             gcfg = replace(cfg.guidance, policy=str(target) if "policy" in cfg.guidance.terms else None)
-            guidance = build_guidance(gcfg, generator.info)
-        synth = sample(
+        made = synthesize(
             generator,
             real,
             cfg.synthetic_transitions,
-            SampleOptions.of(cfg.sampler, seed=cfg.seed * 1_000_003 + r, guidance=guidance, refiner=refiner),
-        )
-        lineage = {
-            "sources": [real_lineage or {"source": real.source}],
-            "generator": generator_lineage(generator, refiner),
-            "pgd": {
+            cfg.sampler,
+            gcfg,
+            seed=cfg.seed * 1_000_003 + r,
+            source_ref=real_lineage,
+            refiner=refiner,
+            producer={
+                "name": "pgd",
                 "round": r,
                 "agent_step": start,
                 "previous": previous,
-                "target": None if target is None else {"path": str(target), "sha256": file_sha256(target)},
                 "config": asdict(cfg),
             },
-            "guidance": list(guidance.spec) if guidance is not None else None,
-        }
+        )
+        synth, lineage = made.dataset, made.lineage
         ref = catalog.write(name, synth, lineage=lineage, tags={"generator": generator.kind, "pgd_round": r})
         previous = str(ref)
         rounds.append(PGDRound(r, start, previous, None if target is None else str(target)))

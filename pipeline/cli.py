@@ -736,16 +736,9 @@ def generator_sample_cmd(
     Diffusion kinds (trajectory, transition) and autoregressive drafts take --guidance terms; world-model
     rollouts take --policy as the acting agent."""
     from rlsynth.datasets.catalog import check_name
-    from rlsynth.datasets.sources import file_sha256, load_source
-    from rlsynth.generators.api import (
-        SampleOptions,
-        generator_lineage,
-        load_generator,
-        refiner_for,
-        sample,
-        used_settings,
-    )
-    from rlsynth.guidance.spec import build_guidance
+    from rlsynth.datasets.sources import load_source, source_lineage
+    from rlsynth.generators.api import load_generator
+    from rlsynth.offline_rl.synthesis import synthesize
 
     settings = from_params(SamplerSettings, options)
     check_name(name)
@@ -763,51 +756,31 @@ def generator_sample_cmd(
             "world-model rollouts are steered by --policy (the agent acts), not by guidance",
             param_hint="--guidance",
         )
-    guidance = build_guidance(gcfg, gen.info)
     src = gen.config["data"].get("source", {})
     ref = data_ref or src.get("ref") or src.get("source")
     if not isinstance(ref, str):
         raise RlsynthError(f"{folder}: no training data recorded in config.json; pass --data")
     source = load_source(ref, cat)
-    policy_fn = None
-    policy_lineage: dict[str, Any] = {"kind": "data"}
-    if policy_spec != "data" and not diffused:
-        from rlsynth.guidance.policies import load_policy
-
-        pol = load_policy(policy_spec)
-        policy_fn = pol.mean_action
-        policy_lineage = {
-            "kind": pol.kind,
-            "path": str(Path(policy_spec).resolve()),
-            "sha256": file_sha256(Path(policy_spec)),
-        }
     if _given(ctx, "temperature") and gen.kind != "autoregressive":
         raise click.BadParameter("applies to autoregressive generators only", param_hint="--temperature")
     for option in ("churn", "polish"):
         if _given(ctx, option) and not diffused:
             raise click.BadParameter("applies to diffusion kinds only", param_hint=f"--{option}")
     explicit = load_generator(refiner) if refiner and gen.kind == "autoregressive" else None
-    refiner_gen = refiner_for(gen, SampleOptions(refiner=explicit))
-    opts = SampleOptions.of(settings, seed=seed, policy=policy_fn, refiner=refiner_gen, guidance=guidance)
-    used = used_settings(gen, opts)
-    ds = sample(gen, source, n_transitions, opts)
-    lineage = {
-        "sources": [src],
-        "start_states": ref,
-        "generator": generator_lineage(gen, refiner_gen),
-        "agent": policy_lineage if policy_spec != "data" and not diffused else None,
-        "guidance": list(guidance.spec) if guidance is not None else None,
-        "sampling": {
-            "n_transitions": n_transitions,
-            "horizon": settings.horizon,
-            "policy": policy_lineage,
-            # The settings used (the model's defaults resolved), not the flags as given.
-            **used,
-        },
-        "seeds": {"sample": seed},
-    }
+    made = synthesize(
+        gen,
+        source,
+        n_transitions,
+        settings,
+        gcfg if gcfg.terms else None,
+        seed=seed,
+        source_ref=source_lineage(ref, source, cat),
+        actor=policy_spec if policy_spec != "data" and not diffused else None,
+        refiner=explicit,
+        producer={"name": "generator sample"},
+    )
     tags = {"generator": gen.kind, "guidance": "+".join(gcfg.terms) or "none"}
-    r = cat.write(name, ds, lineage=lineage, tags=tags)
+    r = cat.write(name, made.dataset, lineage=made.lineage, tags=tags)
     _report_version(cat, r, as_json, "sampled")
 
 

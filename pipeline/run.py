@@ -174,17 +174,23 @@ class SynthesisTask:
     sampler: SamplerSettings
     guidance: GuidanceConfig | None
     """With the target agent and world model filled in (None: unguided)."""
+    shards: int = 1
+    """How many shards the synthesis has (recorded in lineage)."""
+    source: dict[str, Any] | None = None
+    """How the start states are recorded in lineage (default: ``{"source": source_ref}``)."""
 
 
 def _task_shard(task: SynthesisTask, txn: Any, index: int, n: int, episode_offset: int) -> dict[str, Any]:
-    """Sample shard ``index`` and write it as part ``index`` of the open transaction (atomic per part)."""
+    """Sample shard ``index`` and write it as part ``index`` of the open transaction (atomic per part);
+    returns the part's row count, time and lineage (:func:`offline_rl.synthesis.combine_shards` joins
+    the parts' lineages)."""
     import numpy as np
     import torch
 
     from rlsynth.datasets.catalog import Catalog
     from rlsynth.datasets.types import Transitions
-    from rlsynth.generators.api import SampleOptions, load_generator, sample, sample_seed
-    from rlsynth.guidance.spec import build_guidance
+    from rlsynth.generators.api import load_generator
+    from rlsynth.offline_rl.synthesis import Shard, synthesize
 
     torch.set_num_threads(1)
     marker = os.environ.get(FAIL_ONCE_ENV)
@@ -193,15 +199,24 @@ def _task_shard(task: SynthesisTask, txn: Any, index: int, n: int, episode_offse
         raise RuntimeError(f"injected failure in shard {index}")
     gen = load_generator(task.generator, device="cpu")
     source = Catalog(task.catalog_uri).read(task.source_ref)
-    g = build_guidance(task.guidance, gen.info) if task.guidance is not None else None
     t0 = time.perf_counter()
-    opts = SampleOptions.of(task.sampler, seed=sample_seed(task.seed, index), guidance=g)
-    ds = sample(gen, source, n, opts)
-    t = ds.transitions
+    made = synthesize(
+        gen,
+        source,
+        n,
+        task.sampler,
+        task.guidance,
+        seed=task.seed,
+        source_ref=task.source or {"source": task.source_ref},
+        shard=Shard(index, task.shards),
+        producer={"name": "run"},
+    )
+    t = made.dataset.transitions
     cols = {c: np.array(getattr(t, c)) for c in Transitions.columns()}
     cols["episode_id"] = cols["episode_id"] + episode_offset
     part = txn.write_part(index, Transitions(**cols))
-    return {"index": index, "rows": len(t), "seconds": time.perf_counter() - t0, "part": part}
+    seconds = time.perf_counter() - t0
+    return {"index": index, "rows": len(t), "seconds": seconds, "part": part, "lineage": made.lineage}
 
 
 def synthesis_guidance(
@@ -647,17 +662,31 @@ def _run_stages(
         ]
         offsets = [sum(sizes[:i]) for i in range(s.shards)]
         max_in_flight = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        task = SynthesisTask(catalog_uri, gen["folder"], src["ref"], cfg.seed, s.sampler, guidance)
+        from rlsynth.offline_rl.synthesis import combine_shards
+
+        # As datasets.sources.source_lineage records a catalog source (its content hash is already known).
+        source_entry = {
+            "source": src["ref"],
+            "content_hash": src["content_hash"],
+            "kind": "catalog",
+            "ref": src["ref"],
+        }
+        task = SynthesisTask(
+            catalog_uri,
+            gen["folder"],
+            src["ref"],
+            cfg.seed,
+            s.sampler,
+            guidance,
+            shards=s.shards,
+            source=source_entry,
+        )
         try:
             shard_args = [(task, txn, i, n, offsets[i]) for i, n in enumerate(sizes)]
             results = run_bounded(ray, remote["shard"], shard_args, max_in_flight, "synthesize", log)
-            lineage = {
-                "sources": [{"ref": src["ref"], "content_hash": src["content_hash"]}],
-                "generator": {"folder": gen["folder"], "checkpoint_hash": gen["checkpoint_hash"]},
-                "guidance": None if guidance is None else asdict(guidance),
-                "synthesize": syn_cfg,
-                "run": str(run_dir),
-            }
+            parts = [r["lineage"] for r in sorted(results, key=lambda r: int(r["index"]))]
+            producer = {"name": "run", "run": str(run_dir), "synthesize": syn_cfg}
+            lineage = combine_shards(parts) | {"producer": producer}
             ref = txn.commit(lineage=lineage, tags={"run": cfg.name}, expected_parts=s.shards)
         except BaseException:
             txn.abort()

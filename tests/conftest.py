@@ -1,4 +1,4 @@
-"""Shared fixtures: an isolated catalog and Minari root per test."""
+"""Shared fixtures: an isolated catalog and Minari root per test, tiny generators trained once per session."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import make_dataset
+from helpers import SharedGenerator, generator_cache, make_dataset
 
 from rlsynth.datasets.catalog import Catalog
 from rlsynth.datasets.types import Dataset
@@ -18,6 +18,13 @@ from rlsynth.datasets.types import Dataset
 @pytest.fixture
 def dataset_factory() -> Callable[..., Dataset]:
     return make_dataset
+
+
+@pytest.fixture(scope="session")
+def shared_generator(tmp_path_factory: pytest.TempPathFactory) -> SharedGenerator:
+    """``shared_generator(kind, steps=10, **model_overrides)``: a tiny generator trained once per session
+    (:func:`helpers.generator_cache`); tests must not write into its folder."""
+    return generator_cache(tmp_path_factory.mktemp("shared-generators"))
 
 
 @pytest.fixture

@@ -1,10 +1,15 @@
-"""Helpers shared by the tests: tiny datasets built in memory and exact comparisons."""
+"""Helpers shared by the tests: tiny datasets built in memory, exact comparisons, tiny generators and
+agents, and the benchmark scripts loaded as modules."""
 
 from __future__ import annotations
 
 import functools
+import importlib.util
+import json
+import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -84,6 +89,26 @@ def tiny_generator(kind: str, out: Path, steps: int = 10, **overrides: Any) -> L
     return load_generator(out, device="cpu")
 
 
+class SharedGenerator(Protocol):
+    """The ``shared_generator`` fixture: :func:`tiny_generator` without a folder, trained once a session."""
+
+    def __call__(self, kind: str, steps: int = 10, **overrides: Any) -> LoadedGenerator: ...
+
+
+def generator_cache(root: Path) -> SharedGenerator:
+    """:func:`tiny_generator` trained once per (kind, steps, overrides) into ``root``: for the tests that only
+    read a generator (one that tampers with its folder trains its own)."""
+    made: dict[str, LoadedGenerator] = {}
+
+    def get(kind: str, steps: int = 10, **overrides: Any) -> LoadedGenerator:
+        key = json.dumps([kind, steps, overrides], sort_keys=True)
+        if key not in made:
+            made[key] = tiny_generator(kind, root / f"{kind}-{len(made)}", steps, **overrides)
+        return made[key]
+
+    return get
+
+
 def tiny_agent(config: Any, data: Dataset | None = None, steps: int = 10, save_to: Path | None = None) -> Any:
     """A d3rlpy algorithm from ``config`` fitted ``steps`` steps on ``data`` (default: :func:`make_dataset`);
     saved to ``save_to`` when given (machinery, not quality)."""
@@ -101,3 +126,17 @@ def tiny_agent(config: Any, data: Dataset | None = None, steps: int = 10, save_t
     if save_to is not None:
         algo.save(str(save_to))
     return algo
+
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@functools.cache
+def load_bench(name: str) -> ModuleType:
+    """``bench/NAME.py`` as a module (the benchmarks are scripts, not a package), loaded once."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(mod)
+    return mod

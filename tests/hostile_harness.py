@@ -12,11 +12,12 @@ from __future__ import annotations
 import os
 import resource
 import subprocess
-import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from processes import cli_command
 
 REPO = Path(__file__).resolve().parents[1]
 EVIL_MODULE = "rlsynth_evil_marker"
@@ -92,7 +93,7 @@ def run_cli(
     child_env["PYTHONPATH"] = os.pathsep.join([*extra, child_env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     start = time.monotonic()
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from rlsynth.pipeline.cli import entry; entry()", *args],
+        cli_command(*args),
         cwd=cwd,
         env=child_env,
         stdin=subprocess.DEVNULL,

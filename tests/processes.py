@@ -1,5 +1,6 @@
-"""Finding the processes a test started (by an environment marker they inherit) and free ports: shared by
-the Ray tests, which must leave no process behind and never use fixed ports."""
+"""Starting the real CLI in a subprocess (one spelling of the command for every CLI test), finding the
+processes a test started (by an environment marker they inherit) and free ports: the Ray tests must leave
+no process behind and never use fixed ports."""
 
 from __future__ import annotations
 
@@ -7,8 +8,32 @@ import contextlib
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
+
+CLI = (sys.executable, "-c", "from rlsynth.pipeline.cli import entry; entry()")
+"""The console entry point in a fresh interpreter, as the installed ``rlsynth`` command runs it."""
+
+
+def cli_command(*args: str) -> list[str]:
+    """The command line running ``rlsynth ARGS...`` (for :class:`subprocess.Popen`)."""
+    return [*CLI, *args]
+
+
+def run_cli(
+    *args: str,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float | None = None,
+    check: bool = False,
+) -> subprocess.CompletedProcess[str]:
+    """``rlsynth ARGS...`` run to completion, its output captured as text."""
+    return subprocess.run(
+        cli_command(*args), capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout, check=check
+    )
+
 
 MARKER = "RLSYNTH_TEST_RAY_MARKER"
 """Put in the environment of every process a test starts (they inherit it), so that exactly those

@@ -2,24 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-
-
-def load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(mod)
-    return mod
-
+from helpers import load_bench as load
 
 DOWNSTREAM = ["--data", "d@1", "--generator", "G", "--target", "t.d3"]
 
@@ -98,7 +85,7 @@ def test_downstream_rejects_a_generator_that_cannot_be_guided(
     Catalog(tmp_path / "cat").write("toy/real", random_hopper())
     tiny_generator("world-model", tmp_path / "wm", steps=2)
     sampled: list[object] = []
-    monkeypatch.setattr(downstream, "sample", lambda *a, **k: sampled.append(a))
+    monkeypatch.setattr(downstream, "synthesize", lambda *a, **k: sampled.append(a))
     with pytest.raises(downstream.RlsynthError, match="is a world-model model; guidance needs a diffusion"):
         downstream.main(
             f"--data toy/real@1 --catalog {tmp_path / 'cat'} --generator {tmp_path / 'wm'} "

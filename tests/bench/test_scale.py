@@ -2,30 +2,16 @@
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
-from helpers import make_dataset
+from helpers import BENCH, make_dataset
+from helpers import load_bench as load
 
 from rlsynth.datasets.validation import validate_transitions
-
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-
-
-@functools.cache
-def load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_tiled_data_renumbers_each_copy_and_truncates_a_cut_episode() -> None:

@@ -1,4 +1,5 @@
-"""One shared contract for every generator family: shapes, finiteness, seeds, save/load, resume.
+"""Every generator family against the shared contract (:mod:`family_contract`: shapes, finiteness, seeds,
+save/load, lineage, resume), and the family-specific behaviour beside it.
 
 Models are tiny and trained for a handful of steps: these tests check the machinery, not the quality
 (the benchmark measures quality).
@@ -10,19 +11,18 @@ import multiprocessing
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from helpers import random_hopper, tiny_generator
+from family_contract import check_family
+from helpers import SharedGenerator, random_hopper, tiny_generator
 
 from rlsynth.datasets.errors import RlsynthError
-from rlsynth.datasets.validation import validate_transitions
 from rlsynth.generators import api
-from rlsynth.generators.api import KINDS, LoadedGenerator, SampleOptions, load_generator, sample
+from rlsynth.generators.api import KINDS, LoadedGenerator, SampleOptions, sample
 from rlsynth.generators.autoregressive import AutoregressiveConfig, Drafter
-from rlsynth.generators.checkpoint import CheckpointError, read_tensors
+from rlsynth.generators.checkpoint import CheckpointError
 from rlsynth.generators.diffusion import TrajectoryDiffusion, TransitionDiffusion
 from rlsynth.generators.edm import PerSampleNoise
 from rlsynth.generators.nets import CausalTransformer
@@ -37,82 +37,18 @@ CLASSES = {
 }
 
 
-def fit(kind: str, out: Path, steps: int = 10) -> LoadedGenerator:
-    return tiny_generator(kind, out, steps)
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, LoadedGenerator]:
-    root = tmp_path_factory.mktemp("families")
-    return {k: fit(k, root / k) for k in KINDS}
-
-
-def opts(kind: str, seed: int) -> SampleOptions:
-    return SampleOptions(seed=seed, horizon=6 if kind == "world-model" else None)
+def trained(shared_generator: SharedGenerator) -> dict[str, LoadedGenerator]:
+    return {k: shared_generator(k) for k in KINDS}
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_samples_have_the_right_shape_and_are_valid(trained: dict[str, LoadedGenerator], kind: str) -> None:
-    ds = sample(trained[kind], random_hopper(), 123, opts(kind, 0))
-    t = ds.transitions
-    assert len(t) == 123 and t.observations.shape == (123, 11) and t.actions.shape == (123, 3)
-    assert np.isfinite(t.observations).all() and np.isfinite(t.rewards).all()
-    validate_transitions(t, ds.info, kind)
-    assert (np.abs(t.actions) <= 1.0).all()
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_seeds_decide_samples_not_the_split(trained: dict[str, LoadedGenerator], kind: str) -> None:
-    gen = trained[kind]
-    a = sample(gen, random_hopper(), 60, opts(kind, 1)).transitions
-    b = sample(gen, random_hopper(), 60, opts(kind, 1)).transitions
-    c = sample(gen, random_hopper(), 60, opts(kind, 2)).transitions
-    more = sample(gen, random_hopper(), 400, opts(kind, 1)).transitions  # a second chunk of work
-    np.testing.assert_array_equal(a.observations, b.observations)
-    assert not np.array_equal(a.observations, c.observations)
-    # The first 60 transitions of a larger request are the same samples (the trim may cut the last episode).
-    np.testing.assert_array_equal(more.observations[:59], a.observations[:59])
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_save_load_round_trip(trained: dict[str, LoadedGenerator], kind: str) -> None:
-    gen = trained[kind]
-    again = load_generator(gen.folder, device="cpu")
-    for (k, v), (k2, v2) in zip(
-        gen.model.state_dict().items(), again.model.state_dict().items(), strict=True
-    ):
-        assert k == k2
-        torch.testing.assert_close(v, v2, rtol=0, atol=0)
-    weights = read_tensors(gen.folder / "model.safetensors")
-    assert set(weights) == set(gen.model.state_dict())
-    assert not list(gen.folder.glob("*.pt")) and not list(gen.folder.glob("*.pkl"))
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_interrupted_training_resumes_to_the_same_weights(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+def test_every_family_keeps_the_contract(
+    trained: dict[str, LoadedGenerator], tmp_path: Path, kind: str
 ) -> None:
-    full = fit(kind, tmp_path / "full", steps=12)
-    cls = CLASSES[kind]
-    original = cls.loss
-    calls = {"n": 0}
-
-    def dying_loss(self: Any, batch: dict[str, torch.Tensor]) -> Any:
-        calls["n"] += 1
-        if calls["n"] == 8 and self.training:
-            raise KeyboardInterrupt
-        return original(self, batch)
-
-    monkeypatch.setattr(cls, "loss", dying_loss)
-    with pytest.raises(KeyboardInterrupt):
-        fit(kind, tmp_path / "part", steps=12)
-    monkeypatch.setattr(cls, "loss", original)
-    resumed = fit(kind, tmp_path / "part", steps=12)
-    # Bit-identical on the CPU; CUDA's convolution and attention kernels reduce in a run-dependent order,
-    # so there two uninterrupted runs already differ in the last bits (the RNG streams are restored).
-    tol = 1e-4 if torch.cuda.is_available() else 0.0
-    for v, v2 in zip(full.model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
-        torch.testing.assert_close(v, v2, rtol=tol, atol=tol)
+    """Valid samples decided by their seeds, an exact save/load round trip, lineage, and resume."""
+    assert type(trained[kind].model) is CLASSES[kind]
+    check_family(kind, tmp_path, trained[kind])
 
 
 @pytest.mark.parametrize("kv_heads", [None, 2, 1])
@@ -365,7 +301,7 @@ def test_drafts_are_refined_by_the_refiner_recorded_at_training(
 
 
 def test_resume_of_another_model_config_is_refused_before_config_json_changes(tmp_path: Path) -> None:
-    fit("autoregressive", tmp_path / "ar", steps=3)
+    tiny_generator("autoregressive", tmp_path / "ar", 3)
     before = (tmp_path / "ar" / "config.json").read_bytes()
     with pytest.raises(CheckpointError, match="another configuration"):
         tiny_generator("autoregressive", tmp_path / "ar", 3, temperature=0.25)

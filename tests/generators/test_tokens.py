@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import tiny_generator
+from helpers import SharedGenerator, tiny_generator
 
 from rlsynth.datasets.types import Transitions
 from rlsynth.generators.tokens import TokenLayout, step_scales
@@ -49,8 +49,10 @@ def test_step_scale_outside_unit_interval_is_refused() -> None:
         step_scales(layout, np.ones(5, np.float32), slow_and_fast(10), 1.5)
 
 
-def test_a_step_scaled_model_saves_its_scales_and_samples_in_raw_units(tmp_path: Path) -> None:
-    plain = tiny_generator("trajectory", tmp_path / "plain", 5)
+def test_a_step_scaled_model_saves_its_scales_and_samples_in_raw_units(
+    tmp_path: Path, shared_generator: SharedGenerator
+) -> None:
+    plain = shared_generator("trajectory", 5)
     scaled = tiny_generator("trajectory", tmp_path / "scaled", 5, step_scale=1.0)
     a, b = plain.norms["tokens"].std, scaled.norms["tokens"].std
     assert (b <= a + 1e-6).all() and (b < a).any()  # some Hopper dims are slow; none is scaled up

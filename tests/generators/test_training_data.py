@@ -16,7 +16,7 @@ from torch import nn
 
 from rlsynth.datasets.errors import RlsynthError
 from rlsynth.datasets.types import Dataset, Episode, Transitions
-from rlsynth.generators import api, diffusion, tokens
+from rlsynth.generators import diffusion, families, tokens
 from rlsynth.generators.autoregressive import AutoregressiveConfig, Drafter
 from rlsynth.generators.checkpoint import Normaliser
 from rlsynth.generators.diffusion import (
@@ -57,13 +57,13 @@ def materialised_windows(
 
 def materialised_data(ds: Dataset, horizon: int, stride: int) -> tuple[Normaliser, dict[str, torch.Tensor]]:
     """The old training data: statistics over the stacked windows, then all of them normalised."""
-    w = materialised_windows(api._layout(ds.info), ds.episodes(), horizon, stride)
+    w = materialised_windows(families.layout_of(ds.info), ds.episodes(), horizon, stride)
     norm = Normaliser.fit(w.reshape(-1, w.shape[-1]))
     return norm, {"x": norm.normalise(torch.from_numpy(w))}
 
 
 def layout_of(ds: Dataset) -> TokenLayout:
-    return api._layout(ds.info)
+    return families.layout_of(ds.info)
 
 
 @pytest.mark.parametrize(("horizon", "stride"), [(1, 1), (4, 1), (8, 1), (8, 3), (16, 5)])
@@ -111,8 +111,8 @@ def test_the_store_gathers_the_normalised_windows_by_index() -> None:
 def test_too_few_windows_is_a_clear_error() -> None:
     ds = make_dataset(5, (3, 4))  # terminated length 3 (3 windows), truncated 4 < H (none)
     with pytest.raises(RlsynthError, match="fewer than 2 windows"):
-        api._window_data(make_dataset(5, (1,)), 8, 1)
-    assert len(api._window_data(ds, 8, 1)[1]["x"]) == 3
+        families.window_data(make_dataset(5, (1,)), 8, 1)
+    assert len(families.window_data(ds, 8, 1)[1]["x"]) == 3
 
 
 TRAIN = TrainConfig(
@@ -142,7 +142,7 @@ def test_training_on_the_store_is_bit_identical_to_the_materialised_windows(
 ) -> None:
     ds = make_dataset(6, LENGTHS)
     old_norm, old_data = materialised_data(ds, 8, stride)
-    norms, new_data = api._window_data(ds, 8, stride)
+    norms, new_data = families.window_data(ds, 8, stride)
     np.testing.assert_array_equal(norms["tokens"].mean, old_norm.mean)
     np.testing.assert_array_equal(norms["tokens"].std, old_norm.std)
     results, weights = [], []
@@ -170,7 +170,7 @@ def test_transition_features_and_their_normalisation_are_unchanged(monkeypatch: 
         got = transition_features(layout, ds.transitions)
         np.testing.assert_array_equal(got, old_transition_features(layout, ds.transitions))
     want = old_transition_features(layout_of(ds), ds.transitions)
-    _, data = api.FAMILIES["transition"].prepare(ds, TransitionConfig())
+    _, data = families.FAMILIES["transition"].prepare(ds, TransitionConfig())
     assert torch.equal(
         rows_of(data["x"], torch.arange(len(want))), Normaliser.fit(want).normalise(torch.from_numpy(want))
     )

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import make_dataset, random_hopper, tiny_generator
+from helpers import SharedGenerator, make_dataset, random_hopper, tiny_generator
 
 from rlsynth.datasets.agents import AgentError, load_agent
 from rlsynth.datasets.catalog import Catalog
@@ -185,8 +185,10 @@ def test_evaluation_returns_match_a_hand_rollout() -> None:
     assert res.score_mean == pytest.approx(np.mean(expected))  # reference 0..100: score = return
 
 
-def test_pgd_loop_regenerates_at_the_right_steps_with_lineage(tmp_path: Path) -> None:
-    gen = tiny_generator("trajectory", tmp_path / "gen", steps=5)
+def test_pgd_loop_regenerates_at_the_right_steps_with_lineage(
+    tmp_path: Path, shared_generator: SharedGenerator
+) -> None:
+    gen = shared_generator("trajectory", steps=5)
     cat = Catalog(str(tmp_path / "cat"))
     steps_seen: list[int] = []
     cfg = PGDConfig(algo="td3bc", steps=10, regenerate_every=4, synthetic_transitions=60, synthetic_rows=12,
@@ -199,12 +201,11 @@ def test_pgd_loop_regenerates_at_the_right_steps_with_lineage(tmp_path: Path) ->
     assert [r.version for r in res.rounds] == ["pgd/synth@1", "pgd/synth@2", "pgd/synth@3"]
     assert steps_seen == [2, 4, 6, 8, 10] and res.agent.is_file()
     first, second, third = (cat.manifest(r.version)["lineage"] for r in res.rounds)
-    assert first["pgd"]["target"] is None and first["guidance"] is None and first["pgd"]["previous"] is None
-    assert second["pgd"]["previous"] == "pgd/synth@1" and third["pgd"]["previous"] == "pgd/synth@2"
-    target: dict[str, Any] = third["pgd"]["target"]
-    assert (
-        target["path"].endswith("step-8.d3") and third["guidance"][0]["target"]["sha256"] == target["sha256"]
-    )
+    assert first["agent"] is None and first["guidance"] is None and first["producer"]["previous"] is None
+    assert second["producer"]["previous"] == "pgd/synth@1" and third["producer"]["previous"] == "pgd/synth@2"
+    target: dict[str, Any] = third["agent"]
+    assert target["path"].endswith("step-8.d3")
+    assert third["guidance"]["terms"][0]["target"]["sha256"] == target["sha256"]
     assert cat.read("pgd/synth@2").n_transitions == 60
     with pytest.raises(RlsynthError, match="exists"):
         run_pgd(cfg, gen, random_hopper(), cat, "pgd/synth", tmp_path / "run", progress=False)
@@ -220,21 +221,21 @@ def test_pgd_loop_drafts_with_an_autoregressive_generator_and_records_its_refine
     res = run_pgd(cfg, ar, random_hopper(), cat, "pgd/ar", tmp_path / "run", progress=False)
     first, second = (cat.manifest(r.version)["lineage"] for r in res.rounds)
     assert first["generator"]["kind"] == "autoregressive" and first["guidance"] is None
-    assert first["pgd"]["config"]["sampler"]["polish"] == 2
+    assert first["producer"]["config"]["sampler"]["polish"] == 2 and first["sampling"]["polish"] == 2
     with pytest.raises(RlsynthError, match="polish must be a non-negative number of iterations, got -1"):
         replace(cfg, sampler=SamplerSettings(polish=-1))
     assert second["generator"]["refiner"]["checkpoint_hash"] == traj.checkpoint_hash
-    assert second["guidance"][0]["term"] == "policy" and cat.read("pgd/ar@2").n_transitions == 60
+    assert second["guidance"]["terms"][0]["term"] == "policy" and cat.read("pgd/ar@2").n_transitions == 60
 
 
-def test_pgd_initial_target_guides_round_zero(tmp_path: Path) -> None:
+def test_pgd_initial_target_guides_round_zero(tmp_path: Path, shared_generator: SharedGenerator) -> None:
     from helpers import tiny_agent
 
     from rlsynth.datasets.d3rlpy_setup import import_d3rlpy
     from rlsynth.datasets.sources import file_sha256
     from rlsynth.guidance.spec import GuidanceConfig
 
-    gen = tiny_generator("trajectory", tmp_path / "gen", steps=5)
+    gen = shared_generator("trajectory", steps=5)
     cat = Catalog(str(tmp_path / "cat"))
     first_agent = tmp_path / "iql.d3"
     tiny_agent(import_d3rlpy().algos.IQLConfig(batch_size=16), random_hopper(), steps=5, save_to=first_agent)
@@ -242,9 +243,10 @@ def test_pgd_initial_target_guides_round_zero(tmp_path: Path) -> None:
                     real_rows=4, initial_target=str(first_agent))  # fmt: skip
     res = run_pgd(cfg, gen, random_hopper(), cat, "pgd/warm", tmp_path / "run", progress=False)
     first, second = (cat.manifest(r.version)["lineage"] for r in res.rounds)
-    assert first["pgd"]["target"] == {"path": str(first_agent.resolve()), "sha256": file_sha256(first_agent)}
-    assert first["guidance"][0]["target"]["sha256"] == file_sha256(first_agent)
-    assert second["pgd"]["target"]["path"].endswith("step-4.d3")
+    path, sha256 = str(first_agent.resolve()), file_sha256(first_agent)
+    assert first["agent"] == {"role": "guidance target", "path": path, "sha256": sha256}
+    assert first["guidance"]["terms"][0]["target"]["sha256"] == file_sha256(first_agent)
+    assert second["agent"]["path"].endswith("step-4.d3")
     # A missing agent file is refused before anything is written; so is a target without policy guidance.
     with pytest.raises(RlsynthError, match="no such agent file"):
         run_pgd(replace(cfg, initial_target=str(tmp_path / "none.d3")), gen, random_hopper(), cat, "pgd/x",
@@ -269,13 +271,15 @@ def test_comparison_refuses_a_missing_warm_start_agent_before_any_job(tmp_path: 
         replace(spec, guidance=GuidanceConfig(terms=()))
 
 
-def test_comparison_runner_writes_table_json_and_curves(tmp_path: Path) -> None:
+def test_comparison_runner_writes_table_json_and_curves(
+    tmp_path: Path, shared_generator: SharedGenerator
+) -> None:
     from rlsynth.offline_rl.compare import CompareConfig, Condition, PGDSpec, compare
 
     cat = Catalog(str(tmp_path / "cat"))
     cat.write("hop", random_hopper())
     cat.write("other", with_rewards(random_hopper(), 0.5, "other"))
-    gen = tiny_generator("trajectory", tmp_path / "gen", steps=5)
+    gen = shared_generator("trajectory", steps=5)
     pgd = PGDSpec(generator=str(gen.folder), real="hop@1", name="cmp", regenerate_every=2,
                   synthetic_transitions=40, synthetic_rows=12, real_rows=4)  # fmt: skip
     conditions = [
@@ -292,7 +296,7 @@ def test_comparison_runner_writes_table_json_and_curves(tmp_path: Path) -> None:
         runs = [r for r in report["runs"] if r["condition"] == row["condition"]]
         assert row["metric"] == "normalised score" and row["seeds"] == 2
         assert row["mean"] == pytest.approx(np.mean([r["final"]["score_mean"] for r in runs]))
-    assert cat.manifest("cmp/bc-s1@2")["lineage"]["pgd"]["previous"] == "cmp/bc-s1@1"
+    assert cat.manifest("cmp/bc-s1@2")["lineage"]["producer"]["previous"] == "cmp/bc-s1@1"
     md = (tmp_path / "out" / "results.md").read_text()
     assert "| pgd |" in md and "| mixed |" in md and (tmp_path / "out" / "curves.png").stat().st_size > 0
     with pytest.raises(RlsynthError, match="not both or none"):

@@ -5,23 +5,17 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from processes import run_cli
 
 SHOW_KEYS = {"name", "version", "episodes", "transitions", "content_hash", "env_id", "lineage", "stats"}
 
 
 def rlsynth(*args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "rlsynth.pipeline.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    proc = run_cli(*args, env=env, timeout=300)
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -601,7 +595,7 @@ def test_agent_train_and_guided_sampling(tmp_path: Path, env: dict[str, str]) ->
              "--guidance", "dynamics", "--world-model", str(wm)]  # fmt: skip
     guided = as_json(rlsynth("generator", "sample", str(traj), "--n-transitions", "30", "--name", "hop/g",
                              "--steps", "3", *terms, "--json", env=env))  # fmt: skip
-    spec = guided["lineage"]["guidance"]
+    spec = guided["lineage"]["guidance"]["terms"]
     assert [t["term"] for t in spec] == ["policy", "dynamics"] and spec[0]["scale"] == 0.2
     assert spec[0]["target"]["sha256"] == file_sha256(agent) and spec[0]["target"]["kind"] == "iql"
     assert spec[1]["world_model"]["checkpoint_hash"].startswith("sha256:")

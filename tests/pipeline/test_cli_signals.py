@@ -12,13 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
+from processes import cli_command, run_cli
 
 REPO = Path(__file__).resolve().parents[2]
-ENTRY = [sys.executable, "-c", "from rlsynth.pipeline.cli import entry; entry()"]
 
 
 def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*ENTRY, *args], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    return run_cli(*args, cwd=REPO, env=env, check=True)
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ def test_sigterm_during_training_exits_143_and_leaves_no_partial_output(
     out = tmp_path / "gen"
     args = ["generator", "train", "--data", "toy@1", "--kind", "transition", "--steps", "1000000",
             "--out", str(out), "--quiet"]  # fmt: skip
-    proc = subprocess.Popen([*ENTRY, *args], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen(cli_command(*args), cwd=REPO, env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     end = time.monotonic() + 120
     while not any(p.name.startswith(".gen") for p in tmp_path.iterdir()):

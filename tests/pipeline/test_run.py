@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from processes import MARKER, free_port, marked_processes, stop_marked
+from processes import MARKER, cli_command, free_port, marked_processes, run_cli, stop_marked
 
 from rlsynth.datasets.catalog import Catalog
+from rlsynth.datasets.sources import file_sha256
 from rlsynth.pipeline.config import from_dict
 from rlsynth.pipeline.run import FAIL_ONCE_ENV, run_pipeline, start_private_cluster, stop_private_cluster
 
@@ -72,24 +73,23 @@ def test_every_stage_runs_and_a_failed_shard_is_retried(ray_cluster: None, tmp_p
     assert syn["rows"] == 300 and man["counts"]["transitions"] == 300 and len(man["parts"]) == 3
     assert cat.verify(syn["ref"])["ok"]
     assert man["lineage"]["generator"]["checkpoint_hash"] == m["stages"]["generator"]["checkpoint_hash"]
-    assert man["lineage"]["guidance"]["terms"] == ["policy"]
-    assert man["lineage"]["synthesize"]["sampler"]["polish"] == 2  # and the shards sampled with it
+    assert man["lineage"]["guidance"]["options"]["terms"] == ["policy"]
+    assert man["lineage"]["producer"]["synthesize"]["sampler"]["polish"] == 2
+    assert man["lineage"]["sampling"]["polish"] == 2  # the shards sampled with it
+    assert man["lineage"]["shards"] == {"count": 3, "sizes": [100, 100, 100]}
+    assert man["lineage"]["agent"]["sha256"] == file_sha256(Path(m["stages"]["target"]["agent"]))
     agg = {r["condition"] for r in m["stages"]["agents"]["aggregate"]}
     assert agg == {"real", "synthetic", "mixed", "pgd"}
     report = (tmp_path / "runs" / "r1" / "report.md").read_text()
     assert syn["ref"] in report and "| pgd |" in report
     assert (tmp_path / "runs" / "r1" / "config.yaml").is_file()
-    cli = [sys.executable, "-m", "rlsynth.pipeline.cli", "runs"]
-    listed = subprocess.run([*cli, "list", "--runs", str(tmp_path / "runs"), "--json"], capture_output=True,
-                            text=True, check=True)  # fmt: skip
+    listed = run_cli("runs", "list", "--runs", str(tmp_path / "runs"), "--json", check=True)
     assert json.loads(listed.stdout) == [
         {"run": "r1", "path": str(tmp_path / "runs" / "r1"), "finished": True}
     ]
-    shown = subprocess.run([sys.executable, "-m", "rlsynth.pipeline.cli", "runs", "show", "r1", "--runs",
-                            str(tmp_path / "runs")], capture_output=True, text=True, check=True)  # fmt: skip
+    shown = run_cli("runs", "show", "r1", "--runs", str(tmp_path / "runs"), check=True)
     assert syn["ref"] in shown.stdout
-    missing = subprocess.run([sys.executable, "-m", "rlsynth.pipeline.cli", "runs", "show", "nope", "--runs",
-                              str(tmp_path / "runs")], capture_output=True, text=True)  # fmt: skip
+    missing = run_cli("runs", "show", "nope", "--runs", str(tmp_path / "runs"))
     assert missing.returncode == 1 and "no such run" in missing.stderr
     # A second run of the same config skips every stage.
     logs.clear()
@@ -103,7 +103,7 @@ def test_every_stage_runs_and_a_failed_shard_is_retried(ray_cluster: None, tmp_p
 
 def rlsynth(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "rlsynth.pipeline.cli", *args],
+        cli_command(*args),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -1,0 +1,229 @@
+"""What a family samples with: the loaded generator, one call's options, the guidance protocol, and the
+shared steps of diffusion sampling (the EDM sampler over per-sample noise, chunked collection, trimming)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from rlsynth.datasets.errors import RlsynthError
+from rlsynth.datasets.types import DatasetInfo, Episode
+from rlsynth.generators.autoregressive import AutoregressiveConfig, DraftTilt
+from rlsynth.generators.checkpoint import Normaliser, checkpoint_hash
+from rlsynth.generators.diffusion import TrajectoryConfig, TransitionConfig
+from rlsynth.generators.edm import Churn, Denoiser, EDMConfig, PerSampleNoise, Polish, generate, schedule
+from rlsynth.generators.options import SamplerSettings
+from rlsynth.generators.seeds import sample_seeds
+from rlsynth.generators.tokens import TokenCodec, TokenLayout
+from rlsynth.generators.world_model import ActionFn
+
+# Samples per chunk of work, per family: big enough to keep the network busy. Fixed, so that a sample's
+# randomness and its batch never depend on how a caller splits a request.
+CHUNKS = {"trajectory": 256, "transition": 4096, "autoregressive": 1024}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampleOptions(SamplerSettings):
+    """:class:`~generators.options.SamplerSettings` bound to one call: its seed and the objects a family may
+    use (the settings are declared, with their defaults and docs, in :mod:`generators.options`)."""
+
+    seed: int = 0
+    policy: ActionFn | None = None
+    """World model: actions from this policy instead of the data's."""
+    refiner: LoadedGenerator | None = None
+    """Autoregressive: the trajectory-diffusion model that refines drafts."""
+    guidance: Guide | None = None
+    """Diffusion families: guidance bound to the sample space; it wraps the denoiser, the sampler is
+    unchanged. Autoregressive: tilts every drafted token (``Guide.bind_draft``) and guides the refinement
+    steps as it guides diffusion (under the pgd schedule a single refinement step has weight 0)."""
+
+    @classmethod
+    def of(
+        cls,
+        settings: SamplerSettings,
+        *,
+        seed: int = 0,
+        policy: ActionFn | None = None,
+        refiner: LoadedGenerator | None = None,
+        guidance: Guide | None = None,
+    ) -> SampleOptions:
+        """``settings`` with a call's seed and bound objects."""
+        values = asdict(settings.settings())
+        return cls(**values, seed=seed, policy=policy, refiner=refiner, guidance=guidance)
+
+
+class Guide(Protocol):
+    """What :class:`guidance.terms.Guidance` offers: a denoiser wrapper for one sample space and σ
+    schedule (generators never import guidance)."""
+
+    def bind(self, codec: TokenCodec) -> Callable[[Denoiser, torch.Tensor], Denoiser]: ...
+
+    def bind_draft(self, codec: TokenCodec) -> DraftTilt: ...
+
+
+@dataclass
+class LoadedGenerator:
+    """A trained generator in memory (:func:`generators.loading.load_generator`): its kind and folder, the
+    recorded config, the model in eval mode, its normalisers and the data description it was trained on."""
+
+    kind: str
+    folder: Path
+    config: dict[str, Any]
+    model: nn.Module
+    norms: dict[str, Normaliser]
+    info: DatasetInfo
+
+    @property
+    def checkpoint_hash(self) -> str:
+        return checkpoint_hash(self.folder)
+
+    @property
+    def layout(self) -> TokenLayout:
+        return TokenLayout.for_spaces(self.info.observation_space, self.info.action_space)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def codec(gen: LoadedGenerator) -> TokenCodec:
+    """How guidance reads this generator's normalised samples."""
+    if gen.kind == "transition":
+        n = gen.norms["features"]
+        return TokenCodec(gen.layout, n.mean, n.std, "transition")
+    if gen.kind in ("trajectory", "autoregressive"):
+        n = gen.norms["tokens"]
+        return TokenCodec(gen.layout, n.mean, n.std, "window")
+    raise RlsynthError(
+        f"{gen.kind} rollouts are not diffused, so they cannot be guided (steer them by a policy)"
+    )
+
+
+def diffuse(
+    gen: LoadedGenerator,
+    shape: tuple[int, ...],
+    first: int,
+    opts: SampleOptions,
+    steps: int,
+    edm: EDMConfig,
+    s_churn: float,
+    x_init: torch.Tensor | None = None,
+    sigma_start: float | None = None,
+    condition: Callable[[Denoiser], Denoiser] | None = None,
+    polish: int = 0,
+) -> torch.Tensor:
+    """Run the EDM sampler for samples first..first+B-1 (normalised space).
+
+    ``condition`` wraps the raw denoiser first (inpainting); guidance wraps the result.
+    """
+    noise = PerSampleNoise(sample_seeds(opts.seed, first, shape[0]).tolist(), gen.device)
+    denoiser: Denoiser = gen.model.denoiser  # type: ignore[assignment]
+    if condition is not None:
+        denoiser = condition(denoiser)
+    if opts.guidance is not None:
+        sigmas = schedule(steps, edm, sigma_start if x_init is not None else None)
+        denoiser = opts.guidance.bind(codec(gen))(denoiser, sigmas)
+    with torch.no_grad():
+        return generate(
+            denoiser,
+            shape,
+            steps,
+            edm,
+            noise,
+            x_init=x_init,
+            sigma_start=sigma_start,
+            churn=Churn(s_churn=s_churn),
+            polishing=Polish(polish),
+        )
+
+
+def collect(n: int, chunk: int, make_chunk: Callable[[int], list[Episode]]) -> list[Episode]:
+    """Call ``make_chunk(first_index)`` for consecutive chunks of ``chunk`` samples until n transitions."""
+    episodes: list[Episode] = []
+    total, first, empty = 0, 0, 0
+    while total < n:
+        got = make_chunk(first)
+        empty = 0 if got else empty + 1
+        if empty >= 10:
+            raise RlsynthError("the generator produces no usable transitions (10 chunks in a row)")
+        episodes.extend(got)
+        total += sum(e.length for e in got)
+        first += chunk
+    return episodes
+
+
+def inpaint_first(known: torch.Tensor) -> Callable[[Denoiser], Denoiser]:
+    """Condition on the first token: the denoiser's estimate of it is replaced by the known value."""
+
+    def wrap(denoiser: Denoiser) -> Denoiser:
+        def inpainted(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            x0 = denoiser(x, sigma).clone()
+            x0[:, 0] = known
+            return x0
+
+        return inpainted
+
+    return wrap
+
+
+def _finite_non_negative(name: str, value: float) -> float:
+    if not math.isfinite(value) or value < 0:
+        raise RlsynthError(f"{name} must be a finite non-negative number, got {value}")
+    return value
+
+
+def _polish_steps(opts: SampleOptions, default: int) -> int:
+    n = default if opts.polish is None else opts.polish
+    if n < 0:
+        raise RlsynthError(f"polish must be a non-negative number of iterations, got {n}")
+    return n
+
+
+def used_settings(gen: LoadedGenerator, opts: SampleOptions) -> dict[str, Any]:
+    """The sampler settings ``sample`` uses for ``gen`` with ``opts``, defaults resolved from the model's
+    config (the one place they are resolved: the families sample with these and lineage records them)."""
+    cfg = gen.model.cfg
+    if isinstance(cfg, TrajectoryConfig | TransitionConfig):
+        churn = cfg.s_churn if opts.churn is None else opts.churn
+        return {
+            "steps": opts.steps or cfg.sample_steps,
+            "churn": _finite_non_negative("churn", churn),
+            "polish": _polish_steps(opts, cfg.polish),
+        }
+    if isinstance(cfg, AutoregressiveConfig):
+        temperature = cfg.temperature if opts.temperature is None else opts.temperature
+        sigma_start = cfg.sigma_start if opts.sigma_start is None else opts.sigma_start
+        if opts.polish and sigma_start == 0:
+            raise RlsynthError("polish applies to refined drafts; raw drafts (sigma_start 0) are not refined")
+        return {
+            "steps": opts.steps or cfg.refine_steps,
+            "sigma_start": _finite_non_negative("sigma_start", sigma_start),
+            "temperature": _finite_non_negative("temperature", temperature),
+            "churn": _finite_non_negative("churn", opts.churn or 0.0),
+            "polish": _polish_steps(opts, cfg.polish if sigma_start else 0),
+        }
+    return {"horizon": opts.horizon}
+
+
+def trim(episodes: list[Episode], n: int) -> list[Episode]:
+    """The first episodes holding exactly n transitions; the last one cut short ends truncated."""
+    out, total = [], 0
+    for e in episodes:
+        if total + e.length <= n:
+            out.append(e)
+            total += e.length
+        else:
+            k = n - total
+            out.append(
+                Episode.ending(e.observations[: k + 1], e.actions[:k], e.rewards[:k], terminated=False)
+            )
+            total = n
+        if total == n:
+            break
+    return out
