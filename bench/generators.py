@@ -70,7 +70,10 @@ SWEEP = [
 # (read against the config classes' defaults, so a model reused from an older run samples as a new one).
 # (Heun steps, churn, polish iterations): the default ODE, EDM churn, and the ODE + denoise-renoise polish.
 SETTINGS = {"ode20": (20, 0.0, 0), "churn40": (40, 40.0, 0), "ode20-polish30": (20, 0.0, 30)}
-FAMILY_CFG = {"transition": TransitionConfig(), "trajectory": TrajectoryConfig()}
+FAMILY_CFG: dict[str, TransitionConfig | TrajectoryConfig] = {
+    "transition": TransitionConfig(),
+    "trajectory": TrajectoryConfig(),
+}
 FAMILY_NAME = {"transition": "transition diffusion (SynthER-style)", "trajectory": "trajectory diffusion"}
 
 
@@ -78,7 +81,7 @@ def default_key(kind: str) -> str:
     """Row key of ``kind`` sampled at its config's default settings (the AR sweep's yardstick)."""
     cfg = FAMILY_CFG[kind]
     for name, setting in SETTINGS.items():
-        if setting == (cfg.sample_steps, cfg.s_churn, 0):
+        if setting == (cfg.sample_steps, cfg.s_churn, cfg.polish):
             return f"{kind}:{name}"
     return f"{kind}:default"
 
@@ -90,7 +93,7 @@ def sampling_rows() -> list[tuple[str, str, SampleOptions, str]]:
     for kind, cfg in FAMILY_CFG.items():
         settings, default = dict(SETTINGS), default_key(kind)
         if default.endswith(":default"):
-            settings["default"] = (cfg.sample_steps, cfg.s_churn, 0)
+            settings["default"] = (cfg.sample_steps, cfg.s_churn, cfg.polish)
         for name, (steps, churn, polish) in settings.items():
             key = f"{kind}:{name}"
             stochastic = f"churn {churn:g}" if churn else "no churn"
