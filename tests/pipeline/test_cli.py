@@ -539,7 +539,7 @@ def test_diffusion_and_autoregressive_generators_from_the_cli(tmp_path: Path, en
 
 def test_cli_generator_kinds_match_the_registry() -> None:
     from rlsynth.generators.api import KINDS
-    from rlsynth.pipeline.cli import GENERATOR_KINDS
+    from rlsynth.pipeline.cli_common import GENERATOR_KINDS
 
     assert tuple(GENERATOR_KINDS) == tuple(KINDS)
 

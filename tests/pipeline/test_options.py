@@ -17,7 +17,7 @@ import yaml
 from rlsynth.generators.options import OptionError, OptionSpec, SamplerSettings, declared, option
 from rlsynth.guidance.options import GuidanceConfig
 from rlsynth.pipeline import config as config_module
-from rlsynth.pipeline.cli import generator_sample_cmd
+from rlsynth.pipeline.cli_generator import generator_sample_cmd
 from rlsynth.pipeline.cli_options import flag_of, from_params, group_options
 from rlsynth.pipeline.config import from_dict, load_config, to_dict
 
