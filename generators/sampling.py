@@ -3,7 +3,6 @@ shared steps of diffusion sampling (the EDM sampler over per-sample noise, chunk
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -172,17 +171,10 @@ def inpaint_first(known: torch.Tensor) -> Callable[[Denoiser], Denoiser]:
     return wrap
 
 
-def _finite_non_negative(name: str, value: float) -> float:
-    if not math.isfinite(value) or value < 0:
-        raise RlsynthError(f"{name} must be a finite non-negative number, got {value}")
-    return value
-
-
-def _polish_steps(opts: SampleOptions, default: int) -> int:
-    n = default if opts.polish is None else opts.polish
-    if n < 0:
-        raise RlsynthError(f"polish must be a non-negative number of iterations, got {n}")
-    return n
+def _or(given: Any, model: Any) -> Any:
+    """An option as given, else the model's setting. Neither needs checking here: options are checked
+    against their declaration when ``SampleOptions`` is built, model settings when the checkpoint loads."""
+    return model if given is None else given
 
 
 def used_settings(gen: LoadedGenerator, opts: SampleOptions) -> dict[str, Any]:
@@ -190,23 +182,21 @@ def used_settings(gen: LoadedGenerator, opts: SampleOptions) -> dict[str, Any]:
     config (the one place they are resolved: the families sample with these and lineage records them)."""
     cfg = gen.model.cfg
     if isinstance(cfg, TrajectoryConfig | TransitionConfig):
-        churn = cfg.s_churn if opts.churn is None else opts.churn
         return {
             "steps": opts.steps or cfg.sample_steps,
-            "churn": _finite_non_negative("churn", churn),
-            "polish": _polish_steps(opts, cfg.polish),
+            "churn": _or(opts.churn, cfg.s_churn),
+            "polish": _or(opts.polish, cfg.polish),
         }
     if isinstance(cfg, AutoregressiveConfig):
-        temperature = cfg.temperature if opts.temperature is None else opts.temperature
-        sigma_start = cfg.sigma_start if opts.sigma_start is None else opts.sigma_start
+        sigma_start = _or(opts.sigma_start, cfg.sigma_start)
         if opts.polish and sigma_start == 0:
             raise RlsynthError("polish applies to refined drafts; raw drafts (sigma_start 0) are not refined")
         return {
             "steps": opts.steps or cfg.refine_steps,
-            "sigma_start": _finite_non_negative("sigma_start", sigma_start),
-            "temperature": _finite_non_negative("temperature", temperature),
-            "churn": _finite_non_negative("churn", opts.churn or 0.0),
-            "polish": _polish_steps(opts, cfg.polish if sigma_start else 0),
+            "sigma_start": sigma_start,
+            "temperature": _or(opts.temperature, cfg.temperature),
+            "churn": opts.churn or 0.0,
+            "polish": _or(opts.polish, cfg.polish if sigma_start else 0),
         }
     return {"horizon": opts.horizon}
 
