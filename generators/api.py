@@ -8,6 +8,7 @@ pipeline and the benchmarks call. Each idea lives in its own module and is re-ex
 - :mod:`generators.trainer`: ``train_generator`` and its staging folder
 - :mod:`generators.loading`: ``load_generator`` (every file checked) and the refiner of a drafter
 - :mod:`generators.lineage`: what a sampled version records about its generator
+- :mod:`generators.warm`: warm starts from earlier samples, their σ_start chosen by measured contraction
 
 A trained generator is a folder (see :mod:`generators.checkpoint`): ``config.json`` (kind, model and
 training config, the source dataset and its lineage entry), ``normaliser.json``, ``model.safetensors``,
@@ -20,6 +21,8 @@ does not depend on how a caller splits the work.
 from __future__ import annotations
 
 from dataclasses import replace
+
+import numpy as np
 
 from rlsynth.datasets.errors import RlsynthError
 from rlsynth.datasets.types import Dataset, episodes_to_transitions
@@ -38,6 +41,7 @@ from rlsynth.generators.families import (
 from rlsynth.generators.lineage import generator_lineage, training_lineage
 from rlsynth.generators.loading import load_generator, record_refiner, refiner_for
 from rlsynth.generators.presets import PRESETS, preset
+from rlsynth.generators.regeneration import WarmFrom, WarmPlan, diffused, plan_warm
 from rlsynth.generators.sampling import (
     CHUNKS,
     Guide,
@@ -55,6 +59,7 @@ from rlsynth.generators.trainer import (
     train_generator,
     training_folder,
 )
+from rlsynth.generators.warm import SAMPLES_FILE, WarmStart, choose_sigma_start, load_samples, save_samples
 
 __all__ = [
     "BUDGET_CAP_FACTOR",
@@ -62,6 +67,7 @@ __all__ = [
     "FAMILIES",
     "KINDS",
     "PRESETS",
+    "SAMPLES_FILE",
     "STAGING_SUFFIX",
     "AutoregressiveFamily",
     "Family",
@@ -70,17 +76,26 @@ __all__ = [
     "SampleOptions",
     "TrajectoryFamily",
     "TransitionFamily",
+    "WarmFrom",
+    "WarmPlan",
+    "WarmStart",
     "WorldModelFamily",
+    "choose_sigma_start",
     "codec",
+    "diffused",
+    "draw",
     "generator_lineage",
     "layout_of",
     "load_generator",
+    "load_samples",
+    "plan_warm",
     "preset",
     "record_refiner",
     "refiner_for",
     "sample",
     "sample_seed",
     "sample_seeds",
+    "save_samples",
     "staging_folder",
     "train_generator",
     "training_folder",
@@ -91,10 +106,18 @@ __all__ = [
 ]
 
 
-def sample(
-    gen: LoadedGenerator, source: Dataset, n_transitions: int, opts: SampleOptions | None = None
-) -> Dataset:
-    """Exactly ``n_transitions`` validated transitions from ``gen`` (``source`` gives start states)."""
+def draw(
+    gen: LoadedGenerator,
+    source: Dataset,
+    n_transitions: int,
+    opts: SampleOptions | None = None,
+    *,
+    warm: WarmStart | None = None,
+    keep: bool = False,
+) -> tuple[Dataset, np.ndarray | None]:
+    """Exactly ``n_transitions`` validated transitions from ``gen`` (``source`` gives start states),
+    warm-started from ``warm`` when given, and, with ``keep``, the raw samples they were decoded from
+    (row i of the samples for episode i of the dataset; what a later warm start needs)."""
     o = opts or SampleOptions()
     if n_transitions < 1:
         raise RlsynthError(f"n_transitions must be positive, got {n_transitions}")
@@ -105,8 +128,18 @@ def sample(
         raise RlsynthError(f"{source.source} has other spaces than the generator's training data")
     if o.guidance is not None and gen.kind == "world-model":
         raise RlsynthError("world-model rollouts are steered by --policy (the agent acts), not by guidance")
-    if gen.kind == "autoregressive" and used_settings(gen, o)["sigma_start"] > 0:
+    if gen.kind == "autoregressive" and (warm is not None or used_settings(gen, o)["sigma_start"] > 0):
         o = replace(o, refiner=refiner_for(gen, o))
-    episodes = trim(FAMILIES[gen.kind].sample(gen, source, n_transitions, o), n_transitions)
-    validate_episodes(episodes, gen.info, f"{gen.kind} samples")
-    return Dataset(info=gen.info, transitions=episodes_to_transitions(episodes), source=f"{gen.kind} samples")
+    drawn = trim(FAMILIES[gen.kind].sample(gen, source, n_transitions, o, warm, keep), n_transitions)
+    validate_episodes(drawn.episodes, gen.info, f"{gen.kind} samples")
+    ds = Dataset(
+        info=gen.info, transitions=episodes_to_transitions(drawn.episodes), source=f"{gen.kind} samples"
+    )
+    return ds, drawn.samples
+
+
+def sample(
+    gen: LoadedGenerator, source: Dataset, n_transitions: int, opts: SampleOptions | None = None
+) -> Dataset:
+    """Exactly ``n_transitions`` validated transitions from ``gen`` (``source`` gives start states)."""
+    return draw(gen, source, n_transitions, opts)[0]

@@ -126,8 +126,9 @@ def transition_features(layout: TokenLayout, t: Transitions) -> np.ndarray:
     return f
 
 
-def decode_transitions(layout: TokenLayout, x: np.ndarray) -> list[Episode]:
-    """Each sampled transition becomes a one-step episode (terminal if its flag > 0.5, else truncated)."""
+def decode_transitions(layout: TokenLayout, x: np.ndarray) -> tuple[list[Episode], np.ndarray]:
+    """Each sampled transition becomes a one-step episode (terminal if its flag > 0.5, else truncated);
+    with the indices of the rows that gave them (every row)."""
     o, a = layout.obs_dim, layout.act_dim
     out = []
     for row in x:
@@ -139,4 +140,4 @@ def decode_transitions(layout: TokenLayout, x: np.ndarray) -> list[Episode]:
                 terminated=bool(row[-1] > 0.5),
             )
         )
-    return out
+    return out, np.arange(len(x), dtype=np.int64)

@@ -23,10 +23,12 @@ from rlsynth.generators.diffusion import (
     decode_transitions,
     transition_features,
 )
-from rlsynth.generators.edm import PerSampleNoise
+from rlsynth.generators.edm import EDMConfig, PerSampleNoise
 from rlsynth.generators.sampling import (
     CHUNKS,
+    Drawn,
     LoadedGenerator,
+    MakeChunk,
     SampleOptions,
     codec,
     collect,
@@ -45,6 +47,7 @@ from rlsynth.generators.tokens import (
     window_normaliser,
 )
 from rlsynth.generators.training import Data, TrainConfig, rows_of, split
+from rlsynth.generators.warm import Resample, WarmStart, warm_steps
 from rlsynth.generators.world_model import (
     WorldModel,
     WorldModelConfig,
@@ -74,7 +77,17 @@ class Family:
     def finish(self, model: nn.Module, data: Data, train_cfg: TrainConfig, out: Path) -> None:
         """Work after training (the world model picks its elites here)."""
 
-    def sample(self, gen: LoadedGenerator, source: Dataset, n: int, opts: SampleOptions) -> list[Episode]:
+    def sample(
+        self,
+        gen: LoadedGenerator,
+        source: Dataset,
+        n: int,
+        opts: SampleOptions,
+        warm: WarmStart | None = None,
+        keep: bool = False,
+    ) -> Drawn:
+        """At least ``n`` transitions (the caller trims), warm-started from ``warm`` when given; with
+        their raw samples when ``keep``."""
         raise NotImplementedError
 
 
@@ -97,7 +110,77 @@ def window_data(
     return {"tokens": norm}, {"x": WindowStore.normalised(flat, norm)}
 
 
-class TrajectoryFamily(Family):
+class DiffusedFamily(Family):
+    """A family whose samples are diffused tensors (windows or transition features): one sampling loop
+    (:func:`generators.sampling.collect`), cold or warm-started; each family says how to make a chunk."""
+
+    def sample_shape(self, gen: LoadedGenerator) -> tuple[int, ...]:
+        """The shape of one raw sample (what :attr:`WarmStart.samples` rows must have)."""
+        raise NotImplementedError
+
+    def steps_per_sample(self, gen: LoadedGenerator) -> int:
+        raise NotImplementedError
+
+    def maker(
+        self, gen: LoadedGenerator, source: Dataset, opts: SampleOptions, warm: WarmStart | None
+    ) -> MakeChunk:
+        """``make(first, size, starts)``: cold samples with ``opts``' settings, or samples warm-started
+        from ``starts`` with ``warm``'s noise level, steps and polish."""
+        raise NotImplementedError
+
+    def decode(self, gen: LoadedGenerator, raw: np.ndarray) -> tuple[list[Episode], np.ndarray]:
+        raise NotImplementedError
+
+    def warm_schedule(self, gen: LoadedGenerator, opts: SampleOptions) -> tuple[EDMConfig, int]:
+        """The σ schedule warm starts run on and the cold step count whose density they keep."""
+        raise NotImplementedError
+
+    def sample(
+        self,
+        gen: LoadedGenerator,
+        source: Dataset,
+        n: int,
+        opts: SampleOptions,
+        warm: WarmStart | None = None,
+        keep: bool = False,
+    ) -> Drawn:
+        if warm is not None and tuple(warm.samples.shape[1:]) != self.sample_shape(gen):
+            raise RlsynthError(
+                f"warm start from {warm.origin or 'samples'}: rows of shape {tuple(warm.samples.shape[1:])}, "
+                f"this {self.kind} generator samples {self.sample_shape(gen)}"
+            )
+        return collect(
+            n,
+            CHUNKS[self.kind],
+            self.maker(gen, source, opts, warm),
+            lambda raw: self.decode(gen, raw),
+            warm=None if warm is None else warm.samples,
+            steps_per_sample=self.steps_per_sample(gen),
+            keep=keep,
+        )
+
+    def resampler(self, gen: LoadedGenerator, source: Dataset, opts: SampleOptions, polish: int) -> Resample:
+        """``resample(starts, σ)``: warm-started samples from ``starts`` at σ, with the cold schedule's
+        step density and ``polish`` (what :func:`generators.warm.choose_sigma_start` measures)."""
+        edm, cold = self.warm_schedule(gen, opts)
+
+        def resample(starts: np.ndarray, sigma: float) -> np.ndarray:
+            w = WarmStart(starts, sigma, warm_steps(cold, edm, sigma), polish)
+            return self.maker(gen, source, opts, w)(0, len(starts), starts)
+
+        return resample
+
+
+def model_cfg(gen: LoadedGenerator) -> Any:
+    """The model's config (each family knows which dataclass it is)."""
+    return gen.model.cfg
+
+
+def _tensor(gen: LoadedGenerator, a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a, np.float32)).to(gen.device)
+
+
+class TrajectoryFamily(DiffusedFamily):
     kind = "trajectory"
     config_cls = TrajectoryConfig
 
@@ -107,29 +190,25 @@ class TrajectoryFamily(Family):
     def prepare(self, ds: Dataset, cfg: TrajectoryConfig) -> tuple[dict[str, Normaliser], Data]:
         return window_data(ds, cfg.horizon, cfg.stride, cfg.step_scale)
 
-    def sample(self, gen: LoadedGenerator, source: Dataset, n: int, opts: SampleOptions) -> list[Episode]:
-        cfg: TrajectoryConfig = gen.model.cfg  # type: ignore[assignment]
-        layout, norm = gen.layout, gen.norms["tokens"]
-        used = used_settings(gen, opts)
+    def sample_shape(self, gen: LoadedGenerator) -> tuple[int, ...]:
+        return (model_cfg(gen).horizon, gen.layout.dim)
 
-        def chunk(first: int) -> list[Episode]:
-            x = diffuse(
-                gen,
-                (CHUNKS[self.kind], cfg.horizon, layout.dim),
-                first,
-                opts,
-                used["steps"],
-                cfg.edm,
-                used["churn"],
-                polish=used["polish"],
-            )
-            raw = norm.denormalise(x).cpu().numpy()
-            return decode_windows(layout, raw)
+    def steps_per_sample(self, gen: LoadedGenerator) -> int:
+        return int(model_cfg(gen).horizon) - 1
 
-        return collect(n, CHUNKS[self.kind], chunk)
+    def decode(self, gen: LoadedGenerator, raw: np.ndarray) -> tuple[list[Episode], np.ndarray]:
+        return decode_windows(gen.layout, raw)
+
+    def warm_schedule(self, gen: LoadedGenerator, opts: SampleOptions) -> tuple[EDMConfig, int]:
+        return model_cfg(gen).edm, used_settings(gen, opts)["steps"]
+
+    def maker(
+        self, gen: LoadedGenerator, source: Dataset, opts: SampleOptions, warm: WarmStart | None
+    ) -> MakeChunk:
+        return _diffusion_maker(gen, gen.norms["tokens"], self.sample_shape(gen), opts, warm)
 
 
-class TransitionFamily(Family):
+class TransitionFamily(DiffusedFamily):
     kind = "transition"
     config_cls = TransitionConfig
 
@@ -145,29 +224,57 @@ class TransitionFamily(Family):
         x = torch.from_numpy(f).sub_(torch.as_tensor(norm.mean)).div_(torch.as_tensor(norm.std))
         return {"features": norm}, {"x": x}
 
-    def sample(self, gen: LoadedGenerator, source: Dataset, n: int, opts: SampleOptions) -> list[Episode]:
-        cfg: TransitionConfig = gen.model.cfg  # type: ignore[assignment]
-        model: TransitionDiffusion = gen.model  # type: ignore[assignment]
-        norm = gen.norms["features"]
-        used = used_settings(gen, opts)
+    def sample_shape(self, gen: LoadedGenerator) -> tuple[int, ...]:
+        return (int(gen.model.dim),)  # type: ignore[arg-type]
 
-        def chunk(first: int) -> list[Episode]:
-            x = diffuse(
-                gen,
-                (CHUNKS[self.kind], model.dim),
-                first,
-                opts,
-                used["steps"],
-                cfg.edm,
-                used["churn"],
-                polish=used["polish"],
-            )
-            return decode_transitions(gen.layout, norm.denormalise(x).cpu().numpy())
+    def steps_per_sample(self, gen: LoadedGenerator) -> int:
+        return 1
 
-        return collect(n, CHUNKS[self.kind], chunk)
+    def decode(self, gen: LoadedGenerator, raw: np.ndarray) -> tuple[list[Episode], np.ndarray]:
+        return decode_transitions(gen.layout, raw)
+
+    def warm_schedule(self, gen: LoadedGenerator, opts: SampleOptions) -> tuple[EDMConfig, int]:
+        return model_cfg(gen).edm, used_settings(gen, opts)["steps"]
+
+    def maker(
+        self, gen: LoadedGenerator, source: Dataset, opts: SampleOptions, warm: WarmStart | None
+    ) -> MakeChunk:
+        return _diffusion_maker(gen, gen.norms["features"], self.sample_shape(gen), opts, warm)
 
 
-class AutoregressiveFamily(Family):
+def _diffusion_maker(
+    gen: LoadedGenerator,
+    norm: Normaliser,
+    shape: tuple[int, ...],
+    opts: SampleOptions,
+    warm: WarmStart | None,
+) -> MakeChunk:
+    """Chunks of a diffusion model: from noise with the resolved settings, or from ``starts`` noised to
+    the warm start's σ with its steps and polish (churn as configured)."""
+    cfg: Any = gen.model.cfg
+    used = used_settings(gen, opts)
+
+    def make(first: int, size: int, starts: np.ndarray | None) -> np.ndarray:
+        x_init = None if starts is None else norm.normalise(_tensor(gen, starts))
+        w = warm if starts is not None else None
+        x = diffuse(
+            gen,
+            (size, *shape),
+            first,
+            opts,
+            used["steps"] if w is None else w.steps,
+            cfg.edm,
+            used["churn"],
+            x_init=x_init,
+            sigma_start=None if w is None else w.sigma_start,
+            polish=used["polish"] if w is None or w.polish is None else w.polish,
+        )
+        return norm.denormalise(x).cpu().numpy()
+
+    return make
+
+
+class AutoregressiveFamily(DiffusedFamily):
     kind = "autoregressive"
     config_cls = AutoregressiveConfig
 
@@ -177,15 +284,28 @@ class AutoregressiveFamily(Family):
     def prepare(self, ds: Dataset, cfg: AutoregressiveConfig) -> tuple[dict[str, Normaliser], Data]:
         return window_data(ds, cfg.horizon, cfg.stride)
 
-    def sample(self, gen: LoadedGenerator, source: Dataset, n: int, opts: SampleOptions) -> list[Episode]:
+    def sample_shape(self, gen: LoadedGenerator) -> tuple[int, ...]:
+        return (model_cfg(gen).horizon, gen.layout.dim)
+
+    def steps_per_sample(self, gen: LoadedGenerator) -> int:
+        return int(model_cfg(gen).horizon) - 1
+
+    def decode(self, gen: LoadedGenerator, raw: np.ndarray) -> tuple[list[Episode], np.ndarray]:
+        return decode_windows(gen.layout, raw)
+
+    def warm_schedule(self, gen: LoadedGenerator, opts: SampleOptions) -> tuple[EDMConfig, int]:
+        # Warm rounds of drafts are refinements: the refiner's schedule at its own cold density.
+        refiner = self._refiner(gen, opts, needed=True)
+        assert refiner is not None
+        return model_cfg(refiner).edm, int(model_cfg(refiner).sample_steps)
+
+    @staticmethod
+    def _refiner(gen: LoadedGenerator, opts: SampleOptions, *, needed: bool) -> LoadedGenerator | None:
+        """The refiner, resolved by the caller (:func:`generators.api.sample`): a family samples, it does
+        not load models."""
         cfg: AutoregressiveConfig = gen.model.cfg  # type: ignore[assignment]
-        drafter: Drafter = gen.model  # type: ignore[assignment]
-        layout, norm = gen.layout, gen.norms["tokens"]
-        used = used_settings(gen, opts)
-        sigma_start, temperature, steps = used["sigma_start"], used["temperature"], used["steps"]
-        # Resolved by the caller (:func:`generators.api.sample`): a family samples, it does not load models.
         refiner = opts.refiner
-        if sigma_start > 0 and refiner is None:
+        if needed and refiner is None:
             raise RlsynthError(
                 "refinement needs a trajectory-diffusion model: pass --refiner DIR "
                 "(or --sigma-start 0 for raw drafts)"
@@ -197,37 +317,56 @@ class AutoregressiveFamily(Family):
                     f"refiner {refiner.folder} is not a trajectory model of the same spaces and "
                     f"horizon {cfg.horizon}"
                 )
+        return refiner
+
+    def maker(
+        self, gen: LoadedGenerator, source: Dataset, opts: SampleOptions, warm: WarmStart | None
+    ) -> MakeChunk:
+        drafter: Drafter = gen.model  # type: ignore[assignment]
+        layout, norm = gen.layout, gen.norms["tokens"]
+        used = used_settings(gen, opts)
+        sigma_start, temperature, steps = used["sigma_start"], used["temperature"], used["steps"]
+        refiner = self._refiner(gen, opts, needed=sigma_start > 0 or warm is not None)
         t = source.transitions
         tilt = opts.guidance.bind_draft(codec(gen)) if opts.guidance is not None else None
 
-        def chunk(first: int) -> list[Episode]:
-            seeds = sample_seeds(opts.seed, first, CHUNKS[self.kind])
+        def refine(raw: torch.Tensor, first: int, sigma: float, k: int, polish: int) -> torch.Tensor:
+            """Noise windows to σ and run the refiner k steps from there, the first (real) token kept."""
+            assert refiner is not None
+            rnorm, start_raw = refiner.norms["tokens"], raw[:, 0].clone()
+            x = diffuse(
+                refiner,
+                tuple(raw.shape),
+                first,
+                replace(opts, seed=opts.seed + 1),
+                k,
+                model_cfg(refiner).edm,
+                used["churn"],
+                x_init=rnorm.normalise(raw),
+                sigma_start=sigma,
+                condition=inpaint_first(rnorm.normalise(start_raw)),
+                polish=polish,
+            )
+            out = rnorm.denormalise(x)
+            out[:, 0] = start_raw
+            return out
+
+        def make(first: int, size: int, starts: np.ndarray | None) -> np.ndarray:
+            if starts is not None and warm is not None:
+                polish = used["polish"] if warm.polish is None else warm.polish
+                return refine(_tensor(gen, starts), first, warm.sigma_start, warm.steps, polish).cpu().numpy()
+            seeds = sample_seeds(opts.seed, first, size)
             # Sample i's start row and its draft noise both come from its own seed (split-independent).
             rows = (seeds % np.uint64(len(t))).astype(np.int64)
             start_raw = torch.from_numpy(start_tokens(layout, t, rows)).to(gen.device)
             noise = PerSampleNoise(seeds.tolist(), gen.device)
             raw = norm.denormalise(drafter.draft(norm.normalise(start_raw), noise, temperature, tilt))
             raw[:, 0] = start_raw  # exactly the real start, not its normalised round trip
-            if sigma_start > 0 and refiner is not None:
-                rnorm = refiner.norms["tokens"]
-                x = diffuse(
-                    refiner,
-                    tuple(raw.shape),
-                    first,
-                    replace(opts, seed=opts.seed + 1),
-                    steps,
-                    rcfg.edm,
-                    used["churn"],
-                    x_init=rnorm.normalise(raw),
-                    sigma_start=sigma_start,
-                    condition=inpaint_first(rnorm.normalise(start_raw)),
-                    polish=used["polish"],
-                )
-                raw = rnorm.denormalise(x)
-                raw[:, 0] = start_raw
-            return decode_windows(layout, raw.cpu().numpy())
+            if sigma_start > 0:
+                raw = refine(raw, first, sigma_start, steps, used["polish"])
+            return raw.cpu().numpy()
 
-        return collect(n, CHUNKS[self.kind], chunk)
+        return make
 
 
 class WorldModelFamily(Family):
@@ -251,10 +390,20 @@ class WorldModelFamily(Family):
         model.select_elites(x.to(device), y.to(device))
         write_tensors(out / "model.safetensors", model.state_dict())
 
-    def sample(self, gen: LoadedGenerator, source: Dataset, n: int, opts: SampleOptions) -> list[Episode]:
+    def sample(
+        self,
+        gen: LoadedGenerator,
+        source: Dataset,
+        n: int,
+        opts: SampleOptions,
+        warm: WarmStart | None = None,
+        keep: bool = False,
+    ) -> Drawn:
+        if warm is not None or keep:
+            raise RlsynthError("world-model rollouts are not diffused: they cannot be warm-started or kept")
         norms = WorldModelNormalisers.from_map(gen.norms)
         assert isinstance(gen.model, WorldModel)
-        return sample_world_model(
+        episodes = sample_world_model(
             gen.model,
             norms,
             source,
@@ -263,6 +412,7 @@ class WorldModelFamily(Family):
             horizon=opts.horizon,
             policy=opts.policy,
         )
+        return Drawn(episodes)
 
 
 FAMILIES: dict[str, Family] = {

@@ -198,3 +198,58 @@ class SamplerSettings:
         """Just these settings (a subclass that binds more, such as ``generators.api.SampleOptions``,
         without its extra fields)."""
         return SamplerSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SamplerSettings)})
+
+
+REGENERATION_MODES = ("cold", "warm")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Regeneration:
+    """How the PGD loop makes each round after the first (:mod:`generators.warm`): from noise, as
+    policy-guided diffusion does, or from the last round's samples raised to a noise level σ_start."""
+
+    regenerate: str = option(
+        "cold",
+        "PGD rounds after the first: cold (from noise) or warm (from the last round's samples).",
+        choices=REGENERATION_MODES,
+    )
+    warm_sigma: float | None = option(
+        None,
+        "warm: the noise level σ_start the last round's samples are raised to; default: the smallest "
+        "whose measured contraction meets warm_tolerance (chosen once, in round 1).",
+        low=0,
+        low_open=True,
+    )
+    warm_steps: int | None = option(
+        None,
+        "warm: sampler steps from σ_start; default: as many as the cold schedule spends below it.",
+        low=1,
+        unit="steps",
+    )
+    warm_polish: int | None = option(
+        None, "warm: polish iterations of warm rounds; default: the cold rounds'.", low=0, unit="iterations"
+    )
+    warm_tolerance: float = option(
+        0.25,
+        "warm: the largest share of the difference between two starts that may survive a warm round.",
+        low=0,
+        high=1,
+        low_open=True,
+    )
+    warm_reseed: float = option(
+        0.1,
+        "warm: share of each warm round sampled from noise instead (keeps the spread from narrowing).",
+        low=0,
+        high=1,
+    )
+
+    def __post_init__(self) -> None:
+        check_options(self)
+        if self.regenerate == "cold" and (
+            self.warm_sigma is not None or self.warm_steps is not None or self.warm_polish is not None
+        ):
+            raise OptionError("regenerate", "is cold: warm_sigma, warm_steps and warm_polish need warm")
+
+    @property
+    def warm(self) -> bool:
+        return self.regenerate == "warm"

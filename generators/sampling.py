@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -142,19 +143,61 @@ def diffuse(
         )
 
 
-def collect(n: int, chunk: int, make_chunk: Callable[[int], list[Episode]]) -> list[Episode]:
-    """Call ``make_chunk(first_index)`` for consecutive chunks of ``chunk`` samples until n transitions."""
+@dataclass(frozen=True)
+class Drawn:
+    """A family's samples: episodes, and (when kept) the raw sample each episode was decoded from, row i
+    of ``samples`` for episode i (windows (M, H, D) or transition features (M, F))."""
+
+    episodes: list[Episode]
+    samples: np.ndarray | None = None
+
+
+MakeChunk = Callable[[int, int, "np.ndarray | None"], np.ndarray]
+"""``make(first, size, starts)`` -> raw samples first..first+size−1: warm-started from ``starts`` (raw,
+(size, ...)) or, when None, from noise."""
+
+Decode = Callable[[np.ndarray], tuple[list[Episode], np.ndarray]]
+"""Raw samples -> their episodes and the indices of the samples that gave them."""
+
+
+def collect(
+    n: int,
+    chunk: int,
+    make: MakeChunk,
+    decode: Decode,
+    *,
+    warm: np.ndarray | None = None,
+    steps_per_sample: int = 1,
+    keep: bool = False,
+) -> Drawn:
+    """Samples in consecutive chunks until they hold n transitions.
+
+    Cold: chunks of ``chunk`` samples, fixed, so a sample's batch never depends on how a caller splits a
+    request. Warm: the rows of ``warm`` first (in chunks of at most ``chunk``), then samples from noise
+    sized to what is still missing (``steps_per_sample`` transitions each), not rounded up to a chunk.
+    """
     episodes: list[Episode] = []
+    kept: list[np.ndarray] = []
     total, first, empty = 0, 0, 0
+    m = 0 if warm is None else len(warm)
     while total < n:
-        got = make_chunk(first)
+        if first < m:
+            assert warm is not None
+            size = min(chunk, m - first)
+            raw = make(first, size, warm[first : first + size])
+        else:
+            size = chunk if warm is None else min(chunk, -(-(n - total) // steps_per_sample))
+            raw = make(first, size, None)
+        got, idx = decode(raw)
         empty = 0 if got else empty + 1
         if empty >= 10:
             raise RlsynthError("the generator produces no usable transitions (10 chunks in a row)")
         episodes.extend(got)
+        if keep:
+            kept.append(raw[idx])
         total += sum(e.length for e in got)
-        first += chunk
-    return episodes
+        first += size
+    return Drawn(episodes, np.concatenate(kept) if keep else None)
 
 
 def inpaint_first(known: torch.Tensor) -> Callable[[Denoiser], Denoiser]:
@@ -201,10 +244,11 @@ def used_settings(gen: LoadedGenerator, opts: SampleOptions) -> dict[str, Any]:
     return {"horizon": opts.horizon}
 
 
-def trim(episodes: list[Episode], n: int) -> list[Episode]:
-    """The first episodes holding exactly n transitions; the last one cut short ends truncated."""
+def trim(drawn: Drawn, n: int) -> Drawn:
+    """The first episodes holding exactly n transitions (the last one cut short ends truncated), and the
+    samples they came from (a cut episode's sample is kept whole)."""
     out, total = [], 0
-    for e in episodes:
+    for e in drawn.episodes:
         if total + e.length <= n:
             out.append(e)
             total += e.length
@@ -216,4 +260,4 @@ def trim(episodes: list[Episode], n: int) -> list[Episode]:
             total = n
         if total == n:
             break
-    return out
+    return Drawn(out, None if drawn.samples is None else drawn.samples[: len(out)])

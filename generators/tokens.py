@@ -261,13 +261,19 @@ def start_tokens(layout: TokenLayout, t: Transitions, rows: np.ndarray) -> np.nd
     return tok.astype(np.float32)
 
 
-def decode_windows(layout: TokenLayout, raw: np.ndarray) -> list[Episode]:
-    """Windows (B, H, D) of raw tokens -> their episodes (windows with no step are dropped).
+def decode_windows(layout: TokenLayout, raw: np.ndarray) -> tuple[list[Episode], np.ndarray]:
+    """Windows (B, H, D) of raw tokens -> their episodes and the indices of the windows that gave them
+    (windows with no step are dropped).
 
     Actions are decoded for the whole batch at once: per window, that was a tenth of a fast sampler's time.
     """
     actions = layout.decode_actions(raw[:, :, layout.act])
-    return [e for w, a in zip(raw, actions, strict=True) if (e := _window_episode(layout, w, a)) is not None]
+    episodes, kept = [], []
+    for i, (w, a) in enumerate(zip(raw, actions, strict=True)):
+        if (e := _window_episode(layout, w, a)) is not None:
+            episodes.append(e)
+            kept.append(i)
+    return episodes, np.asarray(kept, np.int64)
 
 
 def _window_episode(layout: TokenLayout, w: np.ndarray, actions: np.ndarray) -> Episode | None:

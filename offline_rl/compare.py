@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from rlsynth.datasets.errors import RlsynthError
-from rlsynth.generators.options import SamplerSettings
+from rlsynth.generators.options import Regeneration, SamplerSettings
 from rlsynth.guidance.options import GuidanceConfig
 from rlsynth.offline_rl.pgd import PGDConfig, check_initial_target, check_initial_target_file
 
@@ -42,6 +42,8 @@ class PGDSpec:
     """Agent file guiding round 0 (None: round 0 unguided); see :class:`offline_rl.pgd.PGDConfig`."""
     sampler: SamplerSettings = field(default_factory=SamplerSettings)
     """How each set is sampled; see :class:`offline_rl.pgd.PGDConfig`."""
+    regeneration: Regeneration = field(default_factory=Regeneration)
+    """Cold or warm-started rounds; see :class:`offline_rl.pgd.PGDConfig`."""
 
     def __post_init__(self) -> None:
         check_initial_target(self.initial_target, self.guidance)
@@ -127,6 +129,7 @@ def _run_job(job: Job) -> dict[str, Any]:
             guidance=p.guidance,
             initial_target=p.initial_target,
             sampler=p.sampler,
+            regeneration=p.regeneration,
             seed=job.seed,
         )
         gen = load_generator(p.generator, device=cfg.generator_device)
@@ -136,7 +139,10 @@ def _run_job(job: Job) -> dict[str, Any]:
             progress=False,
         )  # fmt: skip
         agent_path = res.agent
-        extra: dict[str, Any] = {"versions": [r.version for r in res.rounds]}
+        extra: dict[str, Any] = {
+            "versions": [r.version for r in res.rounds],
+            "rounds": [asdict(r) for r in res.rounds],
+        }
     else:
         sets = [cat.read(r) for r in cond.data]
         env_box["env"] = cfg.env_id or str(sets[0].info.env_id)

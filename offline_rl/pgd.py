@@ -8,6 +8,12 @@ Each synthetic set is committed as the next catalog version of ``name`` (sampled
 :func:`offline_rl.synthesis.synthesize`); its lineage's ``agent`` pins the target agent's file by SHA-256 and
 its ``producer`` holds the round, the agent step and the previous round's version, so the chain can be
 followed back.
+
+With ``regeneration.regenerate = "warm"`` every round after the first starts from the last round's
+samples (kept with each version as its ``samples.safetensors`` artifact), noised to σ_start and denoised
+with the new target's guidance (:mod:`generators.warm`); a ``warm_reseed`` share is drawn from noise.
+σ_start, unless given, is chosen in round 1 by the guided sampler's measured contraction and kept for
+the rounds after; ``sampling.warm_start`` in each version's lineage records where it started.
 The agent saved for each round lives in ``out/agents/``.
 
 The agent's observation scaler is fitted on the first round's mixture and then kept: regenerating data
@@ -17,6 +23,8 @@ must not silently change the agent's input normalisation.
 from __future__ import annotations
 
 import math
+import tempfile
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,14 +32,21 @@ from typing import Any
 import numpy as np
 
 from rlsynth.datasets.agents import save_agent
-from rlsynth.datasets.catalog import Catalog
+from rlsynth.datasets.catalog import Catalog, VersionRef
 from rlsynth.datasets.errors import RlsynthError
 from rlsynth.datasets.types import Dataset
-from rlsynth.generators.api import LoadedGenerator, SampleOptions, refiner_for
-from rlsynth.generators.options import SamplerSettings
+from rlsynth.generators.api import (
+    SAMPLES_FILE,
+    LoadedGenerator,
+    SampleOptions,
+    WarmFrom,
+    refiner_for,
+    save_samples,
+)
+from rlsynth.generators.options import Regeneration, SamplerSettings
 from rlsynth.guidance.spec import GuidanceConfig
 from rlsynth.offline_rl.mixture import Mixture
-from rlsynth.offline_rl.synthesis import synthesize
+from rlsynth.offline_rl.synthesis import Synthesis, synthesize
 from rlsynth.offline_rl.train import ALGOS, Callback, TrainingLog, build_algo, fit
 
 
@@ -69,6 +84,9 @@ class PGDConfig:
     to stand still, and a loop whose first target stands still only reinforces it."""
     sampler: SamplerSettings = field(default_factory=SamplerSettings)
     """How each set is sampled (steps, churn, polish, ...: :class:`generators.options.SamplerSettings`)."""
+    regeneration: Regeneration = field(default_factory=Regeneration)
+    """Rounds after the first: cold (from noise) or warm-started from the last round's samples
+    (:class:`generators.options.Regeneration`)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -93,6 +111,10 @@ class PGDRound:
     version: str
     agent: str | None
     """The guidance target's file (None in an unguided round 0)."""
+    sigma_start: float | None = None
+    """A warm round's σ_start (None: sampled from noise)."""
+    sample_seconds: float = 0.0
+    """Wall time of the round's synthesis (σ_start's choice included)."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +122,15 @@ class PGDResult:
     agent: Path
     rounds: tuple[PGDRound, ...]
     log: TrainingLog
+
+
+def _commit(catalog: Catalog, name: str, made: Synthesis, tags: dict[str, Any]) -> VersionRef:
+    """Commit a round's set; its raw samples, when kept, go with it as the version's samples artifact."""
+    if made.samples is None:
+        return catalog.write(name, made.dataset, lineage=made.lineage, tags=tags)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_samples(made.samples, Path(tmp))
+        return catalog.write(name, made.dataset, lineage=made.lineage, tags=tags, files={SAMPLES_FILE: path})
 
 
 def run_pgd(
@@ -127,6 +158,8 @@ def run_pgd(
     log = TrainingLog([], [])
     rounds: list[PGDRound] = []
     previous: str | None = None
+    kept: np.ndarray | None = None
+    regen = cfg.regeneration
     refiner = refiner_for(generator, SampleOptions())  # autoregressive drafts: the recorded refiner
     for r in range(cfg.rounds):
         start = r * cfg.regenerate_every
@@ -139,6 +172,8 @@ def run_pgd(
         gcfg = None
         if target is not None:
             gcfg = replace(cfg.guidance, policy=str(target) if "policy" in cfg.guidance.terms else None)
+        warm = None if kept is None or previous is None or r == 0 else WarmFrom(kept, previous, regen)
+        tic = time.perf_counter()
         made = synthesize(
             generator,
             real,
@@ -155,11 +190,27 @@ def run_pgd(
                 "previous": previous,
                 "config": asdict(cfg),
             },
+            warm=warm,
+            keep=regen.warm,
         )
+        seconds = time.perf_counter() - tic
         synth, lineage = made.dataset, made.lineage
-        ref = catalog.write(name, synth, lineage=lineage, tags={"generator": generator.kind, "pgd_round": r})
-        previous = str(ref)
-        rounds.append(PGDRound(r, start, previous, None if target is None else str(target)))
+        started = lineage["sampling"]["warm_start"]
+        if started is not None and regen.warm_sigma is None:
+            # σ_start is chosen once, by the first warm round's measurement; later rounds reuse it.
+            regen = replace(regen, warm_sigma=started["sigma_start"])
+        ref = _commit(catalog, name, made, {"generator": generator.kind, "pgd_round": r})
+        previous, kept = str(ref), made.samples
+        rounds.append(
+            PGDRound(
+                r,
+                start,
+                previous,
+                None if target is None else str(target),
+                None if started is None else started["sigma_start"],
+                seconds,
+            )
+        )
         parts = [(synth, cfg.synthetic_rows)] + ([(real, cfg.real_rows)] if cfg.real_rows else [])
         mixture = Mixture.of(parts)
         if algo is None:

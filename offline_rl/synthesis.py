@@ -13,15 +13,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from rlsynth.datasets.errors import RlsynthError
 from rlsynth.datasets.sources import file_sha256
 from rlsynth.datasets.types import Dataset
 from rlsynth.generators.api import (
     LoadedGenerator,
     SampleOptions,
+    WarmFrom,
+    WarmPlan,
+    WarmStart,
+    draw,
     generator_lineage,
+    plan_warm,
     refiner_for,
-    sample,
     sample_seed,
     used_settings,
 )
@@ -53,6 +59,9 @@ class Synthesis:
     dataset: Dataset
     lineage: dict[str, Any]
     """Keys :data:`LINEAGE_KEYS`; JSON-ready, for ``Catalog.write`` or a transaction's commit."""
+    samples: np.ndarray | None = None
+    """With ``keep``: the raw samples the dataset's episodes were decoded from, in order (kept with the
+    version as :data:`generators.warm.SAMPLES_FILE`, where a warm start reads them)."""
 
 
 def synthesize(
@@ -68,17 +77,24 @@ def synthesize(
     refiner: LoadedGenerator | None = None,
     shard: Shard | None = None,
     producer: dict[str, Any] | None = None,
+    warm: WarmStart | WarmFrom | None = None,
+    keep: bool = False,
 ) -> Synthesis:
     """Sample ``n_transitions`` from ``generator`` starting from ``source``'s states.
 
     ``guidance`` names its files (target agent, world model); ``actor`` is the agent that acts in
     world-model rollouts; ``refiner`` overrides the one recorded for autoregressive drafts;
     ``source_ref`` is how the start states are recorded (default: the dataset's source string);
-    ``producer`` holds what only its maker knows (a PGD round, a run folder), ``name`` first."""
+    ``producer`` holds what only its maker knows (a PGD round, a run folder), ``name`` first;
+    ``warm`` starts from earlier samples, as a :class:`WarmStart` or planned here from a
+    :class:`WarmFrom` with this call's guidance (:func:`generators.api.plan_warm`; recorded as
+    ``sampling.warm_start``); ``keep`` returns the raw samples too."""
     s = settings if settings is not None else SamplerSettings()
     _check_inputs(generator, n_transitions, s, guidance, seed, actor)
     if shard is not None and not isinstance(shard, Shard):
         raise RlsynthError(f"shard must be a Shard(index, count), got {shard!r}")
+    if warm is not None and not isinstance(warm, WarmStart | WarmFrom):
+        raise RlsynthError(f"warm must be a WarmStart or WarmFrom, got {type(warm).__name__}")
     if refiner is not None and generator.kind != "autoregressive":
         raise RlsynthError(
             f"only autoregressive drafts take a refiner; {generator.folder} is {generator.kind}"
@@ -89,19 +105,20 @@ def synthesize(
     noise_seed = seed if shard is None else sample_seed(seed, shard.index)
     opts = SampleOptions.of(s, seed=noise_seed, policy=policy, refiner=ref, guidance=g)
     used = used_settings(generator, opts)  # before sampling: a bad setting fails in one line, at once
-    ds = sample(generator, source, n_transitions, opts)
+    plan = plan_warm(generator, source, opts, warm) if isinstance(warm, WarmFrom) else WarmPlan(warm, None)
+    ds, samples = draw(generator, source, n_transitions, opts, warm=plan.warm, keep=keep)
     lineage = {
         "sources": [source_ref or {"source": source.source}],
         "generator": generator_lineage(generator, ref),
         # The settings used (the model's defaults resolved), not the options as given.
-        "sampling": {"n_transitions": n_transitions, **used},
+        "sampling": {"n_transitions": n_transitions, **used, "warm_start": _warm_lineage(plan)},
         "seeds": {"sample": seed},
         "shards": None if shard is None else {"index": shard.index, "count": shard.count},
         "agent": _agent_lineage(actor, "actor") if actor is not None else _target_lineage(guidance),
         "guidance": None if g is None or guidance is None else _guidance_lineage(guidance, g),
         "producer": producer or {"name": "library"},
     }
-    return Synthesis(ds, lineage)
+    return Synthesis(ds, lineage, samples)
 
 
 def _check_inputs(
@@ -134,6 +151,23 @@ def _check_inputs(
         )
     if actor is not None and not Path(actor).is_file():
         raise RlsynthError(f"{actor}: no such agent file")
+
+
+def _warm_lineage(plan: WarmPlan) -> dict[str, Any] | None:
+    """Where a warm start began: the version its samples came from, how many, σ_start, steps, polish,
+    and the contraction curve σ_start was chosen from (None when it was given)."""
+    w, c = plan.warm, plan.choice
+    if w is None:
+        return None
+    chosen = None if c is None else {"tolerance": c.tolerance, "curve": [list(p) for p in c.curve]}
+    return {
+        "from": w.origin,
+        "samples": len(w.samples),
+        "sigma_start": w.sigma_start,
+        "steps": w.steps,
+        "polish": w.polish,
+        "chosen": chosen,
+    }
 
 
 def _guidance_lineage(cfg: GuidanceConfig, built: Guidance) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import yaml
 
 from rlsynth.datasets.errors import RlsynthError, read_bounded
-from rlsynth.generators.options import OptionError, SamplerSettings
+from rlsynth.generators.options import OptionError, Regeneration, SamplerSettings
 from rlsynth.guidance.options import GuidanceConfig
 
 
@@ -287,6 +287,9 @@ class AgentsConfig:
     pgd_warm_start: bool = False
     """PGD: guide round 0 with the run's target agent instead of sampling it unguided as the paper does.
     Helps when agents trained on unguided synthetic data stand still (small generators)."""
+    pgd_regeneration: Regeneration = field(default_factory=Regeneration)
+    """PGD: rounds after the first from noise (cold) or warm-started from the last round's samples (every
+    field of generators.options.Regeneration)."""
 
     def __post_init__(self) -> None:
         _choices("algos", self.algos, ALGOS)
@@ -301,6 +304,8 @@ class AgentsConfig:
             _count(name, getattr(self, name))
         if self.pgd_warm_start and "pgd" not in self.conditions:
             raise FieldError("pgd_warm_start", "needs the pgd condition in agents.conditions")
+        if self.pgd_regeneration.warm and "pgd" not in self.conditions:
+            raise FieldError("pgd_regeneration", "warm needs the pgd condition in agents.conditions")
 
 
 @dataclass(frozen=True)

@@ -747,7 +747,7 @@ def _run_stages(
                     generator=gen["folder"], real=src["ref"], name=f"{cfg.synthesize.name}-pgd",
                     regenerate_every=a.pgd_regenerate_every, synthetic_transitions=a.pgd_transitions,
                     guidance=pgd_guidance(gsec), initial_target=target["agent"] if a.pgd_warm_start else None,
-                    sampler=cfg.synthesize.sampler)))  # fmt: skip
+                    sampler=cfg.synthesize.sampler, regeneration=a.pgd_regeneration)))  # fmt: skip
         ccfg = CompareConfig(algos=a.algos, seeds=a.seeds, steps=a.steps, eval_every=a.eval_every,
                              eval_episodes=a.eval_episodes, final_episodes=a.final_episodes,
                              catalog=catalog_uri)  # fmt: skip

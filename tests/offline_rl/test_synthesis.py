@@ -123,7 +123,11 @@ def test_world_model_rollouts_record_the_acting_agent(made: dict[str, Any]) -> N
         "path": str(agent.resolve()),
         "sha256": file_sha256(agent),
     }
-    assert out.lineage["guidance"] is None and out.lineage["sampling"] == {"n_transitions": 20, "horizon": 32}
+    assert out.lineage["guidance"] is None and out.lineage["sampling"] == {
+        "n_transitions": 20,
+        "horizon": 32,
+        "warm_start": None,
+    }
 
 
 def bad_requests(gen: LoadedGenerator, wm: LoadedGenerator, agent: Path) -> list[tuple[dict[str, Any], str]]:
