@@ -22,8 +22,10 @@ every manifest goes through :func:`datasets.manifest.parse_manifest`; on a local
 opened component by component from the root with ``O_NOFOLLOW``, so a symbolic link anywhere below the
 root (a part, an artifact, a version or name folder) is refused, never followed; reads check each part's
 size and SHA-256, decode it only after its footer agrees with the manifest, and recompute the content
-hash before the data is used or cached. A stray entry named like a version folder (a file, a link) is
-never a version and never blocks a commit: commits take the next free number.
+hash before the data is used or cached (:meth:`Catalog.iter_batches`, which streams a version larger
+than memory part by part, can only do so after its last batch: see there). A stray entry named like a
+version folder (a file, a link) is never a version and never blocks a commit: commits take the next
+free number.
 
 A writer killed by SIGKILL leaves its staging folder; ``_staging/<txn>.writer.json`` names the process
 that owns it, and each commit clears the staging of writers on this host that are dead
@@ -69,7 +71,14 @@ from rlsynth.datasets.manifest import (
     parse_manifest,
     schema_json,
 )
-from rlsynth.datasets.parquet import FORMAT_VERSION, from_table, info_from_schema, read_part, to_table
+from rlsynth.datasets.parquet import (
+    FORMAT_VERSION,
+    from_table,
+    info_from_schema,
+    read_part,
+    table_arrays,
+    to_table,
+)
 from rlsynth.datasets.types import Dataset, DatasetInfo, Transitions
 from rlsynth.datasets.validation import validate_transitions
 
@@ -88,6 +97,11 @@ REF_VERSION_RE = re.compile(r"[1-9]\d{0,17}")
 TXN_RE = re.compile(r"[0-9a-f]{32}")
 ANNOTATION_KEYS = frozenset({"fidelity"})
 MAX_WRITER_BYTES = 4096
+# Rows per streamed batch: a few MB for typical spaces, a usual trainer or exporter chunk.
+DEFAULT_BATCH_ROWS = 65_536
+
+# A streamed batch: column name -> numpy array, the shapes and dtypes of :class:`Transitions`' columns.
+ColumnBatch = dict[str, np.ndarray]
 
 
 def _json_default(o: Any) -> Any:
@@ -368,6 +382,8 @@ class _LocalFiles:
                 return pa.py_buffer(b"")
             return pa.py_buffer(mmap.mmap(fd, st.st_size, access=mmap.ACCESS_READ))
         except OSError as e:
+            if e.errno == errno.ENOMEM:  # no address space left: the process's limit, not the file
+                raise MemoryError(f"{where}: no address space left to map it") from None
             raise CatalogError(f"{where}: cannot be read ({e.strerror})") from None
         finally:
             os.close(fd)
@@ -466,7 +482,6 @@ class _Stats:
     hi: dict[str, np.ndarray] = field(default_factory=dict)
     returns: list[np.ndarray] = field(default_factory=list)
     lengths: list[np.ndarray] = field(default_factory=list)
-    starts: list[np.ndarray] = field(default_factory=list)
     terminated: int = 0
     truncated: int = 0
 
@@ -486,7 +501,6 @@ class _Stats:
         bounds = t.episode_bounds()
         self.returns.append(np.add.reduceat(t.rewards.astype(np.float64), bounds[:-1]))
         self.lengths.append(np.diff(bounds))
-        self.starts.append(t.episode_id[bounds[:-1]])
         self.terminated += int(t.terminals.sum())
         self.truncated += int((t.timeouts & ~t.terminals).sum())
         self.n += k
@@ -509,10 +523,45 @@ class _Stats:
             **episode_stats(returns, lengths),
         }
 
-    def repeated_episode(self) -> int | None:
-        ids = np.concatenate(self.starts)
+
+class _VersionCheck:
+    """What a version's data must pass however it is read, fed one decoded part at a time in order.
+
+    Each part is validated on its own (the episode contract); since no episode spans two parts, the
+    parts together pass the contract iff each does and no episode id starts in two of them. The content
+    hash is updated part by part. So ``read``, ``iter_batches`` and ``verify`` check the same things
+    without holding more than one part.
+    """
+
+    def __init__(self, man: Manifest) -> None:
+        self._man = man
+        self._hasher = ContentHasher(man.info)
+        self._starts: list[np.ndarray] = []
+
+    def add(self, t: Transitions, where: str) -> None:
+        """Validate one part (raises :class:`ValidationError`), then take it into the whole's checks."""
+        validate_transitions(t, self._man.info, where)
+        self._hasher.update(t)
+        self._starts.append(t.episode_id[t.episode_bounds()[:-1]])
+
+    def hexdigest(self) -> str:
+        return self._hasher.hexdigest()
+
+    def problems(self) -> list[str]:
+        """What is wrong with the whole, once every part was added."""
+        out = []
+        if self.hexdigest() != self._man.content_hash:
+            out.append("content hash differs from the manifest")
+        ids = np.concatenate(self._starts) if self._starts else np.zeros(0, np.int64)
         uniq, counts = np.unique(ids, return_counts=True)
-        return int(uniq[counts > 1][0]) if (counts > 1).any() else None
+        if (counts > 1).any():
+            out.append(f"episode {int(uniq[counts > 1][0])} appears in more than one part")
+        return out
+
+    def finish(self, r: VersionRef) -> None:
+        problems = self.problems()
+        if problems:
+            raise CatalogError(f"{r}: {'; '.join(problems)} (data or manifest altered)")
 
 
 # Stats are recomputed in another summation order than at commit; they agree to ~1e-12 relative.
@@ -529,6 +578,36 @@ def _stats_differences(recorded: Mapping[str, Any], recomputed: Mapping[str, Any
             if a.shape != b.shape or not np.allclose(a, b, rtol=STATS_RTOL, atol=STATS_RTOL * scale):
                 out.append(f"stats.{group}.{key}")
     return out
+
+
+def _part_label(r: VersionRef, p: PartRecord) -> str:
+    return f"{r} part {p.path}"
+
+
+def _projection(columns: Sequence[str] | None) -> tuple[str, ...]:
+    """The asked column names, checked and without repeats; all of them when None."""
+    valid = Transitions.columns()
+    if columns is None:
+        return valid
+    if isinstance(columns, str):
+        raise CatalogError(f"columns must be a list of names, not the string {columns!r}")
+    names = tuple(dict.fromkeys(columns))
+    if not names:
+        raise CatalogError(f"no columns asked for (columns: {', '.join(valid)})")
+    unknown = [c for c in names if c not in valid]
+    if unknown:
+        which = "column" if len(unknown) == 1 else "columns"
+        raise CatalogError(
+            f"unknown {which} {', '.join(repr(c) for c in unknown)} (columns: {', '.join(valid)})"
+        )
+    return names
+
+
+def _concat(parts: Sequence[Transitions]) -> Transitions:
+    """Parts end to end (one part is returned as is: no copy)."""
+    if len(parts) == 1:
+        return parts[0]
+    return Transitions(**{c: np.concatenate([getattr(t, c) for t in parts]) for c in Transitions.columns()})
 
 
 class Catalog:
@@ -697,16 +776,93 @@ class Catalog:
             stamps.append(cache.PartStamp(p.path, e.size, e.mtime_ns))
         return stamps
 
-    def _part_table(self, r: VersionRef, man: Manifest, p: PartRecord) -> pa.Table:
-        label = f"{r} part {p.path}"
+    def _part_table(
+        self, r: VersionRef, man: Manifest, p: PartRecord, columns: Sequence[str] | None = None
+    ) -> pa.Table:
+        """One part, its size and SHA-256 checked before its footer and then ``columns`` (all when None)
+        are decoded. The file's bytes are dropped on return: only the decoded columns stay."""
+        label = _part_label(r, p)
         data = self._read_checked(self._vparts(r, p.path), p.bytes, p.sha256, label)
-        return read_part(data, p.rows, man.info, label)
+        return read_part(data, p.rows, man.info, label, columns)
+
+    def _checked_part(self, r: VersionRef, man: Manifest, p: PartRecord, check: _VersionCheck) -> Transitions:
+        """One part decoded whole, validated and taken into ``check``."""
+        t = from_table(self._part_table(r, man, p), _part_label(r, p))
+        check.add(t, _part_label(r, p))
+        return t
+
+    def _checked_parts(self, r: VersionRef, man: Manifest) -> Iterator[Transitions]:
+        """Every part in order, each checked before it is yielded; raises after the last one if the whole
+        is not the version the manifest records (content hash, an episode in two parts)."""
+        check = _VersionCheck(man)
+        for p in man.parts:
+            # Yielded without a local name, so this frame holds no part while the next one decodes.
+            yield self._checked_part(r, man, p, check)
+        check.finish(r)
+
+    def _part_arrays(
+        self, r: VersionRef, man: Manifest, columns: tuple[str, ...]
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Each part's asked columns in order, checked as :meth:`iter_batches` says."""
+        if set(columns) == set(Transitions.columns()):
+            for t in self._checked_parts(r, man):
+                yield {c: getattr(t, c) for c in columns}
+                del t  # the loop name would keep this part alive while the next one decodes
+        else:
+            # A projection cannot be validated or content-hashed (both need every column); each part's
+            # size and SHA-256 still cover all its bytes.
+            for p in man.parts:
+                yield table_arrays(self._part_table(r, man, p, columns), columns, _part_label(r, p))
+
+    def _part_batches(
+        self, r: VersionRef, man: Manifest, columns: tuple[str, ...], max_rows: int
+    ) -> Iterator[ColumnBatch]:
+        for arrays in self._part_arrays(r, man, columns):
+            rows = len(arrays[columns[0]])
+            for lo in range(0, rows, max_rows):
+                yield {c: a[lo : lo + max_rows].copy() for c, a in arrays.items()}
+            del arrays  # as above: no part outlives its batches
+
+    def iter_batches(
+        self,
+        ref: str | VersionRef,
+        *,
+        columns: Sequence[str] | None = None,
+        max_rows: int = DEFAULT_BATCH_ROWS,
+    ) -> Iterator[ColumnBatch]:
+        """Stream a version part by part, in batches of at most ``max_rows`` rows, without holding it.
+
+        Each batch maps the asked ``columns`` (default: all, in :meth:`Transitions.columns` order) to
+        numpy arrays with the dtypes and shapes of :class:`Transitions` (vectors ``(n, dim)`` float32):
+        what trainers (``torch.from_numpy``), HDF5/Minari writers and numpy reductions take directly.
+        Batches are copies that own their memory (writable, so ``torch.from_numpy`` takes them without a
+        warning; keeping one does not pin its whole part). Rows keep the version's order; a batch never
+        spans two parts, and an episode may span two batches.
+
+        Memory: one decoded part of the asked columns (only those are decompressed), plus the batch the
+        consumer holds; never the whole version. The cache is neither read nor written.
+
+        Checks: the reference, the column names and every part's presence and size before this returns;
+        each part's size and SHA-256 before it is decoded, so a damaged part raises
+        :class:`CatalogError` naming it. With all columns, each part passes the episode contract before
+        its first batch, and after the last batch the iterator raises :class:`CatalogError` unless the
+        content hash matches the manifest and no episode appears in two parts. So a consumer must not
+        commit anything it derived (an export, a trained model) before the iterator is exhausted
+        without error. A projection (some columns) skips those two whole-version checks.
+        """
+        names = _projection(columns)
+        if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
+            raise CatalogError(f"max_rows must be a positive integer, got {max_rows!r}")
+        r = self.resolve(ref)
+        man = self._manifest(r)
+        self._part_stamps(r, man)  # a missing or truncated part fails now, before any batch
+        return self._part_batches(r, man, names, max_rows)
 
     def read(self, ref: str | VersionRef, *, use_cache: bool = True) -> Dataset:
         """Load a version. Every part must be a regular file of its recorded size; on a cache hit (see
         :mod:`datasets.cache` for what it trusts) that is all that is read. Otherwise each part is
-        checked against its SHA-256, decoded, and the whole validated and its content hash recomputed
-        before it is returned or cached."""
+        checked against its SHA-256, decoded and validated, and the whole's content hash recomputed
+        before it is returned or cached. To read a version larger than memory, see :meth:`iter_batches`."""
         r = self.resolve(ref)
         man = self._manifest(r)
         stamps = self._part_stamps(r, man)
@@ -718,13 +874,7 @@ class Catalog:
             cached = cache.load(man.content_hash, folder=folder, stamps=stamps, expected=expected)
             if cached is not None:
                 return Dataset(info=man.info, transitions=cached, source=str(r))
-        tables = [self._part_table(r, man, p) for p in man.parts]
-        t = from_table(pa.concat_tables(tables), str(r))
-        validate_transitions(t, man.info, str(r))
-        hasher = ContentHasher(man.info)
-        hasher.update(t)
-        if hasher.hexdigest() != man.content_hash:
-            raise CatalogError(f"{r}: content hash differs from the manifest (data or manifest altered)")
+        t = _concat(list(self._checked_parts(r, man)))
         if use_cache:
             cache.store(man.content_hash, t, folder=folder, stamps=stamps)
         return Dataset(info=man.info, transitions=t, source=str(r))
@@ -752,7 +902,8 @@ class Catalog:
         The manifest's every field (:func:`datasets.manifest.parse_manifest`); the folder (no links, no
         part or artifact that the manifest does not list); each part (size, SHA-256, footer, schema,
         rows, the episode contract) and artifact (size, SHA-256); then over the whole: episode ids
-        unique across parts, the content hash, the counts and the per-column stats.
+        unique across parts, the content hash, the counts and the per-column stats. One part is decoded
+        at a time (only per-episode summaries are kept), so a version larger than memory verifies too.
         """
         r = self.resolve(ref)
         try:
@@ -760,26 +911,25 @@ class Catalog:
         except RlsynthError as e:
             return _verify_report(r, None, None, [str(e)])
         problems = self._folder_problems(r, man)
-        hasher, stats = ContentHasher(man.info), _Stats()
+        check, stats = _VersionCheck(man), _Stats()
         data_ok = True
         for p in man.parts:
             try:
-                t = from_table(self._part_table(r, man, p), f"part {p.path}")
-                validate_transitions(t, man.info, f"part {p.path}")
+                # Not kept: one part is decoded at a time, and only its per-episode summaries stay.
+                stats.update(self._checked_part(r, man, p, check))
+            except MemoryError:
+                raise  # running out is this process's problem, not a finding about the data
             except (RlsynthError, pa.ArrowException, OSError) as e:
                 problems.append(str(e))
                 data_ok = False
-                continue
-            hasher.update(t)
-            stats.update(t)
         for f in man.files:
             try:
                 self._read_checked(self._vparts(r, "files", f.name), f.bytes, f.sha256, f"file {f.name}")
             except RlsynthError as e:
                 problems.append(str(e))
-        recomputed = hasher.hexdigest() if data_ok else None
+        recomputed = check.hexdigest() if data_ok else None
         if data_ok:
-            problems += _whole_problems(man, recomputed, stats)
+            problems += _whole_problems(man, check, stats)
         return _verify_report(r, man, recomputed, problems)
 
     def _folder_problems(self, r: VersionRef, man: Manifest) -> list[str]:
@@ -930,13 +1080,8 @@ class Catalog:
         return [dict(m.raw) for m in self.scan().manifests]
 
 
-def _whole_problems(man: Manifest, recomputed: str | None, stats: _Stats) -> list[str]:
-    problems = []
-    if recomputed != man.content_hash:
-        problems.append("content hash differs from the manifest")
-    dup = stats.repeated_episode()
-    if dup is not None:
-        problems.append(f"episode {dup} appears in more than one part")
+def _whole_problems(man: Manifest, check: _VersionCheck, stats: _Stats) -> list[str]:
+    problems = check.problems()
     lengths = np.concatenate(stats.lengths)
     counts = {
         "episodes": len(lengths),

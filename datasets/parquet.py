@@ -2,12 +2,13 @@
 
 Vectors are fixed-size float32 lists, so a column converts to a (N, dim) numpy array without copies.
 :func:`read_part` is the one way a stored part becomes arrays: it checks the footer (row count, declared
-decoded size) and the schema before Arrow decodes a single page.
+decoded size) and the schema before Arrow decodes a single page; it can decode only some columns.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -72,15 +73,22 @@ def _numpy(col: pa.ChunkedArray, where: str, name: str) -> np.ndarray:
     return arr.to_numpy(zero_copy_only=False)
 
 
-def from_table(table: pa.Table, where: str) -> Transitions:
-    """Columns to numpy (zero-copy where Arrow allows). Raises :class:`CatalogError` on a foreign schema."""
-    missing = [c for c in Transitions.columns() if c not in table.column_names]
+def table_arrays(table: pa.Table, columns: Sequence[str], where: str) -> dict[str, np.ndarray]:
+    """The named columns as numpy (zero-copy where Arrow allows), in the order asked.
+
+    Raises :class:`CatalogError` on a table that lacks one of them (a foreign schema)."""
+    missing = [c for c in columns if c not in table.column_names]
     if missing:
         raise CatalogError(
             f"{where}: not an rlsynth transitions table (missing columns {', '.join(missing)})"
         )
-    cols = {name: _numpy(table.column(name), where, name) for name in Transitions.columns()}
-    return Transitions(**cols)
+    return {name: _numpy(table.column(name), where, name) for name in columns}
+
+
+def from_table(table: pa.Table, where: str) -> Transitions:
+    """Every column to numpy (zero-copy where Arrow allows). Raises :class:`CatalogError` on a foreign
+    schema."""
+    return Transitions(**table_arrays(table, Transitions.columns(), where))
 
 
 def info_from_schema(schema: pa.Schema, where: str) -> DatasetInfo:
@@ -118,9 +126,14 @@ def check_schema(schema: pa.Schema, info: DatasetInfo, where: str) -> None:
         raise CatalogError(f"{where}: written for other spaces than the manifest records")
 
 
-def read_part(data: pa.Buffer, rows: int, info: DatasetInfo, where: str) -> pa.Table:
+def read_part(
+    data: pa.Buffer, rows: int, info: DatasetInfo, where: str, columns: Sequence[str] | None = None
+) -> pa.Table:
     """A stored part as a table, refused before decoding if its footer disagrees with the manifest's
-    ``rows``, declares more decoded bytes than such rows take, or has another schema."""
+    ``rows``, declares more decoded bytes than such rows take, or has another schema.
+
+    ``columns``: decode only these (Parquet stores each column apart, so the others are never
+    decompressed); the footer and schema checks still cover every column."""
     try:
         pf = pq.ParquetFile(pa.BufferReader(data))
         meta = pf.metadata
@@ -143,7 +156,9 @@ def read_part(data: pa.Buffer, rows: int, info: DatasetInfo, where: str) -> pa.T
         raise CatalogError(f"{where}: declares {declared} decoded bytes for {rows} rows (at most {bound})")
     check_schema(pf.schema_arrow, info, where)
     try:
-        table = pf.read()
+        table = pf.read(columns=None if columns is None else list(columns))
+    except MemoryError:
+        raise  # Arrow's allocation failures subclass ArrowException too; they say nothing about the file
     except (pa.ArrowException, OSError) as e:
         raise CatalogError(f"{where}: not valid Parquet ({brief(e)})") from None
     if table.num_rows != rows:

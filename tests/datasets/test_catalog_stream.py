@@ -59,7 +59,7 @@ def test_projection_decodes_only_the_asked_columns(catalog: Catalog, monkeypatch
 
     def spy(self: pq.ParquetFile, columns: list[str] | None = None, **kw: object) -> object:
         asked.append(columns)
-        return real_read(self, columns=columns, **kw)  # type: ignore[arg-type]
+        return real_read(self, columns=columns, **kw)
 
     monkeypatch.setattr(pq.ParquetFile, "read", spy)
     batches = list(catalog.iter_batches(ref, columns=["rewards", "observations", "rewards"]))

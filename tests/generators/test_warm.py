@@ -150,7 +150,8 @@ def test_plan_warm_reseeds_its_share_and_chooses_sigma_from_the_guided_sampler(
     settings = Regeneration(regenerate="warm", warm_reseed=0.25, warm_tolerance=0.5, warm_polish=0)
     plan = plan_warm(gen, src, SampleOptions(seed=3), WarmFrom(kept, "x@1", settings))
     assert plan.warm is not None and plan.choice is not None
-    assert len(plan.warm.samples) == len(kept) - round(0.25 * len(kept)) and plan.warm.origin == "x@1" and plan.warm.polish == 0
+    assert len(plan.warm.samples) == len(kept) - round(0.25 * len(kept))
+    assert plan.warm.origin == "x@1" and plan.warm.polish == 0
     assert plan.warm.sigma_start == plan.choice.sigma_start == plan.choice.curve[-1][0]
     assert plan.choice.curve[-1][1] <= 0.5 or plan.warm.sigma_start == gen.model.cfg.edm.sigma_max  # type: ignore[union-attr]
     rows = {r.tobytes() for r in kept}
