@@ -9,7 +9,8 @@ Layout under the catalog root (any pyarrow filesystem URI; a plain path is a loc
 
 Names are ``[a-z0-9][a-z0-9._-]*`` components joined by ``/``; version folders start with ``_`` so they can
 never collide with a name. A commit writes parts (from any process: a :class:`Transaction` is a plain
-picklable value), validates and hashes them, writes the manifest, and publishes the whole folder:
+picklable value; each part is validated and summarised where it is written), checks and hashes them,
+writes the manifest, and publishes the whole folder:
 
 * local filesystem: one ``rename(2)`` of the staging folder to ``_v<N>``; rename refuses a non-empty target,
   so two writers racing for N get N and N+1, and a writer killed at any point leaves no version;
@@ -38,12 +39,14 @@ import contextlib
 import datetime as _dt
 import errno
 import hashlib
+import hmac
 import io
 import json
 import logging
 import mmap
 import os
 import re
+import secrets
 import shutil
 import stat
 import time
@@ -74,7 +77,6 @@ from rlsynth.datasets.manifest import (
 from rlsynth.datasets.parquet import (
     FORMAT_VERSION,
     from_table,
-    info_from_schema,
     read_part,
     table_arrays,
     to_table,
@@ -97,6 +99,9 @@ REF_VERSION_RE = re.compile(r"[1-9]\d{0,17}")
 TXN_RE = re.compile(r"[0-9a-f]{32}")
 ANNOTATION_KEYS = frozenset({"fidelity"})
 MAX_WRITER_BYTES = 4096
+# Beside each staged part: what its writer computed (size, SHA-256, moments), authenticated; never a part.
+SUMMARY_SUFFIX = ".summary.json"
+SUMMARY_FORMAT = "rlsynth.part-summary/1"
 # Rows per streamed batch: a few MB for typical spaces, a usual trainer or exporter chunk.
 DEFAULT_BATCH_ROWS = 65_536
 
@@ -169,6 +174,8 @@ class ContentHasher:
 
     One running SHA-256 per column is fed the parts in order; the result hashes the format, the info
     and the column digests. Re-splitting the same rows gives the same hash; any changed value does not.
+    A running hash cannot be resumed from per-part digests, so whoever computes it reads every part in
+    order (a commit streams them one at a time; see :meth:`Transaction.commit`).
     """
 
     def __init__(self, info: DatasetInfo) -> None:
@@ -470,10 +477,31 @@ class Listing:
     problems: tuple[str, ...]
 
 
+# The columns whose per-dimension moments the manifest's stats summarise.
+MOMENT_COLUMNS = ("observations", "actions", "rewards")
+
+# One part's moments of one column, per dimension (float64): mean, m2 (the sum of squared deviations
+# from the mean), min, max.
+Moments = dict[str, np.ndarray]
+
+
+def part_moments(t: Transitions) -> dict[str, Moments]:
+    """The moments of one part's vectors and rewards, what :class:`_Stats` merges across parts."""
+    k = len(t)
+    out = {}
+    for c in MOMENT_COLUMNS:
+        a = getattr(t, c).reshape(k, -1).astype(np.float64)
+        mean = a.mean(0)
+        out[c] = {"mean": mean, "m2": ((a - mean) ** 2).sum(0), "min": a.min(0), "max": a.max(0)}
+    return out
+
+
 @dataclass
 class _Stats:
-    """Per-part running moments (Chan et al.'s pairwise update), so ``verify`` recomputes the manifest's
-    stats part by part without holding the whole dataset."""
+    """Per-part running moments (Chan et al.'s pairwise update), so the manifest's stats are merged
+    part by part without holding the whole dataset: at commit from the moments each part's writer
+    computed (:meth:`merge`), in ``verify`` from the decoded parts (:meth:`update`); both merge the same
+    per-part moments in the same order, so they agree exactly."""
 
     n: int = 0
     mean: dict[str, np.ndarray] = field(default_factory=dict)
@@ -486,23 +514,30 @@ class _Stats:
     truncated: int = 0
 
     def update(self, t: Transitions) -> None:
-        k = len(t)
-        for c in ("observations", "actions", "rewards"):
-            a = getattr(t, c).reshape(k, -1).astype(np.float64)
-            mean, m2 = a.mean(0), ((a - a.mean(0)) ** 2).sum(0)
-            if not self.n:
-                self.mean[c], self.m2[c], self.lo[c], self.hi[c] = mean, m2, a.min(0), a.max(0)
-                continue
-            delta = mean - self.mean[c]
-            total = self.n + k
-            self.mean[c] = self.mean[c] + delta * k / total
-            self.m2[c] = self.m2[c] + m2 + delta**2 * self.n * k / total
-            self.lo[c], self.hi[c] = np.minimum(self.lo[c], a.min(0)), np.maximum(self.hi[c], a.max(0))
+        """Take in one decoded part: its episodes and its moments."""
+        self.add_episodes(t)
+        self.merge(len(t), part_moments(t))
+
+    def add_episodes(self, t: Transitions) -> None:
+        """One part's episode returns, lengths and end counts (cheap: one value per episode)."""
         bounds = t.episode_bounds()
         self.returns.append(np.add.reduceat(t.rewards.astype(np.float64), bounds[:-1]))
         self.lengths.append(np.diff(bounds))
         self.terminated += int(t.terminals.sum())
         self.truncated += int((t.timeouts & ~t.terminals).sum())
+
+    def merge(self, k: int, moments: Mapping[str, Moments]) -> None:
+        """Merge the moments of ``k`` more rows (one part's, from :func:`part_moments`)."""
+        for c in MOMENT_COLUMNS:
+            m = moments[c]
+            if not self.n:
+                self.mean[c], self.m2[c], self.lo[c], self.hi[c] = m["mean"], m["m2"], m["min"], m["max"]
+                continue
+            delta = m["mean"] - self.mean[c]
+            total = self.n + k
+            self.mean[c] = self.mean[c] + delta * k / total
+            self.m2[c] = self.m2[c] + m["m2"] + delta**2 * self.n * k / total
+            self.lo[c], self.hi[c] = np.minimum(self.lo[c], m["min"]), np.maximum(self.hi[c], m["max"])
         self.n += k
 
     def result(self) -> dict[str, Any]:
@@ -1123,14 +1158,44 @@ def split_rows(t: Transitions, rows: int) -> Iterable[Transitions]:
         lo = hi
 
 
+def _summary_name(part_file: str) -> str:
+    return f"{part_file}{SUMMARY_SUFFIX}"
+
+
+def _max_summary_bytes(info: DatasetInfo) -> int:
+    # Four float64 lists per moment column, each value at most ~25 characters in JSON.
+    dims = 2 * info.observation_space.dim + 2 * info.action_space.dim + 2
+    return 4096 + 4 * 32 * dims
+
+
+def _summary_mac(key: str, body: Mapping[str, Any]) -> str:
+    data = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+    return hmac.new(key.encode(), data, hashlib.sha256).hexdigest()
+
+
+@dataclass(frozen=True)
+class _PartSummary:
+    """What :meth:`Transaction.write_part` recorded of one part, its authenticity already checked."""
+
+    rows: int
+    bytes: int
+    sha256: str
+    moments: dict[str, Moments]
+
+
 @dataclass(frozen=True)
 class Transaction:
-    """A commit in progress. A plain value: send it to another process (a Ray task) to write parts there."""
+    """A commit in progress. A plain value: send it to another process (a Ray task) to write parts there.
+
+    ``key`` authenticates the summary each :meth:`write_part` leaves beside its part; it travels only
+    inside this value (never to the catalog's files), so a summary altered in staging is refused.
+    """
 
     catalog_uri: str
     name: str
     txn_id: str
     info: DatasetInfo
+    key: str = field(default_factory=lambda: secrets.token_hex(32), repr=False, compare=False)
 
     def catalog(self) -> Catalog:
         return Catalog(self.catalog_uri)
@@ -1151,6 +1216,9 @@ class Transaction:
         """Write part ``index``: whole episodes, validated; a retried task's rewrite replaces it atomically.
 
         Parts are concatenated in index order at commit; episode ids must keep increasing across parts.
+        Beside the part goes its summary (size, SHA-256, per-column moments), computed here so that the
+        commit merges summaries instead of recomputing statistics over all the data.
+        Returns ``{"index", "rows", "bytes", "sha256"}``.
         """
         if not 0 <= index < 100_000:
             raise CatalogError(f"part index {index} out of range [0, 99999]")
@@ -1159,12 +1227,28 @@ class Transaction:
         buf = io.BytesIO()
         pq.write_table(to_table(t, self.info), buf, compression="zstd", compression_level=1)
         data = buf.getvalue()
-        final = f"{self.staging_dir(cat)}/part-{index:05d}.parquet"
-        tmp = f"{final}.{uuid.uuid4().hex}.tmp"
-        with cat.fs.open_output_stream(tmp) as f:
-            f.write(data)
-        cat.fs.move(tmp, final)
-        return {"index": index, "rows": len(t), "sha256": _sha256_bytes(data)}
+        fname = f"part-{index:05d}.parquet"
+        sha = _sha256_bytes(data)
+        moments = {c: {k: v.tolist() for k, v in m.items()} for c, m in part_moments(t).items()}
+        body = {
+            "format": SUMMARY_FORMAT,
+            "txn": self.txn_id,
+            "part": fname,
+            "rows": len(t),
+            "bytes": len(data),
+            "sha256": sha,
+            "moments": moments,
+        }
+        summary = json.dumps({"summary": body, "mac": _summary_mac(self.key, body)}).encode()
+        # The part first, then its summary: a writer killed in between leaves a part without one (refused
+        # at commit until the retried task writes both again).
+        for name, payload in ((fname, data), (_summary_name(fname), summary)):
+            final = f"{self.staging_dir(cat)}/{name}"
+            tmp = f"{final}.{uuid.uuid4().hex}.tmp"
+            with cat.fs.open_output_stream(tmp) as f:
+                f.write(payload)
+            cat.fs.move(tmp, final)
+        return {"index": index, "rows": len(t), "bytes": len(data), "sha256": sha}
 
     def add_file(self, file_name: str, src: str | os.PathLike[str]) -> None:
         if len(file_name) > MAX_FILE_NAME or not FILE_NAME_RE.fullmatch(file_name):
@@ -1198,11 +1282,21 @@ class Transaction:
         lineage: Mapping[str, Any] | None = None,
         tags: Mapping[str, Any] | None = None,
         expected_parts: int | None = None,
+        written: Sequence[Mapping[str, Any]] | None = None,
     ) -> VersionRef:
         """Check, hash and publish the staged parts as the next version. Returns its reference.
 
         ``expected_parts``: refuse to commit unless exactly parts 0..expected_parts-1 exist (a lost shard
-        must never yield a smaller dataset).
+        must never yield a smaller dataset). ``written``: what :meth:`write_part` returned for each part
+        (from any process); when given, the staged parts must be exactly those.
+
+        Cost: each part is read once, in order, one at a time (memory: one decoded part). Its size and
+        SHA-256 are checked against the summary its writer left (authenticated with this transaction's
+        key), then it is decoded for the content hash (a running hash over the parts in order: it cannot
+        be merged from per-part digests, see :class:`ContentHasher`) and its episode ids. The per-part
+        episode contract was checked by :meth:`write_part` on exactly these bytes, and the statistics are
+        merged from the summaries; across parts, episode ids must be unique. Any failure raises
+        :class:`CatalogError` in one line and publishes nothing.
         """
         cat = self.catalog()
         parts = self._parts(cat)
@@ -1214,10 +1308,33 @@ class Transaction:
                 f"{self.name}: expected parts 0..{expected_parts - 1}, found {indices}; nothing committed"
             )
         manifest = self._build_manifest(cat, parts, lineage or {}, tags or {})
+        if written is not None:
+            self._check_written(manifest["parts"], written)
         ref = self._publish_local(cat, manifest) if cat.local else self._publish_generic(cat, manifest)
         self._drop_writer_file(cat)
         self._clear_dead_writers(cat)
         return ref
+
+    def _check_written(
+        self, staged: Sequence[Mapping[str, Any]], written: Sequence[Mapping[str, Any]]
+    ) -> None:
+        by_path = {f"part-{int(w['index']):05d}.parquet": w for w in written}
+        if sorted(by_path) != [p["path"] for p in staged]:
+            raise CatalogError(
+                f"{self.name}: staged parts {[p['path'] for p in staged]} are not the ones written "
+                f"{sorted(by_path)}; nothing committed"
+            )
+        for p in staged:
+            w = by_path[p["path"]]
+            if (
+                w.get("sha256") != p["sha256"]
+                or w.get("rows") != p["rows"]
+                or w.get("bytes", p["bytes"]) != p["bytes"]
+            ):
+                raise CatalogError(
+                    f"{self.name}: part {p['path']} is not the one written (rows, size or SHA-256 differ); "
+                    "nothing committed"
+                )
 
     def _clear_dead_writers(self, cat: Catalog) -> None:
         """What writers of this name that were killed on this host left (best effort, after publishing:
@@ -1228,6 +1345,61 @@ class Transaction:
         except (RlsynthError, OSError) as e:
             log.info("stale staging of %s not cleared: %s", self.name, e)
 
+    def _staged(self, fname: str) -> list[str]:
+        return [*self.name.split("/"), STAGING, self.txn_id, fname]
+
+    def _summary(self, cat: Catalog, fname: str) -> _PartSummary:
+        """The summary :meth:`write_part` left beside ``fname``, refused unless this transaction wrote it."""
+        label = f"{self.name}: part {fname}"
+        try:
+            raw = cat._files.read(self._staged(_summary_name(fname)), _max_summary_bytes(self.info))
+        except FileNotFoundError:
+            raise CatalogError(
+                f"{label} has no summary (its writer was killed before finishing it, or it was removed); "
+                "write the part again; nothing committed"
+            ) from None
+        except CatalogError as e:
+            raise CatalogError(f"{label}: summary refused ({e}); nothing committed") from None
+        try:
+            doc = json.loads(raw.to_pybytes())
+            body, mac = doc["summary"], doc["mac"]
+            ok = isinstance(mac, str) and hmac.compare_digest(_summary_mac(self.key, body), mac)
+        except (ValueError, TypeError, KeyError, RecursionError):
+            ok = False
+        if not ok or body.get("format") != SUMMARY_FORMAT or body.get("txn") != self.txn_id:
+            raise CatalogError(
+                f"{label}: its summary is not the one this transaction wrote (altered, or from another "
+                "writer); nothing committed"
+            )
+        if body.get("part") != fname:
+            raise CatalogError(f"{label}: its summary is for {body.get('part')!r}; nothing committed")
+        moments = {
+            c: {k: np.asarray(body["moments"][c][k], dtype=np.float64) for k in ("mean", "m2", "min", "max")}
+            for c in MOMENT_COLUMNS
+        }
+        return _PartSummary(int(body["rows"]), int(body["bytes"]), str(body["sha256"]), moments)
+
+    def _staged_part(self, cat: Catalog, fname: str, summary: _PartSummary) -> Transitions:
+        """One staged part, checked against its summary's size and SHA-256, then decoded."""
+        label = f"{self.name}: part {fname}"
+        changed = "changed after it was written ({}); nothing committed"
+        try:
+            data = cat._files.read(self._staged(fname), summary.bytes)
+        except FileNotFoundError:
+            raise CatalogError(f"{label} vanished from staging; nothing committed") from None
+        except CatalogError as e:
+            raise CatalogError(f"{label} {changed.format(e)}") from None
+        if data.size != summary.bytes:
+            raise CatalogError(
+                f"{label} {changed.format(f'{data.size} bytes, its summary says {summary.bytes}')}"
+            )
+        if _sha256_bytes(memoryview(data)) != summary.sha256:
+            raise CatalogError(f"{label} {changed.format('its SHA-256 differs from its summary')}")
+        try:
+            return from_table(read_part(data, summary.rows, self.info, label), label)
+        except CatalogError as e:
+            raise CatalogError(f"{e}; nothing committed") from None
+
     def _build_manifest(
         self,
         cat: Catalog,
@@ -1237,28 +1409,26 @@ class Transaction:
     ) -> dict[str, Any]:
         sdir = self.staging_dir(cat)
         hasher = ContentHasher(self.info)
-        tables, part_meta = [], []
+        stats = _Stats()
+        starts: list[np.ndarray] = []
+        part_meta = []
         for _, fname in parts:
-            with cat.fs.open_input_stream(f"{sdir}/{fname}") as f:
-                data = f.read()
-            table = pq.read_table(pa.BufferReader(data))
-            if info_from_schema(table.schema, fname) != self.info:
-                raise CatalogError(
-                    f"{self.name}: part {fname} was written for other spaces; nothing committed"
-                )
-            tables.append(table)
+            summary = self._summary(cat, fname)
+            t = self._staged_part(cat, fname, summary)
+            hasher.update(t)
+            starts.append(t.episode_id[t.episode_bounds()[:-1]])
+            stats.add_episodes(t)
+            del t  # one decoded part at a time
+            stats.merge(summary.rows, summary.moments)
             part_meta.append(
-                {"path": fname, "rows": table.num_rows, "bytes": len(data), "sha256": _sha256_bytes(data)}
+                {"path": fname, "rows": summary.rows, "bytes": summary.bytes, "sha256": summary.sha256}
             )
-        t = from_table(pa.concat_tables(tables), self.name)
-        validate_transitions(t, self.info, f"{self.name} (all parts)")
-        hasher.update(t)
+        self._check_episode_ids(parts, starts)
         files = {}
         for fi in cat.fs.get_file_info(pafs.FileSelector(f"{sdir}/files", allow_not_found=True)):
             with cat.fs.open_input_stream(fi.path) as f:
                 data = f.read()
             files[fi.base_name] = {"sha256": _sha256_bytes(data), "bytes": len(data)}
-        n_eps = len(t.episode_bounds()) - 1
         full_lineage = {
             "sources": [],
             "generator": None,
@@ -1277,18 +1447,31 @@ class Transaction:
             "info": self.info.to_json(),
             "schema": schema_json(self.info),
             "counts": {
-                "episodes": n_eps,
-                "transitions": len(t),
-                "terminated_episodes": int(t.terminals.sum()),
-                "truncated_episodes": int((t.timeouts & ~t.terminals).sum()),
+                "episodes": int(sum(len(x) for x in stats.lengths)),
+                "transitions": stats.n,
+                "terminated_episodes": stats.terminated,
+                "truncated_episodes": stats.truncated,
             },
-            "stats": column_stats(t),
+            "stats": stats.result(),
             "lineage": full_lineage,
             "fidelity": None,
             "tags": dict(tags),
             "parts": part_meta,
             "files": files,
         }
+
+    def _check_episode_ids(self, parts: Sequence[tuple[int, str]], starts: Sequence[np.ndarray]) -> None:
+        """Each part passed the episode contract when written; together they do iff no episode id
+        starts in two parts."""
+        ids = np.concatenate(starts)
+        uniq, counts = np.unique(ids, return_counts=True)
+        if (counts > 1).any():
+            dup = int(uniq[counts > 1][0])
+            where = [fname for (_, fname), s in zip(parts, starts, strict=True) if (s == dup).any()]
+            raise CatalogError(
+                f"{self.name}: episode {dup} appears in more than one part ({', '.join(where)}); "
+                "nothing committed"
+            )
 
     def _write_manifest(self, cat: Catalog, folder: str, manifest: dict[str, Any]) -> None:
         data = json.dumps(manifest, indent=2, sort_keys=True, default=_json_default).encode()
@@ -1305,6 +1488,9 @@ class Transaction:
 
     def _publish_local(self, cat: Catalog, manifest: dict[str, Any]) -> VersionRef:
         sdir = self.staging_dir(cat)
+        for p in manifest["parts"]:  # the summaries are consumed: the folder becomes the version
+            with contextlib.suppress(FileNotFoundError):
+                cat.fs.delete_file(f"{sdir}/{_summary_name(p['path'])}")
         version = self._next_version(cat)
         while True:
             manifest["version"] = version

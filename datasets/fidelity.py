@@ -148,7 +148,11 @@ def reference_std(ref: Transitions) -> np.ndarray:
     return np.maximum(ref.observations.astype(np.float64).std(0), STD_FLOOR)
 
 
-def _one_step(oracle: MujocoOracle, t: Transitions, rows: np.ndarray, std: np.ndarray) -> dict[str, Any]:
+def _simulate(
+    oracle: MujocoOracle, t: Transitions, rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The simulator's next observation, reward and termination from each row's state and action, and
+    the restored state's penetration depth."""
     n, d = len(rows), t.observations.shape[1]
     sim_next = np.empty((n, d))
     sim_rew = np.empty(n)
@@ -158,6 +162,20 @@ def _one_step(oracle: MujocoOracle, t: Transitions, rows: np.ndarray, std: np.nd
         oracle.restore(t.observations[i].astype(np.float64))
         depth[k] = oracle.penetration()
         sim_next[k], sim_rew[k], sim_term[k] = oracle.step(t.actions[i])
+    return sim_next, sim_rew, sim_term, depth
+
+
+def one_step_row_errors(oracle: MujocoOracle, t: Transitions, std: np.ndarray) -> np.ndarray:
+    """Each row's one-step error (mean over dimensions of the squared error in units of ``std``), NaN
+    for rows whose state cannot be restored."""
+    rows = np.arange(len(t))
+    sim_next = _simulate(oracle, t, rows)[0]
+    sq = (((sim_next - t.next_observations.astype(np.float64)) / std) ** 2).mean(1)
+    return np.where(oracle.restorable(t.observations), sq, np.nan)
+
+
+def _one_step(oracle: MujocoOracle, t: Transitions, rows: np.ndarray, std: np.ndarray) -> dict[str, Any]:
+    sim_next, sim_rew, sim_term, depth = _simulate(oracle, t, rows)
     err = sim_next - t.next_observations[rows].astype(np.float64)
     sq_norm = (err / std) ** 2
     rew_err = np.abs(sim_rew - t.rewards[rows].astype(np.float64))

@@ -59,7 +59,14 @@ from rlsynth.generators.trainer import (
     train_generator,
     training_folder,
 )
-from rlsynth.generators.warm import SAMPLES_FILE, WarmStart, choose_sigma_start, load_samples, save_samples
+from rlsynth.generators.warm import (
+    SAMPLES_FILE,
+    Measure,
+    WarmStart,
+    choose,
+    load_samples,
+    save_samples,
+)
 
 __all__ = [
     "BUDGET_CAP_FACTOR",
@@ -73,6 +80,7 @@ __all__ = [
     "Family",
     "Guide",
     "LoadedGenerator",
+    "Measure",
     "SampleOptions",
     "TrajectoryFamily",
     "TransitionFamily",
@@ -80,7 +88,7 @@ __all__ = [
     "WarmPlan",
     "WarmStart",
     "WorldModelFamily",
-    "choose_sigma_start",
+    "choose",
     "codec",
     "diffused",
     "draw",

@@ -47,7 +47,7 @@ from rlsynth.generators.tokens import (
     window_normaliser,
 )
 from rlsynth.generators.training import Data, TrainConfig, rows_of, split
-from rlsynth.generators.warm import Resample, WarmStart, warm_steps
+from rlsynth.generators.warm import Candidate, Resample, WarmStart
 from rlsynth.generators.world_model import (
     WorldModel,
     WorldModelConfig,
@@ -159,16 +159,20 @@ class DiffusedFamily(Family):
             keep=keep,
         )
 
-    def resampler(self, gen: LoadedGenerator, source: Dataset, opts: SampleOptions, polish: int) -> Resample:
-        """``resample(starts, σ)``: warm-started samples from ``starts`` at σ, with the cold schedule's
-        step density and ``polish`` (what :func:`generators.warm.choose_sigma_start` measures)."""
-        edm, cold = self.warm_schedule(gen, opts)
+    def resampler(self, gen: LoadedGenerator, source: Dataset, opts: SampleOptions) -> Resample:
+        """``resample(starts, candidate)``: samples warm-started from ``starts`` as ``candidate`` says
+        (what :func:`generators.warm.choose` tries)."""
 
-        def resample(starts: np.ndarray, sigma: float) -> np.ndarray:
-            w = WarmStart(starts, sigma, warm_steps(cold, edm, sigma), polish)
+        def resample(starts: np.ndarray, how: Candidate) -> np.ndarray:
+            w = WarmStart(starts, how.sigma_start, how.steps, how.polish)
             return self.maker(gen, source, opts, w)(0, len(starts), starts)
 
         return resample
+
+    def cold_cost(self, gen: LoadedGenerator, opts: SampleOptions) -> int:
+        """Denoiser evaluations per sample of a cold round (a drafter's: its refinement's, drafting aside)."""
+        used = used_settings(gen, opts)
+        return 2 * int(used["steps"]) - 1 + int(used["polish"])
 
 
 def model_cfg(gen: LoadedGenerator) -> Any:

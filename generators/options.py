@@ -215,8 +215,8 @@ class Regeneration:
     )
     warm_sigma: float | None = option(
         None,
-        "warm: the noise level σ_start the last round's samples are raised to; default: the smallest "
-        "whose measured contraction meets warm_tolerance (chosen once, in round 1).",
+        "warm: the noise level σ_start the last round's samples are raised to; default: chosen once, in "
+        "round 1, by pilot rounds (see warm_z).",
         low=0,
         low_open=True,
     )
@@ -229,12 +229,20 @@ class Regeneration:
     warm_polish: int | None = option(
         None, "warm: polish iterations of warm rounds; default: the cold rounds'.", low=0, unit="iterations"
     )
-    warm_tolerance: float = option(
-        0.25,
-        "warm: the largest share of the difference between two starts that may survive a warm round.",
+    warm_z: float = option(
+        2.0,
+        "warm: σ_start is the smallest at which a pilot warm round matches a pilot cold round within this "
+        "many standard errors on every measure (spread within 5%).",
         low=0,
-        high=1,
         low_open=True,
+        high=10,
+    )
+    warm_pilot: int = option(
+        128,
+        "warm: samples in each pilot round that σ_start is chosen from.",
+        low=8,
+        high=4096,
+        unit="samples",
     )
     warm_reseed: float = option(
         0.1,

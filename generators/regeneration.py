@@ -3,7 +3,7 @@ samples start it, from which σ_start (given, or chosen by measured contraction)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -13,7 +13,14 @@ from rlsynth.generators.families import FAMILIES, DiffusedFamily
 from rlsynth.generators.options import Regeneration
 from rlsynth.generators.sampling import LoadedGenerator, SampleOptions, codec, used_settings
 from rlsynth.generators.seeds import sample_seed
-from rlsynth.generators.warm import Choice, WarmStart, choose_sigma_start, warm_steps
+from rlsynth.generators.warm import Choice, Measure, WarmStart, candidates, choose, warm_steps
+
+PILOT_FIRST = 1 << 40
+"""Sample index of the cold pilot's first sample: far past any round's, so it shares no noise with one."""
+
+POLISH_CANDIDATES = (0, 3, 10)
+"""Polish iterations a warm round may use (with the cold rounds'): its starts were polished already, so
+less may do; the pilots decide."""
 
 
 @dataclass(frozen=True)
@@ -24,14 +31,19 @@ class WarmFrom:
     samples: np.ndarray
     origin: str
     settings: Regeneration
+    measure: Measure | None = None
+    """What σ_start's pilots are compared on (per-sample values; spread is always compared)."""
+    sides: dict[str, str] | None = None
+    """Per measure, which way it may differ freely (:data:`generators.warm.SIDES`; default both)."""
 
 
 @dataclass(frozen=True)
 class WarmPlan:
     warm: WarmStart | None
-    """None when every sample is reseeded from noise (a cold round)."""
-    choice: Choice | None
-    """The contraction curve σ_start was read from (None when it was given)."""
+    """None: the round is sampled cold (every sample reseeded, or no candidate matched a cold pilot)."""
+    choice: Choice | None = None
+    """The pilots σ_start was chosen by (None when it was given)."""
+    origin: str = ""
 
 
 def diffused(gen: LoadedGenerator) -> DiffusedFamily:
@@ -43,10 +55,12 @@ def diffused(gen: LoadedGenerator) -> DiffusedFamily:
 
 
 def plan_warm(gen: LoadedGenerator, source: Dataset, opts: SampleOptions, frm: WarmFrom) -> WarmPlan:
-    """The warm start of a round sampled with ``opts`` (its guidance included, so the contraction is the
-    guided sampler's): a ``1 − warm_reseed`` share of ``frm.samples`` in an order drawn from the round's
-    seed, σ_start as given or the smallest on the ladder whose contraction ≤ ``warm_tolerance``, and
-    ``warm_steps`` or the cold schedule's step density below σ_start."""
+    """The warm start of a round sampled with ``opts`` (its guidance included: the pilots are guided as
+    the round is): a ``1 − warm_reseed`` share of ``frm.samples`` in an order drawn from the round's
+    seed. σ_start, steps and polish as given, or the cheapest (σ_start on the ladder, polish) at which a
+    pilot warm round from the first ``warm_pilot`` starts matches a pilot cold round of as many samples
+    (:func:`generators.warm.choose`), steps at the cold schedule's density below σ_start; when none
+    matches below the cold round's cost, the round is cold."""
     fam, s = diffused(gen), frm.settings
     if tuple(frm.samples.shape[1:]) != fam.sample_shape(gen):
         raise RlsynthError(
@@ -56,18 +70,27 @@ def plan_warm(gen: LoadedGenerator, source: Dataset, opts: SampleOptions, frm: W
     m = len(frm.samples)
     keep = m - round(s.warm_reseed * m)
     if keep < 1:
-        return WarmPlan(None, None)
+        return WarmPlan(None, None, frm.origin)
     order = np.random.default_rng(sample_seed(opts.seed, 0)).permutation(m)[:keep]
     starts = frm.samples[np.sort(order)]
-    polish = s.warm_polish if s.warm_polish is not None else int(used_settings(gen, opts)["polish"])
-    edm, cold = fam.warm_schedule(gen, opts)
-    choice = None
-    sigma = s.warm_sigma
-    if sigma is None:
-        scale = codec(gen).std
-        choice = choose_sigma_start(
-            fam.resampler(gen, source, opts, polish), starts, scale, edm, s.warm_tolerance
-        )
-        sigma = choice.sigma_start
-    steps = s.warm_steps if s.warm_steps is not None else warm_steps(cold, edm, sigma)
-    return WarmPlan(WarmStart(starts, float(sigma), steps, polish, frm.origin), choice)
+    cold_polish = int(used_settings(gen, opts)["polish"])
+    edm, cold_steps = fam.warm_schedule(gen, opts)
+    if s.warm_sigma is not None:
+        sigma = s.warm_sigma
+        steps = s.warm_steps if s.warm_steps is not None else warm_steps(cold_steps, edm, sigma)
+        polish = s.warm_polish if s.warm_polish is not None else cold_polish
+        return WarmPlan(WarmStart(starts, float(sigma), steps, polish, frm.origin), None, frm.origin)
+    polishes = (s.warm_polish,) if s.warm_polish is not None else sorted({*POLISH_CANDIDATES, cold_polish})
+    tried = candidates(edm, cold_steps, polishes)
+    if s.warm_steps is not None:
+        tried = [replace(c, steps=s.warm_steps) for c in tried]
+    pilot = starts[: s.warm_pilot]
+    cold_pilot = fam.maker(gen, source, opts, None)(PILOT_FIRST, len(pilot), None)
+    choice = choose(
+        fam.resampler(gen, source, opts), pilot, cold_pilot, codec(gen).std, tried, fam.cold_cost(gen, opts),
+        measure=frm.measure, sides=frm.sides, z=s.warm_z,
+    )  # fmt: skip
+    if choice.pick is None:
+        return WarmPlan(None, choice, frm.origin)
+    c = choice.pick
+    return WarmPlan(WarmStart(starts, c.sigma_start, c.steps, c.polish, frm.origin), choice, frm.origin)

@@ -4,14 +4,17 @@ The PGD loop regenerates its synthetic set every round for a target agent that h
 so last round's samples are already close to what this round needs (as RTI-DP reuses the last solution
 of a diffusion policy). A warm round noises them to σ_start and runs the sampler from there.
 
-How far down the schedule one may start is read off the sampler's **contraction**: two starts that
-differ by δ end, after the warm sampler and with the same noise, δ·c(σ_start) apart. c is 1 at σ_start
-→ 0 (nothing changes) and falls towards 0 as σ_start grows (the output forgets its start). For data
-N(μ, s²) and an exact denoiser the probability-flow ODE from σ to 0 is the affine map
-x ↦ μ + s/√(s² + σ²)·(x − μ), so c(σ) = s/√(s² + σ²) per dimension (the closed form the tests check the
-estimate against). Whatever separates last round's samples from the ones a cold round would draw now
-(the target moved, the model drifted) survives a warm round scaled by c; :func:`choose_sigma_start`
-picks the smallest σ_start on a ladder whose measured c is within a tolerance.
+How far down the schedule one may start: the sampler's **contraction** says how much of a start
+survives. Two starts that differ by δ end, after the warm sampler and with the same noise, δ·c(σ_start)
+apart; c is 1 at σ_start → 0 and falls as σ_start grows. For data N(μ, s²) and an exact denoiser the
+probability-flow ODE from σ to 0 is the affine map x ↦ μ + s/√(s² + σ²)·(x − μ), so c(σ) = s/√(s² + σ²)
+(the closed form the tests check the estimate against). Real trajectory windows lie on a thin manifold,
+and a start's identity survives until σ nears the distance between samples (c stays near 1 far above
+σ = 1), so requiring a small c would send every warm round back to σ_max. What must not survive is not
+a sample's identity but a shift of the distribution (the target moved), so :func:`choose_sigma_start`
+compares outcomes: the smallest σ_start on a ladder at which a pilot warm round is indistinguishable
+from a pilot cold round in the measures that matter (the caller's: target likelihood, dynamics error)
+and in spread; the contraction of every rung tried is recorded beside them.
 
 The samples themselves are kept with the version they made (:data:`SAMPLES_FILE`, raw units: windows
 (M, H, D) of tokens, or transition features (M, F)), so a round can start from any earlier version.
@@ -22,7 +25,7 @@ from __future__ import annotations
 import math
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -79,60 +82,177 @@ def ladder(edm: EDMConfig) -> tuple[float, ...]:
     return (*[s for s in LADDER if edm.sigma_min < s < edm.sigma_max], edm.sigma_max)
 
 
-Resample = Callable[[np.ndarray, float], np.ndarray]
-"""``resample(starts (P, ...) raw, sigma_start) -> outputs (P, ...) raw``, the same noise for row i on
-every call (seeded by the row's index)."""
+@dataclass(frozen=True)
+class Candidate:
+    """One way to run a warm round: σ_start, the steps from there, the polish after; ``cost`` is its
+    denoiser evaluations per sample (Heun: two per step but the last)."""
+
+    sigma_start: float
+    steps: int
+    polish: int
+
+    @property
+    def cost(self) -> int:
+        return 2 * self.steps - 1 + self.polish
+
+
+def candidates(
+    edm: EDMConfig, cold_steps: int, polishes: Sequence[int], sigmas: Sequence[float] | None = None
+) -> list[Candidate]:
+    """Every (σ_start on the ladder, polish) at the cold schedule's step density, cheapest first (then by
+    σ_start): the order a chooser tries them in, so the first that passes is the cheapest that does."""
+    found = {
+        Candidate(float(s), warm_steps(cold_steps, edm, s), int(p))
+        for s in (sigmas if sigmas is not None else ladder(edm))
+        for p in polishes
+    }
+    return sorted(found, key=lambda c: (c.cost, c.sigma_start, c.polish))
+
+
+Resample = Callable[[np.ndarray, Candidate], np.ndarray]
+"""``resample(starts (P, ...) raw, candidate) -> outputs (P, ...) raw``, warm-started as ``candidate``
+says, with the same noise for row i on every call (seeded by the row's index)."""
 
 
 def contraction(
-    resample: Resample, a: np.ndarray, b: np.ndarray, sigma_start: float, scale: np.ndarray
-) -> float:
+    resample: Resample, a: np.ndarray, b: np.ndarray, how: Candidate, scale: np.ndarray
+) -> float | None:
     """The median over rows of ‖out(a_i) − out(b_i)‖ / ‖a_i − b_i‖, distances in units of ``scale``
-    (per last-axis dimension: the generator's normaliser std), both outputs drawn with the same noise."""
-    ya, yb = resample(a, sigma_start), resample(b, sigma_start)
+    (per last-axis dimension: the generator's normaliser std), both outputs drawn with the same noise;
+    None when no pair of starts differs."""
+    ya, yb = resample(a, how), resample(b, how)
     d_in = np.sqrt((((a - b) / scale) ** 2).reshape(len(a), -1).sum(1))
     d_out = np.sqrt((((ya - yb) / scale) ** 2).reshape(len(a), -1).sum(1))
     keep = d_in > 0
-    if not keep.any():
-        raise RlsynthError("contraction needs pairs of different starts")
-    return float(np.median(d_out[keep] / d_in[keep]))
+    return float(np.median(d_out[keep] / d_in[keep])) if keep.any() else None
+
+
+Measure = Callable[[np.ndarray], dict[str, np.ndarray]]
+"""``measure(raw samples (P, ...)) -> {name: per-sample values (P,)}`` (NaN where a sample has none)."""
+
+SIDES = ("lower", "higher", "both")
+"""Which way a measure may differ from the cold pilot's freely: a lower dynamics error or a higher target
+likelihood is no reason to reject a σ_start; ``both``: it must match either way."""
+
+SPREAD_TOLERANCE = 0.05
+"""A warm pilot's spread (per-dimension std, geometric mean) may differ from the cold pilot's by this
+share: the tolerance the project holds every generator's spread to against the data."""
+
+
+def spread(samples: np.ndarray, scale: np.ndarray) -> float:
+    """Geometric mean over the last axis's dimensions of the std of ``samples / scale``."""
+    flat = (samples / scale).reshape(-1, samples.shape[-1])
+    return float(np.exp(np.mean(np.log(np.maximum(flat.std(0), 1e-12)))))
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One candidate tried: its contraction, the warm pilot's measures and spread, and the verdict."""
+
+    candidate: Candidate
+    contraction: float | None
+    measures: dict[str, float]
+    spread: float
+    passed: bool
 
 
 @dataclass(frozen=True)
 class Choice:
-    """The σ_start picked and the contraction curve it was read from."""
+    """The candidate picked (None: none matched the cold pilot below the cold round's cost), the cold
+    pilot it was compared with, and every rung tried."""
 
-    sigma_start: float
-    curve: tuple[tuple[float, float], ...]
-    """(σ_start, measured c) on the ladder, up to the pick."""
-    tolerance: float
+    pick: Candidate | None
+    cold: dict[str, float]
+    cold_spread: float
+    rungs: tuple[Rung, ...]
+    z: float
+    cold_cost: int
+
+    def to_json(self) -> dict[str, object]:
+        """JSON-ready (a mean with no finite value is null, not NaN)."""
+        return {
+            "z": self.z,
+            "spread_tolerance": SPREAD_TOLERANCE,
+            "cold": {**_finite({**self.cold, "spread": self.cold_spread}), "cost": self.cold_cost},
+            "rungs": [
+                {**asdict(r.candidate), "cost": r.candidate.cost, "contraction": r.contraction,
+                 **_finite(r.measures), "spread": _finite({"s": r.spread})["s"], "passed": r.passed}
+                for r in self.rungs
+            ],
+        }  # fmt: skip
 
 
-def choose_sigma_start(
+def _finite(d: dict[str, float]) -> dict[str, float | None]:
+    return {k: (v if math.isfinite(v) else None) for k, v in d.items()}
+
+
+def _summary(values: np.ndarray) -> tuple[float, float]:
+    """Mean and standard error of the finite values."""
+    v = values[np.isfinite(values)]
+    if v.size < 2:
+        return (float(v.mean()) if v.size else float("nan")), float("inf")
+    return float(v.mean()), float(v.std(ddof=1) / np.sqrt(v.size))
+
+
+def matches(
+    cold: dict[str, np.ndarray], warm: dict[str, np.ndarray], sides: dict[str, str], z: float
+) -> bool:
+    """Every measure of the warm pilot within ``z`` standard errors (of the difference of the two means)
+    of the cold pilot's, on the side where a difference counts."""
+    for name, side in sides.items():
+        (mc, sc), (mw, sw) = _summary(cold[name]), _summary(warm.get(name, np.array([])))
+        bound = z * float(np.hypot(sc, sw))
+        if not np.isfinite(mw):
+            return False
+        if side in ("lower", "both") and mw - mc > bound:
+            return False
+        if side in ("higher", "both") and mc - mw > bound:
+            return False
+    return True
+
+
+def choose(
     resample: Resample,
-    samples: np.ndarray,
+    starts: np.ndarray,
+    cold: np.ndarray,
     scale: np.ndarray,
-    edm: EDMConfig,
-    tolerance: float,
-    pairs: int = 32,
-    sigmas: Sequence[float] | None = None,
+    tried: Sequence[Candidate],
+    cold_cost: int,
+    *,
+    measure: Measure | None = None,
+    sides: dict[str, str] | None = None,
+    z: float = 2.0,
+    pairs: int = 16,
 ) -> Choice:
-    """The smallest σ_start on the ladder whose contraction is ≤ ``tolerance`` (σ_max if none is),
-    measured on ``pairs`` pairs of distinct rows of ``samples``: row i against row i + pairs, a real
-    difference between two samples rather than an infinitesimal one."""
-    if not 0 < tolerance <= 1:
-        raise RlsynthError(f"warm tolerance must be in (0, 1], got {tolerance}")
-    p = min(pairs, len(samples) // 2)
-    if p < 1:
-        raise RlsynthError("choosing σ_start needs at least two samples")
-    a, b = samples[:p], samples[p : 2 * p]
-    curve = []
-    for s in sigmas if sigmas is not None else ladder(edm):
-        c = contraction(resample, a, b, s, scale)
-        curve.append((float(s), c))
-        if c <= tolerance:
-            return Choice(float(s), tuple(curve), tolerance)
-    return Choice(float(edm.sigma_max), tuple(curve), tolerance)
+    """The cheapest of ``tried`` (in their order, below ``cold_cost``) whose warm pilot from ``starts`` is
+    indistinguishable from the ``cold`` pilot (raw samples of a cold round with the same guidance):
+    spread within :data:`SPREAD_TOLERANCE` and every ``measure`` within ``z`` standard errors on its side
+    of ``sides`` (default ``both``). Each rung also records the sampler's contraction on ``pairs`` pairs
+    of starts."""
+    if not z > 0:
+        raise RlsynthError(f"warm z must be positive, got {z}")
+    if len(starts) < 2 or len(cold) < 2:
+        raise RlsynthError("choosing σ_start needs at least two starts and two cold samples")
+    p = min(pairs, len(starts) // 2)
+    cold_m = measure(cold) if measure is not None else {}
+    side_of = {k: (sides or {}).get(k, "both") for k in cold_m}
+    for k, side in side_of.items():
+        if side not in SIDES:
+            raise RlsynthError(f"measure {k}: side must be one of {', '.join(SIDES)}, got {side!r}")
+    cold_spread = spread(cold, scale)
+    rungs: list[Rung] = []
+    for how in (c for c in tried if c.cost < cold_cost):
+        out = resample(starts, how)
+        warm_m = measure(out) if measure is not None else {}
+        sp = spread(out, scale)
+        ok = abs(sp / cold_spread - 1) <= SPREAD_TOLERANCE and matches(cold_m, warm_m, side_of, z)
+        c = contraction(resample, starts[:p], starts[p : 2 * p], how, scale)
+        rungs.append(Rung(how, c, {k: _summary(v)[0] for k, v in warm_m.items()}, sp, ok))
+        if ok:
+            break
+    pick = rungs[-1].candidate if rungs and rungs[-1].passed else None
+    cold_means = {k: _summary(v)[0] for k, v in cold_m.items()}
+    return Choice(pick, cold_means, cold_spread, tuple(rungs), z, cold_cost)
 
 
 def save_samples(samples: np.ndarray, folder: Path) -> Path:

@@ -9,11 +9,13 @@ Each synthetic set is committed as the next catalog version of ``name`` (sampled
 its ``producer`` holds the round, the agent step and the previous round's version, so the chain can be
 followed back.
 
-With ``regeneration.regenerate = "warm"`` every round after the first starts from the last round's
-samples (kept with each version as its ``samples.safetensors`` artifact), noised to σ_start and denoised
-with the new target's guidance (:mod:`generators.warm`); a ``warm_reseed`` share is drawn from noise.
-σ_start, unless given, is chosen in round 1 by the guided sampler's measured contraction and kept for
-the rounds after; ``sampling.warm_start`` in each version's lineage records where it started.
+With ``regeneration.regenerate = "warm"`` every round whose last set was guided (from round 2, or round
+1 with ``initial_target``) starts from the last round's samples (kept with each version as its
+``samples.safetensors`` artifact), noised to σ_start and denoised with the new target's guidance
+(:mod:`generators.warm`); a ``warm_reseed`` share is drawn from noise. σ_start, steps and polish, unless
+given, are chosen by the first warm round's pilots (:func:`pilot_measure`: dynamics error, target
+likelihood, spread against a cold pilot) and kept for the rounds after; ``sampling.warm_start`` in each
+version's lineage records where it started and how it was chosen.
 The agent saved for each round lives in ``out/agents/``.
 
 The agent's observation scaler is fitted on the first round's mixture and then kept: regenerating data
@@ -30,20 +32,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from rlsynth.datasets.agents import save_agent
 from rlsynth.datasets.catalog import Catalog, VersionRef
 from rlsynth.datasets.errors import RlsynthError
-from rlsynth.datasets.types import Dataset
+from rlsynth.datasets.fidelity import MujocoOracle, NoOracleError, one_step_row_errors, reference_std
+from rlsynth.datasets.types import Dataset, episodes_to_transitions
 from rlsynth.generators.api import (
     SAMPLES_FILE,
     LoadedGenerator,
+    Measure,
     SampleOptions,
     WarmFrom,
+    diffused,
     refiner_for,
     save_samples,
 )
 from rlsynth.generators.options import Regeneration, SamplerSettings
+from rlsynth.guidance.policies import load_policy
 from rlsynth.guidance.spec import GuidanceConfig
 from rlsynth.offline_rl.mixture import Mixture
 from rlsynth.offline_rl.synthesis import Synthesis, synthesize
@@ -124,6 +131,55 @@ class PGDResult:
     log: TrainingLog
 
 
+PILOT_SIDES = {"dynamics": "lower", "target_ll": "higher"}
+"""A warm pilot may have a lower dynamics error or a higher target likelihood than the cold one."""
+
+
+def pilot_measure(
+    gen: LoadedGenerator, target: str | None, real: Dataset, guidance: GuidanceConfig
+) -> Measure:
+    """Per sample of a pilot round: its one-step dynamics error against the simulator (normalised by the
+    real data's std; omitted where the environment has no oracle) and, with a target, its actions' mean
+    log-likelihood under the target per action dimension."""
+    fam = diffused(gen)
+    std = reference_std(real.transitions)
+    policy = load_policy(target, guidance.deterministic_std) if target is not None else None
+
+    def measure(raw: np.ndarray) -> dict[str, np.ndarray]:
+        episodes, idx = fam.decode(gen, raw)
+        out: dict[str, np.ndarray] = {}
+        if not episodes:
+            return {"dynamics": np.full(len(raw), np.nan)}
+        t = episodes_to_transitions(episodes)
+        owner = np.repeat(idx, [e.length for e in episodes])
+        try:
+            oracle = MujocoOracle(str(gen.info.env_id))
+        except NoOracleError:
+            oracle = None
+        if oracle is not None:
+            try:
+                out["dynamics"] = _per_sample(one_step_row_errors(oracle, t, std), owner, len(raw))
+            finally:
+                oracle.close()
+        if policy is not None:
+            with torch.no_grad():
+                obs, act = torch.from_numpy(t.observations.copy()), torch.from_numpy(t.actions.copy())
+                ll = (policy.log_prob(obs, act) / act.shape[1]).double().numpy()
+            out["target_ll"] = _per_sample(ll, owner, len(raw))
+        return out
+
+    return measure
+
+
+def _per_sample(values: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
+    """The mean of each sample's finite row values (NaN for a sample with none)."""
+    ok = np.isfinite(values)
+    total = np.bincount(owner[ok], values[ok], minlength=n)
+    count = np.bincount(owner[ok], minlength=n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
 def _commit(catalog: Catalog, name: str, made: Synthesis, tags: dict[str, Any]) -> VersionRef:
     """Commit a round's set; its raw samples, when kept, go with it as the version's samples artifact."""
     if made.samples is None:
@@ -172,7 +228,15 @@ def run_pgd(
         gcfg = None
         if target is not None:
             gcfg = replace(cfg.guidance, policy=str(target) if "policy" in cfg.guidance.terms else None)
-        warm = None if kept is None or previous is None or r == 0 else WarmFrom(kept, previous, regen)
+        warm = None
+        # A warm start presumes the last set was drawn for a nearby target: an unguided round 0 was not.
+        first_warm = 1 if cfg.initial_target is not None else 2
+        if kept is not None and previous is not None and r >= first_warm:
+            aim = None if gcfg is None else gcfg.policy
+            measure = (
+                None if regen.warm_sigma is not None else pilot_measure(generator, aim, real, cfg.guidance)
+            )
+            warm = WarmFrom(kept, previous, regen, measure, PILOT_SIDES)
         tic = time.perf_counter()
         made = synthesize(
             generator,
@@ -196,9 +260,15 @@ def run_pgd(
         seconds = time.perf_counter() - tic
         synth, lineage = made.dataset, made.lineage
         started = lineage["sampling"]["warm_start"]
-        if started is not None and regen.warm_sigma is None:
-            # σ_start is chosen once, by the first warm round's measurement; later rounds reuse it.
-            regen = replace(regen, warm_sigma=started["sigma_start"])
+        if started is not None and not started["cold"] and regen.warm_sigma is None:
+            # Chosen once, by the first warm round's pilots; later rounds reuse it (a round whose
+            # pilots found nothing was cold, and the next round tries again).
+            regen = replace(
+                regen,
+                warm_sigma=started["sigma_start"],
+                warm_steps=started["steps"],
+                warm_polish=started["polish"],
+            )
         ref = _commit(catalog, name, made, {"generator": generator.kind, "pgd_round": r})
         previous, kept = str(ref), made.samples
         rounds.append(

@@ -105,7 +105,11 @@ def synthesize(
     noise_seed = seed if shard is None else sample_seed(seed, shard.index)
     opts = SampleOptions.of(s, seed=noise_seed, policy=policy, refiner=ref, guidance=g)
     used = used_settings(generator, opts)  # before sampling: a bad setting fails in one line, at once
-    plan = plan_warm(generator, source, opts, warm) if isinstance(warm, WarmFrom) else WarmPlan(warm, None)
+    plan = (
+        plan_warm(generator, source, opts, warm)
+        if isinstance(warm, WarmFrom)
+        else WarmPlan(warm, None, "" if warm is None else warm.origin)
+    )
     ds, samples = draw(generator, source, n_transitions, opts, warm=plan.warm, keep=keep)
     lineage = {
         "sources": [source_ref or {"source": source.source}],
@@ -155,18 +159,18 @@ def _check_inputs(
 
 def _warm_lineage(plan: WarmPlan) -> dict[str, Any] | None:
     """Where a warm start began: the version its samples came from, how many, σ_start, steps, polish,
-    and the contraction curve σ_start was chosen from (None when it was given)."""
+    and the pilots it was chosen by (None when given); ``cold``: no candidate matched, sampled cold."""
     w, c = plan.warm, plan.choice
-    if w is None:
+    if w is None and c is None:
         return None
-    chosen = None if c is None else {"tolerance": c.tolerance, "curve": [list(p) for p in c.curve]}
     return {
-        "from": w.origin,
-        "samples": len(w.samples),
-        "sigma_start": w.sigma_start,
-        "steps": w.steps,
-        "polish": w.polish,
-        "chosen": chosen,
+        "from": plan.origin,
+        "cold": w is None,
+        "samples": None if w is None else len(w.samples),
+        "sigma_start": None if w is None else w.sigma_start,
+        "steps": None if w is None else w.steps,
+        "polish": None if w is None else w.polish,
+        "chosen": None if c is None else c.to_json(),
     }
 
 

@@ -4,6 +4,7 @@ the Gaussian closed form, σ_start = σ_max reproducing a cold round, kept sampl
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -15,16 +16,16 @@ from rlsynth.generators.api import (
     SampleOptions,
     WarmFrom,
     WarmStart,
-    choose_sigma_start,
+    choose,
     draw,
     load_samples,
     plan_warm,
     save_samples,
 )
-from rlsynth.generators.edm import EDMConfig, PerSampleNoise, generate
+from rlsynth.generators.edm import EDMConfig, generate
 from rlsynth.generators.options import OptionError, Regeneration
 from rlsynth.generators.tokens import decode_windows
-from rlsynth.generators.warm import contraction, ladder, warm_steps
+from rlsynth.generators.warm import Candidate, Resample, candidates, contraction, ladder, matches, warm_steps
 
 MU, S = 0.3, 0.7
 """The Gaussian toy: data N(MU, S²) in every dimension."""
@@ -36,13 +37,18 @@ def gaussian_denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return MU + S**2 / (S**2 + s**2) * (x - MU)
 
 
-def gaussian_resample(steps: int = 60, polish_steps: int = 0) -> object:
+def gaussian_resample(steps: int = 60) -> Resample:
+    """Warm-started EDM sampling of the Gaussian toy; row i's noise depends on its index only."""
     edm = EDMConfig()
 
-    def resample(starts: np.ndarray, sigma: float) -> np.ndarray:
-        noise = PerSampleNoise(list(range(len(starts))))
+    def noise(shape: Sequence[int]) -> torch.Tensor:
+        return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def resample(starts: np.ndarray, how: Candidate) -> np.ndarray:
         x = torch.from_numpy(starts).double()
-        return generate(gaussian_denoiser, x.shape, steps, edm, noise, x_init=x, sigma_start=sigma).numpy()
+        return generate(
+            gaussian_denoiser, x.shape, steps, edm, noise, x_init=x, sigma_start=how.sigma_start
+        ).numpy()
 
     return resample
 
@@ -52,20 +58,60 @@ def test_contraction_on_a_gaussian_matches_its_closed_form(sigma: float) -> None
     """For N(μ, s²) the ODE from σ maps x to μ + s/√(s² + σ²)(x − μ): c(σ) = s/√(s² + σ²)."""
     rng = np.random.default_rng(0)
     a, b = rng.normal(MU, S, (16, 4, 3)), rng.normal(MU, S, (16, 4, 3))
-    c = contraction(gaussian_resample(), a, b, sigma, np.ones(3))  # type: ignore[arg-type]
+    how = Candidate(sigma, 60, 0)
+    c = contraction(gaussian_resample(), a, b, how, np.ones(3))
+    assert c is not None and contraction(gaussian_resample(), a, a, how, np.ones(3)) is None
     assert c == pytest.approx(S / math.sqrt(S**2 + sigma**2), rel=2e-3)
 
 
-def test_the_chosen_sigma_is_the_smallest_rung_within_tolerance() -> None:
+def test_the_choice_is_the_cheapest_candidate_whose_pilot_matches_the_cold_spread() -> None:
+    """Starts with no spread (v = 0) noised to σ end with std s·σ/√(s² + σ²) (the affine ODE map), so
+    the spread ratio to a cold round is σ/√(s² + σ²): within 5% from σ ≥ 1.825 for s = 0.6, which on
+    the ladder is σ = 2 (1.5 gives 0.928, 2 gives 0.958)."""
+    s = 0.6
     rng = np.random.default_rng(1)
-    samples = rng.normal(MU, S, (64, 5))
-    choice = choose_sigma_start(gaussian_resample(), samples, np.ones(5), EDMConfig(), 0.25)  # type: ignore[arg-type]
-    closed = [s for s in ladder(EDMConfig()) if S / math.sqrt(S**2 + s**2) <= 0.25]
-    assert choice.sigma_start == closed[0] == 3.0
-    assert [s for s, _ in choice.curve] == [s for s in ladder(EDMConfig()) if s <= 3.0]
-    assert all(c > 0.25 for _, c in choice.curve[:-1]) and choice.curve[-1][1] <= 0.25
-    with pytest.raises(RlsynthError, match="tolerance must be in"):
-        choose_sigma_start(gaussian_resample(), samples, np.ones(5), EDMConfig(), 0.0)  # type: ignore[arg-type]
+    starts = np.full((20000, 5), MU)
+    cold = rng.normal(MU, s, (20000, 5))
+    tried = candidates(EDMConfig(), 20, (0,))
+    assert [c.sigma_start for c in tried] == list(ladder(EDMConfig()))  # cost grows with σ_start
+    old = globals()["S"]
+    globals()["S"] = s
+    try:
+        choice = choose(gaussian_resample(steps=20), starts, cold, np.ones(5), tried, cold_cost=39)
+    finally:
+        globals()["S"] = old
+    assert choice.pick is not None and choice.pick.sigma_start == 2.0
+    assert [r.candidate.sigma_start for r in choice.rungs] == [x for x in ladder(EDMConfig()) if x <= 2.0]
+    assert [r.passed for r in choice.rungs] == [False] * (len(choice.rungs) - 1) + [True]
+    for r in choice.rungs:
+        closed = r.candidate.sigma_start / math.sqrt(s**2 + r.candidate.sigma_start**2)
+        assert r.spread / choice.cold_spread == pytest.approx(closed, abs=0.01)
+    assert choice.to_json()["rungs"][-1]["passed"] is True  # type: ignore[index]
+    # Nothing cheaper than the cold round matches: no pick (the round is sampled cold).
+    assert choose(gaussian_resample(), starts, cold, np.ones(5), tried, cold_cost=5).pick is None
+
+
+def test_candidates_are_tried_cheapest_first() -> None:
+    tried = candidates(EDMConfig(), 20, (0, 30), sigmas=(0.2, 1.0))
+    assert [(c.sigma_start, c.polish) for c in tried] == [(0.2, 0), (1.0, 0), (0.2, 30), (1.0, 30)]
+    assert [c.cost for c in tried] == [9, 15, 39, 45]
+
+
+def test_a_measure_may_differ_freely_only_on_its_good_side() -> None:
+    cold = {"err": np.linspace(0.9, 1.1, 100), "ll": np.linspace(-1.1, -0.9, 100)}
+    better = {"err": cold["err"] - 0.5, "ll": cold["ll"] + 0.5}
+    worse = {"err": cold["err"] + 0.5, "ll": cold["ll"] - 0.5}
+    sides = {"err": "lower", "ll": "higher"}
+    assert matches(cold, better, sides, 2.0) and matches(cold, cold, sides, 2.0)
+    assert not matches(cold, worse, sides, 2.0)
+    assert not matches(cold, better, {"err": "both", "ll": "both"}, 2.0)
+    near = {"err": cold["err"] + 0.01, "ll": cold["ll"]}  # 0.01 is under 2 standard errors (0.016)
+    assert matches(cold, near, sides, 2.0) and not matches(cold, near, sides, 0.5)
+    with pytest.raises(RlsynthError, match="side must be one of lower, higher, both"):
+        choose(
+            gaussian_resample(), np.zeros((4, 2)), np.zeros((4, 2)) + 1, np.ones(2),
+            candidates(EDMConfig(), 20, (0,)), 39, measure=lambda x: {"m": x.mean(1)}, sides={"m": "up"},
+        )  # fmt: skip
 
 
 def test_a_warm_start_from_sigma_max_forgets_its_start_and_keeps_the_distribution() -> None:
@@ -73,7 +119,7 @@ def test_a_warm_start_from_sigma_max_forgets_its_start_and_keeps_the_distributio
     c(σ_max)·3 ≈ 0.03, and the output variance is s²(v + σ²)/(s² + σ²) ≈ s²."""
     rng = np.random.default_rng(2)
     starts = rng.normal(MU + 3.0, 0.1, (4000, 2))
-    out = gaussian_resample(steps=40)(starts, 80.0)  # type: ignore[operator]
+    out = gaussian_resample(steps=40)(starts, Candidate(80.0, 40, 0))
     bias = 3.0 * S / math.sqrt(S**2 + 80.0**2)
     assert out.mean() == pytest.approx(MU + bias, abs=0.03)
     assert out.std() == pytest.approx(S, rel=0.03)
@@ -147,18 +193,23 @@ def test_plan_warm_reseeds_its_share_and_chooses_sigma_from_the_guided_sampler(
     src = random_hopper()
     _, kept = draw(gen, src, 140, SampleOptions(seed=1), keep=True)
     assert kept is not None and len(kept) > 4
-    settings = Regeneration(regenerate="warm", warm_reseed=0.25, warm_tolerance=0.5, warm_polish=0)
-    plan = plan_warm(gen, src, SampleOptions(seed=3), WarmFrom(kept, "x@1", settings))
-    assert plan.warm is not None and plan.choice is not None
-    assert len(plan.warm.samples) == len(kept) - round(0.25 * len(kept))
-    assert plan.warm.origin == "x@1" and plan.warm.polish == 0
-    assert plan.warm.sigma_start == plan.choice.sigma_start == plan.choice.curve[-1][0]
-    assert plan.choice.curve[-1][1] <= 0.5 or plan.warm.sigma_start == gen.model.cfg.edm.sigma_max  # type: ignore[union-attr]
-    rows = {r.tobytes() for r in kept}
-    assert all(r.tobytes() in rows for r in plan.warm.samples)
+    settings = Regeneration(regenerate="warm", warm_reseed=0.25, warm_pilot=8)
+    plan = plan_warm(gen, src, SampleOptions(seed=3, polish=6), WarmFrom(kept, "x@1", settings))
+    assert plan.choice is not None and plan.origin == "x@1"
+    tried = plan.choice.rungs
+    assert [r.candidate.cost for r in tried] == sorted(r.candidate.cost for r in tried)
+    assert all(r.candidate.cost < plan.choice.cold_cost for r in tried)
+    assert {r.candidate.polish for r in tried} <= {0, 3, 10}  # TINY's cold polish is 0
+    if plan.warm is None:  # no candidate matched the cold pilot: the round is cold
+        assert not any(r.passed for r in tried)
+    else:
+        assert len(plan.warm.samples) == len(kept) - round(0.25 * len(kept))
+        assert tried[-1].passed and tried[-1].candidate.sigma_start == plan.warm.sigma_start
     given = plan_warm(gen, src, SampleOptions(seed=3), WarmFrom(kept, "x@1", Regeneration(
         regenerate="warm", warm_sigma=1.0, warm_reseed=0.0)))  # fmt: skip
     assert given.choice is None and given.warm is not None and given.warm.sigma_start == 1.0
+    rows = {r.tobytes() for r in kept}
+    assert all(r.tobytes() in rows for r in given.warm.samples)
     assert given.warm.steps == warm_steps(gen.model.cfg.sample_steps, gen.model.cfg.edm, 1.0)  # type: ignore[union-attr]
     everything = Regeneration(regenerate="warm", warm_sigma=1.0, warm_reseed=1.0)
     assert plan_warm(gen, src, SampleOptions(), WarmFrom(kept, "x@1", everything)).warm is None
@@ -178,8 +229,8 @@ def test_bad_warm_starts_are_refused_in_one_line(shared_generator: SharedGenerat
         WarmStart(np.full_like(ok, np.nan), 1.0, 2)
     with pytest.raises(RlsynthError, match="cannot be warm-started"):
         draw(shared_generator("world-model"), src, 10, warm=WarmStart(ok, 1.0, 2))
-    with pytest.raises(OptionError, match="warm_tolerance must be in"):
-        Regeneration(regenerate="warm", warm_tolerance=0)
+    with pytest.raises(OptionError, match=r"warm_z must be in \(0, 10\]"):
+        Regeneration(regenerate="warm", warm_z=0)
     with pytest.raises(OptionError, match="regenerate must be one of cold, warm"):
         Regeneration(regenerate="tepid")
     with pytest.raises(OptionError, match="is cold: warm_sigma"):
