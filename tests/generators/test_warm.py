@@ -85,7 +85,7 @@ def test_the_choice_is_the_cheapest_candidate_whose_pilot_matches_the_cold_sprea
     assert [r.passed for r in choice.rungs] == [False] * (len(choice.rungs) - 1) + [True]
     for r in choice.rungs:
         closed = r.candidate.sigma_start / math.sqrt(s**2 + r.candidate.sigma_start**2)
-        assert r.spread / choice.cold_spread == pytest.approx(closed, abs=0.01)
+        assert r.spread / choice.cold_spread == pytest.approx(closed, abs=0.02)  # 20 Heun steps
     assert choice.to_json()["rungs"][-1]["passed"] is True  # type: ignore[index]
     # Nothing cheaper than the cold round matches: no pick (the round is sampled cold).
     assert choose(gaussian_resample(), starts, cold, np.ones(5), tried, cold_cost=5).pick is None
