@@ -62,6 +62,7 @@ from rlsynth.generators.trainer import (
 from rlsynth.generators.warm import (
     SAMPLES_FILE,
     Measure,
+    Rule,
     WarmStart,
     choose,
     load_samples,
@@ -81,6 +82,7 @@ __all__ = [
     "Guide",
     "LoadedGenerator",
     "Measure",
+    "Rule",
     "SampleOptions",
     "TrajectoryFamily",
     "TransitionFamily",

@@ -3,7 +3,7 @@ samples start it, from which σ_start (given, or chosen by measured contraction)
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -13,12 +13,12 @@ from rlsynth.generators.families import FAMILIES, DiffusedFamily
 from rlsynth.generators.options import Regeneration
 from rlsynth.generators.sampling import LoadedGenerator, SampleOptions, codec, used_settings
 from rlsynth.generators.seeds import sample_seed
-from rlsynth.generators.warm import Choice, Measure, WarmStart, candidates, choose, warm_steps
+from rlsynth.generators.warm import Choice, Measure, Rule, WarmStart, choose, ladder, warm_steps
 
 PILOT_FIRST = 1 << 40
 """Sample index of the cold pilot's first sample: far past any round's, so it shares no noise with one."""
 
-POLISH_CANDIDATES = (0, 3, 10)
+POLISH_CANDIDATES = (0, 10)
 """Polish iterations a warm round may use (with the cold rounds'): its starts were polished already, so
 less may do; the pilots decide."""
 
@@ -33,8 +33,8 @@ class WarmFrom:
     settings: Regeneration
     measure: Measure | None = None
     """What σ_start's pilots are compared on (per-sample values; spread is always compared)."""
-    sides: dict[str, str] | None = None
-    """Per measure, which way it may differ freely (:data:`generators.warm.SIDES`; default both)."""
+    rules: dict[str, Rule] | None = None
+    """Per measure, how far a warm pilot may differ from the cold one (default :class:`Rule`())."""
 
 
 @dataclass(frozen=True)
@@ -81,14 +81,17 @@ def plan_warm(gen: LoadedGenerator, source: Dataset, opts: SampleOptions, frm: W
         polish = s.warm_polish if s.warm_polish is not None else cold_polish
         return WarmPlan(WarmStart(starts, float(sigma), steps, polish, frm.origin), None, frm.origin)
     polishes = (s.warm_polish,) if s.warm_polish is not None else sorted({*POLISH_CANDIDATES, cold_polish})
-    tried = candidates(edm, cold_steps, polishes)
-    if s.warm_steps is not None:
-        tried = [replace(c, steps=s.warm_steps) for c in tried]
+    fixed = s.warm_steps
+
+    def steps_of(sigma: float) -> int:
+        return fixed if fixed is not None else warm_steps(cold_steps, edm, sigma)
+
     pilot = starts[: s.warm_pilot]
     cold_pilot = fam.maker(gen, source, opts, None)(PILOT_FIRST, len(pilot), None)
     choice = choose(
-        fam.resampler(gen, source, opts), pilot, cold_pilot, codec(gen).std, tried, fam.cold_cost(gen, opts),
-        measure=frm.measure, sides=frm.sides, z=s.warm_z,
+        fam.resampler(gen, source, opts), pilot, cold_pilot, codec(gen).std, sigmas=ladder(edm),
+        polishes=polishes, steps_of=steps_of, cold_cost=fam.cold_cost(gen, opts), measure=frm.measure,
+        rules=frm.rules, z=s.warm_z,
     )  # fmt: skip
     if choice.pick is None:
         return WarmPlan(None, choice, frm.origin)

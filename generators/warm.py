@@ -96,19 +96,6 @@ class Candidate:
         return 2 * self.steps - 1 + self.polish
 
 
-def candidates(
-    edm: EDMConfig, cold_steps: int, polishes: Sequence[int], sigmas: Sequence[float] | None = None
-) -> list[Candidate]:
-    """Every (σ_start on the ladder, polish) at the cold schedule's step density, cheapest first (then by
-    σ_start): the order a chooser tries them in, so the first that passes is the cheapest that does."""
-    found = {
-        Candidate(float(s), warm_steps(cold_steps, edm, s), int(p))
-        for s in (sigmas if sigmas is not None else ladder(edm))
-        for p in polishes
-    }
-    return sorted(found, key=lambda c: (c.cost, c.sigma_start, c.polish))
-
-
 Resample = Callable[[np.ndarray, Candidate], np.ndarray]
 """``resample(starts (P, ...) raw, candidate) -> outputs (P, ...) raw``, warm-started as ``candidate``
 says, with the same noise for row i on every call (seeded by the row's index)."""
@@ -131,8 +118,25 @@ Measure = Callable[[np.ndarray], dict[str, np.ndarray]]
 """``measure(raw samples (P, ...)) -> {name: per-sample values (P,)}`` (NaN where a sample has none)."""
 
 SIDES = ("lower", "higher", "both")
-"""Which way a measure may differ from the cold pilot's freely: a lower dynamics error or a higher target
-likelihood is no reason to reject a σ_start; ``both``: it must match either way."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How a warm pilot's measure may differ from the cold pilot's: freely on ``side`` (a lower dynamics
+    error or a higher target likelihood is no reason to reject a warm round; ``both``: neither way), and
+    on the other by at most z standard errors of the difference plus ``relative`` × |cold mean| plus
+    ``absolute`` (the stated tolerance: a difference too small to matter is not a reason either)."""
+
+    side: str = "both"
+    relative: float = 0.0
+    absolute: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.side not in SIDES:
+            raise RlsynthError(f"a measure's side must be one of {', '.join(SIDES)}, got {self.side!r}")
+        if not (self.relative >= 0 and self.absolute >= 0):
+            raise RlsynthError("a measure's tolerances must be non-negative")
+
 
 SPREAD_TOLERANCE = 0.05
 """A warm pilot's spread (per-dimension std, geometric mean) may differ from the cold pilot's by this
@@ -195,18 +199,17 @@ def _summary(values: np.ndarray) -> tuple[float, float]:
 
 
 def matches(
-    cold: dict[str, np.ndarray], warm: dict[str, np.ndarray], sides: dict[str, str], z: float
+    cold: dict[str, np.ndarray], warm: dict[str, np.ndarray], rules: dict[str, Rule], z: float
 ) -> bool:
-    """Every measure of the warm pilot within ``z`` standard errors (of the difference of the two means)
-    of the cold pilot's, on the side where a difference counts."""
-    for name, side in sides.items():
+    """Every measure of the warm pilot within its :class:`Rule`'s bound of the cold pilot's."""
+    for name, rule in rules.items():
         (mc, sc), (mw, sw) = _summary(cold[name]), _summary(warm.get(name, np.array([])))
-        bound = z * float(np.hypot(sc, sw))
         if not np.isfinite(mw):
             return False
-        if side in ("lower", "both") and mw - mc > bound:
+        bound = z * float(np.hypot(sc, sw)) + rule.relative * abs(mc) + rule.absolute
+        if rule.side in ("lower", "both") and mw - mc > bound:
             return False
-        if side in ("higher", "both") and mc - mw > bound:
+        if rule.side in ("higher", "both") and mc - mw > bound:
             return False
     return True
 
@@ -216,43 +219,61 @@ def choose(
     starts: np.ndarray,
     cold: np.ndarray,
     scale: np.ndarray,
-    tried: Sequence[Candidate],
-    cold_cost: int,
     *,
+    sigmas: Sequence[float],
+    polishes: Sequence[int],
+    steps_of: Callable[[float], int],
+    cold_cost: int,
     measure: Measure | None = None,
-    sides: dict[str, str] | None = None,
+    rules: dict[str, Rule] | None = None,
     z: float = 2.0,
     pairs: int = 16,
 ) -> Choice:
-    """The cheapest of ``tried`` (in their order, below ``cold_cost``) whose warm pilot from ``starts`` is
-    indistinguishable from the ``cold`` pilot (raw samples of a cold round with the same guidance):
-    spread within :data:`SPREAD_TOLERANCE` and every ``measure`` within ``z`` standard errors on its side
-    of ``sides`` (default ``both``). Each rung also records the sampler's contraction on ``pairs`` pairs
-    of starts."""
+    """The cheapest warm round (σ_start in ``sigmas``, polish in ``polishes``, ``steps_of(σ)`` steps),
+    below ``cold_cost``, whose pilot from ``starts`` is indistinguishable from the ``cold`` pilot (raw
+    samples of a cold round with the same guidance): spread within :data:`SPREAD_TOLERANCE` and every
+    ``measure`` within its rule (default ``Rule()``: z standard errors either way).
+
+    A warm round comes closer to a cold one as σ_start grows, so for each polish the smallest passing
+    σ_start is found by bisection over the affordable ones (after checking the largest passes at all):
+    about log2 of the ladder's length pilots per polish, not one per candidate. Each rung tried also
+    records the sampler's contraction on ``pairs`` pairs of starts."""
     if not z > 0:
         raise RlsynthError(f"warm z must be positive, got {z}")
     if len(starts) < 2 or len(cold) < 2:
         raise RlsynthError("choosing σ_start needs at least two starts and two cold samples")
     p = min(pairs, len(starts) // 2)
     cold_m = measure(cold) if measure is not None else {}
-    side_of = {k: (sides or {}).get(k, "both") for k in cold_m}
-    for k, side in side_of.items():
-        if side not in SIDES:
-            raise RlsynthError(f"measure {k}: side must be one of {', '.join(SIDES)}, got {side!r}")
+    rule_of = {k: (rules or {}).get(k, Rule()) for k in cold_m}
     cold_spread = spread(cold, scale)
-    rungs: list[Rung] = []
-    for how in (c for c in tried if c.cost < cold_cost):
-        out = resample(starts, how)
-        warm_m = measure(out) if measure is not None else {}
-        sp = spread(out, scale)
-        ok = abs(sp / cold_spread - 1) <= SPREAD_TOLERANCE and matches(cold_m, warm_m, side_of, z)
-        c = contraction(resample, starts[:p], starts[p : 2 * p], how, scale)
-        rungs.append(Rung(how, c, {k: _summary(v)[0] for k, v in warm_m.items()}, sp, ok))
-        if ok:
-            break
-    pick = rungs[-1].candidate if rungs and rungs[-1].passed else None
+    rungs: dict[Candidate, Rung] = {}
+
+    def passes(how: Candidate) -> bool:
+        if how not in rungs:
+            out = resample(starts, how)
+            warm_m = measure(out) if measure is not None else {}
+            sp = spread(out, scale)
+            ok = abs(sp / cold_spread - 1) <= SPREAD_TOLERANCE and matches(cold_m, warm_m, rule_of, z)
+            c = contraction(resample, starts[:p], starts[p : 2 * p], how, scale)
+            rungs[how] = Rung(how, c, {k: _summary(v)[0] for k, v in warm_m.items()}, sp, ok)
+        return rungs[how].passed
+
+    best: Candidate | None = None
+    for polish in sorted(set(polishes)):
+        line = [Candidate(float(s), steps_of(float(s)), int(polish)) for s in sorted(sigmas)]
+        line = [c for c in line if c.cost < (cold_cost if best is None else best.cost)]
+        if not line or not passes(line[-1]):
+            continue
+        lo, hi = 0, len(line) - 1  # line[hi] passes
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if passes(line[mid]):
+                hi = mid
+            else:
+                lo = mid + 1
+        best = line[hi]
     cold_means = {k: _summary(v)[0] for k, v in cold_m.items()}
-    return Choice(pick, cold_means, cold_spread, tuple(rungs), z, cold_cost)
+    return Choice(best, cold_means, cold_spread, tuple(rungs.values()), z, cold_cost)
 
 
 def save_samples(samples: np.ndarray, folder: Path) -> Path:

@@ -43,6 +43,7 @@ from rlsynth.generators.api import (
     SAMPLES_FILE,
     LoadedGenerator,
     Measure,
+    Rule,
     SampleOptions,
     WarmFrom,
     diffused,
@@ -131,8 +132,10 @@ class PGDResult:
     log: TrainingLog
 
 
-PILOT_SIDES = {"dynamics": "lower", "target_ll": "higher"}
-"""A warm pilot may have a lower dynamics error or a higher target likelihood than the cold one."""
+PILOT_RULES = {"dynamics": Rule("lower", relative=0.05), "target_ll": Rule("higher", absolute=0.1)}
+"""A warm pilot may have a lower dynamics error or a higher target likelihood than the cold one, and be
+worse by sampling noise plus 5% of the error or 0.1 nats per action dimension of likelihood (a
+likelihood ratio of 1.1 per dimension)."""
 
 
 def pilot_measure(
@@ -236,7 +239,7 @@ def run_pgd(
             measure = (
                 None if regen.warm_sigma is not None else pilot_measure(generator, aim, real, cfg.guidance)
             )
-            warm = WarmFrom(kept, previous, regen, measure, PILOT_SIDES)
+            warm = WarmFrom(kept, previous, regen, measure, PILOT_RULES)
         tic = time.perf_counter()
         made = synthesize(
             generator,
