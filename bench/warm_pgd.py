@@ -247,7 +247,8 @@ def main() -> None:
             f"checkpoint {gen.checkpoint_hash[:12]}); {a.rounds} rounds of {a.regen} agent steps, "
             f"{a.transitions:,} synthetic transitions per round, 240 synthetic + 16 real rows per batch, "
             f"seeds {', '.join(map(str, a.seed_list))}; final score over {a.final_episodes} episodes. "
-            f"Warm loop: z {a.warm_z}, pilot {Regeneration().warm_pilot}, reseed {Regeneration().warm_reseed}, "
+            f"Warm loop: z {a.warm_z}, pilot {Regeneration().warm_pilot}, "
+            f"reseed {Regeneration().warm_reseed}, "
             f"polish {a.warm_polish if a.warm_polish is not None else 'as cold'}; σ_start chosen: "
             f"{', '.join(f'{s:g}' for s in sigmas)}; warm steps {', '.join(map(str, steps))}. One torch "
             "thread; both loops interleaved in one process.",
