@@ -215,8 +215,8 @@ class Regeneration:
     )
     warm_sigma: float | None = option(
         None,
-        "warm: the noise level σ_start the last round's samples are raised to; default: chosen once, in "
-        "round 1, by pilot rounds (see warm_z).",
+        "warm: the noise level σ_start the last round's samples are raised to; default: chosen with the "
+        "polish by pilot rounds in the first warm round (see warm_z).",
         low=0,
         low_open=True,
     )
@@ -227,7 +227,11 @@ class Regeneration:
         unit="steps",
     )
     warm_polish: int | None = option(
-        None, "warm: polish iterations of warm rounds; default: the cold rounds'.", low=0, unit="iterations"
+        None,
+        "warm: polish iterations of warm rounds; default: chosen with σ_start (0, 10 or the cold rounds'; "
+        "the cold rounds' when warm_sigma is given).",
+        low=0,
+        unit="iterations",
     )
     warm_z: float = option(
         2.0,

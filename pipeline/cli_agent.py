@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import click
 
+from rlsynth.generators.options import Regeneration, SamplerSettings
+from rlsynth.guidance.options import GuidanceConfig
 from rlsynth.pipeline.cli_common import catalog_option, echo_json, json_option, open_catalog
+from rlsynth.pipeline.cli_options import from_params, group_options
 
 
 @click.group()
@@ -99,6 +104,96 @@ def agent_train_cmd(
         echo_json(result)
     else:
         click.echo(f"trained {algo} for {steps} steps in {run.seconds:.0f}s: {result['out']}")
+
+
+@agent.command("pgd")
+@click.option(
+    "--generator",
+    "generator_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Trained diffusion generator (trajectory, transition, or a drafter with a refiner).",
+)
+@click.option("--data", "data_ref", required=True, help="Real data: NAME@N, a file or minari:<id>.")
+@click.option("--name", required=True, help="Catalog name of the regenerated synthetic versions.")
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False), help="Run folder (agents, final agent)."
+)
+@click.option("--algo", type=click.Choice(["iql", "td3bc", "cql", "bc"]), default="td3bc", show_default=True)
+@click.option("--agent-steps", type=click.IntRange(min=1), default=100_000, show_default=True,
+              help="Agent gradient steps in total.")  # fmt: skip
+@click.option("--regenerate-every", type=click.IntRange(min=1), default=10_000, show_default=True,
+              help="Agent steps between regenerations (one round each).")  # fmt: skip
+@click.option("--transitions", type=click.IntRange(min=1), default=50_000, show_default=True,
+              help="Synthetic transitions per round.")  # fmt: skip
+@click.option("--initial-target", default=None, type=click.Path(dir_okay=False),
+              help="Agent (.d3) guiding round 0 (default: round 0 unguided).")  # fmt: skip
+@click.option("--seed", type=int, default=0, show_default=True)
+@group_options(SamplerSettings)
+@group_options(Regeneration)
+# The loop guides every round by its own agent: the target and the term are its to fill in.
+@group_options(GuidanceConfig, skip=("policy", "terms"))
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@catalog_option
+@json_option
+@click.pass_context
+def agent_pgd_cmd(
+    ctx: click.Context,
+    generator_dir: str,
+    data_ref: str,
+    name: str,
+    out: str,
+    algo: str,
+    agent_steps: int,
+    regenerate_every: int,
+    transitions: int,
+    initial_target: str | None,
+    seed: int,
+    quiet: bool,
+    catalog_uri: str | None,
+    as_json: bool,
+    **options: Any,
+) -> None:
+    """The policy-guided diffusion loop: train an agent on synthetic + real batches, regenerating the
+    synthetic set for the current agent every --regenerate-every steps (cold, or --regenerate warm)."""
+    from rlsynth.datasets.catalog import check_name
+    from rlsynth.datasets.sources import load_source, source_lineage
+    from rlsynth.generators.api import load_generator
+    from rlsynth.offline_rl.pgd import PGDConfig, run_pgd
+
+    cfg = PGDConfig(
+        algo=algo,
+        steps=agent_steps,
+        regenerate_every=regenerate_every,
+        synthetic_transitions=transitions,
+        guidance=from_params(GuidanceConfig, options, terms=("policy",)),
+        initial_target=initial_target,
+        sampler=from_params(SamplerSettings, options),
+        regeneration=from_params(Regeneration, options),
+        seed=seed,
+    )
+    check_name(name)
+    cat = open_catalog(ctx, catalog_uri)
+    gen = load_generator(generator_dir)
+    real = load_source(data_ref, cat)
+    res = run_pgd(
+        cfg,
+        gen,
+        real,
+        cat,
+        name,
+        Path(out),
+        real_lineage=source_lineage(data_ref, real, cat),
+        progress=not quiet,
+    )
+    rounds = [asdict(r) for r in res.rounds]
+    if as_json:
+        echo_json({"agent": str(res.agent.resolve()), "rounds": rounds})
+        return
+    for r in res.rounds:
+        how = "cold" if r.sigma_start is None else f"warm from σ {r.sigma_start:g}"
+        click.echo(f"round {r.round}: {r.version} ({how}, sampled in {r.sample_seconds:.1f}s)")
+    click.echo(f"agent: {res.agent.resolve()}")
 
 
 def _parse_mix(spec: str) -> tuple[str, int]:

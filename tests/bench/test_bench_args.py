@@ -149,3 +149,26 @@ def test_generators_table_says_when_a_preset_planned_its_steps() -> None:
         "21000 steps (planned in a 14-min budget), 708 s"
     )
     assert gens.trained({"steps": 15000, "train_s": 320.4, "budget_s": None}) == "15000 steps, 320 s"
+
+
+WARM = ["--data", "d@1", "--generator", "G", "--out", "o"]
+
+
+def test_warm_pgd_parses_seeds_and_algos() -> None:
+    a = load("warm_pgd").parse_args([*WARM, "--seeds", "3,4", "--algos", "iql", "--rounds", "4"])
+    assert a.seed_list == (3, 4) and a.algo_list == ("iql",) and a.rounds == 4
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--algos", "sac"], "--algos: unknown algorithm 'sac'"),
+        (["--rounds", "1"], "--rounds must be at least 2"),
+        (["--transitions", "0"], "--transitions must be positive"),
+        (["--seeds", "a"], "--seeds: expected comma-separated integers"),
+    ],
+)
+def test_warm_pgd_rejects_bad_options(
+    extra: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rejects(load("warm_pgd").parse_args, [*WARM, *extra], capsys, message)

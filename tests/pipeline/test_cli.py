@@ -622,3 +622,31 @@ def test_agent_train_and_guided_sampling(tmp_path: Path, env: dict[str, str]) ->
     wm_polish = rlsynth("generator", "sample", str(wm), "--n-transitions", "10", "--name", "hop/w",
                         "--polish", "3", env=env, check=False)  # fmt: skip
     assert wm_polish.returncode == 2 and "applies to diffusion kinds only" in wm_polish.stderr
+
+
+def test_agent_pgd_runs_the_loop_warm_started_and_refuses_bad_options(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    rlsynth("datasets", "make", "random", "--env", "Hopper-v5", "--name", "hop", "--transitions", "300",
+            "--quiet", "--no-minari", env=env)  # fmt: skip
+    traj = tmp_path / "traj"
+    rlsynth("generator", "train", "--data", "hop@1", "--kind", "trajectory", "--out", str(traj),
+            "--steps", "3", "--quiet", env=env)  # fmt: skip
+    loop = ["agent", "pgd", "--generator", str(traj), "--data", "hop@1", "--name", "hop/pgd",
+            "--agent-steps", "6", "--regenerate-every", "2", "--transitions", "40", "--steps", "2",
+            "--polish", "0"]  # fmt: skip
+    warm = ["--regenerate", "warm", "--warm-sigma", "0.5", "--warm-polish", "0"]
+    out = as_json(rlsynth(*loop, "--out", str(tmp_path / "run"), *warm, "--quiet", "--json", env=env))
+    assert [r["sigma_start"] for r in out["rounds"]] == [None, None, 0.5]
+    assert Path(out["agent"]).is_file()
+    shown = as_json(rlsynth("datasets", "show", "hop/pgd@3", "--json", env=env))
+    assert shown["lineage"]["sampling"]["warm_start"]["from"] == "hop/pgd@2"
+    for bad, code, msg in [
+        (["--regenerate", "tepid"], 2, "Invalid value for '--regenerate'"),
+        (["--warm-sigma", "1"], 1, "regenerate is cold: warm_sigma, warm_steps and warm_polish need warm"),
+        (["--regenerate", "warm", "--warm-z", "0"], 2, "--warm-z"),
+    ]:
+        proc = rlsynth(*loop, "--out", str(tmp_path / "bad"), *bad, env=env, check=False)
+        assert proc.returncode == code and msg in proc.stderr, proc.stderr
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert len(lines) <= 3 and "Traceback" not in proc.stderr and not (tmp_path / "bad").exists()
