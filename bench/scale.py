@@ -23,7 +23,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 # Not the script's folder on the path: bench/generators.py must not shadow the generators package.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from rlsynth.pipeline.bench_report import int_list, write_section
+from rlsynth.pipeline.bench_report import int_list, matmul_gflops, write_section
 
 if TYPE_CHECKING:
     from rlsynth.datasets.types import Dataset
@@ -140,27 +140,6 @@ def measure(argv: list[str], log: Path) -> Measured:
     seconds = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     return Measured(seconds, usage.ru_maxrss * 1024, proc.returncode)
-
-
-def matmul_gflops() -> float:
-    """fp32 matmul throughput of one core (1024² by 1024², best of 5), the machine's yardstick."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        x = torch.randn(1024, 1024)
-        x @ x
-        best = min(_timed(lambda: x @ x) for _ in range(5))
-    finally:
-        torch.set_num_threads(threads)
-    return 2 * 1024**3 / best / 1e9
-
-
-def _timed(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def short(n: int) -> str:

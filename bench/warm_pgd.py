@@ -39,7 +39,7 @@ from rlsynth.guidance.policies import load_policy
 from rlsynth.offline_rl.evaluate import evaluate_agent
 from rlsynth.offline_rl.pgd import PGDConfig, PGDResult, run_pgd
 from rlsynth.offline_rl.train import ALGOS
-from rlsynth.pipeline.bench_report import int_list, write_section
+from rlsynth.pipeline.bench_report import int_list, matmul_gflops, write_section
 
 PLOT = Path(__file__).resolve().parent / "plots" / "warm_pgd.png"
 EVAL = EvalConfig(sample=2000, horizons=(), seed=0)
@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warm-polish", type=int, default=None)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--no-write", action="store_true", help="do not write BENCHMARKS.md")
+    p.add_argument(
+        "--report-only", action="store_true", help="re-render the table and plot from OUT/results.json"
+    )
     a = p.parse_args(argv)
     a.seed_list = int_list(p, "--seeds", a.seeds)
     a.algo_list = tuple(a.algos.split(","))
@@ -149,11 +152,19 @@ def interval(xs: list[float]) -> tuple[float, float]:
     return m, T_975.get(len(xs) - 1, 1.96) * float(np.std(xs, ddof=1)) / math.sqrt(len(xs))
 
 
+def _after_choice(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rounds after the first warm one (whose pilots chose the settings), or of a cold loop the
+    rounds from the same index on: what a round costs once the loop has settled."""
+    first = next((i for i, x in enumerate(rounds) if x["chosen"] is not None), None)
+    return rounds[(first if first is not None else 2) + 1 :]
+
+
 def summary(results: list[dict[str, Any]], a: argparse.Namespace) -> list[str]:
     lines = [
-        "| loop | algorithm | final score (mean ± 95% CI) | sampling s/round, rounds 1+ | × cold | "
-        "one-step MSE, round 1 → last | target log-lik, round 1 → last | spread, round 1 → last |",
-        "|---|---|---|---|---|---|---|---|",
+        "| loop | algorithm | final score (mean ± 95% CI) | per-seed scores | sampling s/round once "
+        "settled | × cold | pilot round s | warm settings (σ_start, steps, polish) | one-step MSE, round 1 "
+        "→ last | target log-lik, round 1 → last | spread, round 1 → last |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     cold_cost: dict[str, float] = {}
     for mode in ("cold", "warm"):
@@ -162,21 +173,34 @@ def summary(results: list[dict[str, Any]], a: argparse.Namespace) -> list[str]:
             if not runs:
                 continue
             m, h = interval([r["score"] for r in runs])
-            cost = float(np.mean([x["sample_seconds"] for r in runs for x in r["rounds"][1:]]))
+            cost = float(np.mean([x["sample_seconds"] for r in runs for x in _after_choice(r["rounds"])]))
+            pilots = [x["sample_seconds"] for r in runs for x in r["rounds"] if x["chosen"] is not None]
+            settings = sorted({
+                (x["sigma_start"], x["warm_steps"], x["chosen"]["rungs"] and _picked_polish(x["chosen"]))
+                for r in runs for x in r["rounds"] if x["chosen"] is not None
+            })  # fmt: skip
             if mode == "cold":
                 cold_cost[algo] = cost
-            ratio = f"{cold_cost[algo] / cost:.1f}× cheaper" if mode == "warm" and algo in cold_cost else "1×"
+            ratio = f"{cold_cost[algo] / cost:.2f}×" if mode == "warm" and algo in cold_cost else "1×"
 
             def first_last(key: str, rs: list[dict[str, Any]] = runs) -> str:
                 f = np.mean([r["rounds"][1][key] for r in rs])
                 last = np.mean([r["rounds"][-1][key] for r in rs])
                 return f"{f:.3g} → {last:.3g}"
 
+            scores = ", ".join(f"{r['score']:.1f}" for r in runs)
+            pilot = f"{np.mean(pilots):.1f}" if pilots else "—"
+            how = "; ".join(f"{sg:g}, {k}, {p}" for sg, k, p in settings) if settings else "—"
             lines.append(
-                f"| {mode} | {algo} | {m:.1f} ± {h:.1f} | {cost:.2f} | {ratio} | {first_last('dyn')} | "
-                f"{first_last('target_ll')} | {first_last('spread')} |"
+                f"| {mode} | {algo} | {m:.1f} ± {h:.1f} | {scores} | {cost:.2f} | {ratio} | {pilot} | "
+                f"{how} | {first_last('dyn')} | {first_last('target_ll')} | {first_last('spread')} |"
             )
     return lines
+
+
+def _picked_polish(chosen: dict[str, Any]) -> int | None:
+    passed = [g for g in chosen["rungs"] if g["passed"]]
+    return min(passed, key=lambda g: g["cost"])["polish"] if passed else None
 
 
 def plot(results: list[dict[str, Any]], a: argparse.Namespace) -> None:
@@ -203,15 +227,21 @@ def plot(results: list[dict[str, Any]], a: argparse.Namespace) -> None:
             ax.set_xlabel("round")
             ax.set_title(label, fontsize=9)
     chosen = [x["chosen"] for r in results if r["mode"] == "warm" for x in r["rounds"] if x["chosen"]]
+    styles = {0: ":", 10: "--"}
     for c in chosen:
         rungs = [g for g in c["rungs"] if g["contraction"] is not None]
-        axes[3].plot([g["sigma_start"] for g in rungs], [g["contraction"] for g in rungs], "-o",
-                     color="tab:orange", alpha=0.5, ms=3)  # fmt: skip
-        axes[3].plot([c["rungs"][-1]["sigma_start"]], [c["rungs"][-1]["contraction"]], "k*", ms=9)
+        for polish in sorted({g["polish"] for g in rungs}):
+            line = sorted((g for g in rungs if g["polish"] == polish), key=lambda g: g["sigma_start"])
+            xs, ys = [g["sigma_start"] for g in line], [g["contraction"] for g in line]
+            axes[3].plot(xs, ys, styles.get(polish, "-"), marker="o", color="tab:orange", alpha=0.4, ms=3)
+        passed = [g for g in rungs if g["passed"]]
+        if passed:
+            pick = min(passed, key=lambda g: g["cost"])
+            axes[3].plot([pick["sigma_start"]], [pick["contraction"]], "k*", ms=9)
     if chosen:
         axes[3].set_xscale("log")
-        axes[3].set_xlabel("σ_start (★: chosen)")
-        axes[3].set_title("contraction c(σ_start) of the rungs tried, round 1", fontsize=9)
+        axes[3].set_xlabel("σ_start (polish 0 dotted, 10 dashed, 30 solid; ★ chosen)")
+        axes[3].set_title("contraction c(σ_start) of the pilots tried", fontsize=9)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     PLOT.parent.mkdir(parents=True, exist_ok=True)
@@ -227,7 +257,9 @@ def main() -> None:
     gen = load_generator(a.generator, device="cpu")
     a.out.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
-    for seed in a.seed_list:
+    if a.report_only:
+        results = json.loads((a.out / "results.json").read_text())
+    for seed in a.seed_list if not a.report_only else ():
         for algo in a.algo_list:
             for mode in ("cold", "warm"):  # interleaved, so a slower stretch of the machine hits both
                 res = run_loop(a, mode, algo, seed, gen, real)
@@ -244,14 +276,18 @@ def main() -> None:
     body = "\n".join(
         [
             f"Data `{a.data}`; generator `{Path(a.generator).name}` ({gen.kind}, "
-            f"checkpoint {gen.checkpoint_hash[:12]}); {a.rounds} rounds of {a.regen} agent steps, "
+            f"checkpoint {gen.checkpoint_hash[:19]}); {a.rounds} rounds of {a.regen} agent steps, "
             f"{a.transitions:,} synthetic transitions per round, 240 synthetic + 16 real rows per batch, "
             f"seeds {', '.join(map(str, a.seed_list))}; final score over {a.final_episodes} episodes. "
             f"Warm loop: z {a.warm_z}, pilot {Regeneration().warm_pilot}, "
             f"reseed {Regeneration().warm_reseed}, "
-            f"polish {a.warm_polish if a.warm_polish is not None else 'as cold'}; σ_start chosen: "
+            f"polish {a.warm_polish if a.warm_polish is not None else 'chosen (0, 10 or the cold 30)'}; "
+            "σ_start chosen: "
             f"{', '.join(f'{s:g}' for s in sigmas)}; warm steps {', '.join(map(str, steps))}. One torch "
-            "thread; both loops interleaved in one process.",
+            f"thread; both loops interleaved in one process. One-core fp32 matmul: {matmul_gflops():.0f} "
+            "GFLOP/s (measured at the end of this run). 'Once settled': the rounds after the first warm "
+            "round, whose pilots chose the warm settings (its own cost is the pilot column; for the cold "
+            "loop, the same rounds).",
             "",
             *lines,
             "",

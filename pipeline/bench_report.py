@@ -60,3 +60,25 @@ def write_section(key: str, title: str, body: str) -> None:
         else text.rstrip() + "\n\n" + section + "\n"
     )
     BENCHMARKS.write_text(text)
+
+
+def matmul_gflops() -> float:
+    """fp32 matmul throughput of one core (1024² by 1024², best of 5): the machine's speed, stated beside
+    every benchmark table (machines of one kind differ about 3× from one session to the next)."""
+    import time
+
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        x = torch.randn(1024, 1024)
+        x @ x
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            x @ x
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    return 2 * 1024**3 / best / 1e9
