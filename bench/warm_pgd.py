@@ -64,6 +64,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--report-only", action="store_true", help="re-render the table and plot from OUT/results.json"
     )
+    p.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="GEN_DIR=OUT_DIR",
+        help="with --report-only: also the results of another generator's run (repeatable); intervals are "
+        "then over every generator and agent seed",
+    )
     a = p.parse_args(argv)
     a.seed_list = int_list(p, "--seeds", a.seeds)
     a.algo_list = tuple(a.algos.split(","))
@@ -140,9 +148,23 @@ def run_loop(
         "algo": algo,
         "seed": seed,
         "wall_s": wall,
+        "generator": a.generator,
         "score": final.score_mean if final.score_mean is not None else final.return_mean,
         "rounds": round_rows(res, cat, real),
     }
+
+
+def generators(results: list[dict[str, Any]]) -> list[str]:
+    """Each generator of the results, as its folder name and checkpoint hash."""
+    names = []
+    for g in sorted({r["generator"] for r in results}):
+        names.append(f"`{Path(g).name}` ({load_generator(g, device='cpu').checkpoint_hash[:19]})")
+    return names
+
+
+def tagged(results: list[dict[str, Any]], generator: str) -> list[dict[str, Any]]:
+    """Results of one run with the generator they were measured on (runs before the key was written)."""
+    return [{"generator": generator, **r} for r in results]
 
 
 def interval(xs: list[float]) -> tuple[float, float]:
@@ -189,6 +211,12 @@ def summary(results: list[dict[str, Any]], a: argparse.Namespace) -> list[str]:
                 return f"{f:.3g} → {last:.3g}"
 
             scores = ", ".join(f"{r['score']:.1f}" for r in runs)
+            if len({r["generator"] for r in runs}) > 1:
+                by_gen = [
+                    np.mean([r["score"] for r in runs if r["generator"] == g])
+                    for g in sorted({r["generator"] for r in runs})
+                ]
+                scores += " (generator means " + ", ".join(f"{x:.1f}" for x in by_gen) + ")"
             pilot = f"{np.mean(pilots):.1f}" if pilots else "—"
             how = "; ".join(f"{sg:g}, {k}, {p}" for sg, k, p in settings) if settings else "—"
             lines.append(
@@ -258,7 +286,10 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
     if a.report_only:
-        results = json.loads((a.out / "results.json").read_text())
+        results = tagged(json.loads((a.out / "results.json").read_text()), a.generator)
+        for spec in a.also:
+            gen_dir, _, out_dir = spec.partition("=")
+            results += tagged(json.loads((Path(out_dir) / "results.json").read_text()), gen_dir)
     for seed in a.seed_list if not a.report_only else ():
         for algo in a.algo_list:
             for mode in ("cold", "warm"):  # interleaved, so a slower stretch of the machine hits both
@@ -275,10 +306,11 @@ def main() -> None:
     steps = sorted({x["warm_steps"] for r in results for x in r["rounds"] if x["warm_steps"] is not None})
     body = "\n".join(
         [
-            f"Data `{a.data}`; generator `{Path(a.generator).name}` ({gen.kind}, "
-            f"checkpoint {gen.checkpoint_hash[:19]}); {a.rounds} rounds of {a.regen} agent steps, "
+            f"Data `{a.data}`; generators {', '.join(generators(results))} ({gen.kind}); "
+            f"{a.rounds} rounds of {a.regen} agent steps, "
             f"{a.transitions:,} synthetic transitions per round, 240 synthetic + 16 real rows per batch, "
-            f"seeds {', '.join(map(str, a.seed_list))}; final score over {a.final_episodes} episodes. "
+            f"agent seeds {', '.join(map(str, a.seed_list))} per generator; final score over "
+            f"{a.final_episodes} episodes. "
             f"Warm loop: z {a.warm_z}, pilot {Regeneration().warm_pilot}, "
             f"reseed {Regeneration().warm_reseed}, "
             f"polish {a.warm_polish if a.warm_polish is not None else 'chosen (0, 10 or the cold 30)'}; "
