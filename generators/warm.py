@@ -17,7 +17,8 @@ from a pilot cold round in the measures that matter (the caller's: target likeli
 and in spread; the contraction of every rung tried is recorded beside them.
 
 The samples themselves are kept with the version they made (:data:`SAMPLES_FILE`, raw units: windows
-(M, H, D) of tokens, or transition features (M, F)), so a round can start from any earlier version.
+(M, H, D) of tokens, or transition features (M, F)), so what each warm round started from can be
+read back from the catalog (:func:`load_samples`) and checked against its lineage.
 """
 
 from __future__ import annotations

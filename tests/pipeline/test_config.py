@@ -33,6 +33,12 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
         yaml.safe_dump(to_dict(cfg) | {"agents": to_dict(cfg)["agents"] | {"pgd_warm_start": True}})
     )
     assert load_config(warm).agents.pgd_warm_start is True
+    regen = {"regenerate": "warm", "warm_z": 3.0, "warm_reseed": 0.2}
+    warm.write_text(
+        yaml.safe_dump(to_dict(cfg) | {"agents": to_dict(cfg)["agents"] | {"pgd_regeneration": regen}})
+    )
+    loaded = load_config(warm).agents.pgd_regeneration
+    assert loaded.warm and loaded.warm_z == 3.0 and loaded.warm_reseed == 0.2 and loaded.warm_sigma is None
 
 
 @pytest.mark.parametrize(
@@ -68,6 +74,18 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
         (
             "source: {recipe: random}\nsynthesize: {sampler: {steps: 0}}\n",
             "synthesize.sampler.steps: must be",
+        ),
+        (
+            "source: {recipe: random}\nagents: {pgd_regeneration: {regenerate: tepid}}\n",
+            "agents.pgd_regeneration.regenerate: must be one of cold, warm",
+        ),
+        (
+            "source: {recipe: random}\nagents: {pgd_regeneration: {warm_sigma: 1.0}}\n",
+            "agents.pgd_regeneration.regenerate: is cold: warm_sigma",
+        ),
+        (
+            "source: {recipe: random}\nagents: {conditions: [real], pgd_regeneration: {regenerate: warm}}\n",
+            "agents.pgd_regeneration: warm needs the pgd condition",
         ),
         (
             "source: {recipe: random}\nsynthesize: {sampler: {seed: 3}}\n",
