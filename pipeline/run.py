@@ -687,7 +687,10 @@ def _run_stages(
             parts = [r["lineage"] for r in sorted(results, key=lambda r: int(r["index"]))]
             producer = {"name": "run", "run": str(run_dir), "synthesize": syn_cfg}
             lineage = combine_shards(parts) | {"producer": producer}
-            ref = txn.commit(lineage=lineage, tags={"run": cfg.name}, expected_parts=s.shards)
+            written = [r["part"] for r in sorted(results, key=lambda r: int(r["index"]))]
+            ref = txn.commit(
+                lineage=lineage, tags={"run": cfg.name}, expected_parts=s.shards, written=written
+            )
         except BaseException:
             txn.abort()
             raise
