@@ -175,10 +175,11 @@ def interval(xs: list[float]) -> tuple[float, float]:
 
 
 def _after_choice(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rounds after the first warm one (whose pilots chose the settings), or of a cold loop the
-    rounds from the same index on: what a round costs once the loop has settled."""
-    first = next((i for i, x in enumerate(rounds) if x["chosen"] is not None), None)
-    return rounds[(first if first is not None else 2) + 1 :]
+    """The rounds after the last one that ran pilots (a round whose pilots found nothing is cold, and the
+    next one tries again), or of a cold loop the rounds from round 3 on: what a round costs once the
+    loop has settled."""
+    piloted = [i for i, x in enumerate(rounds) if x["chosen"] is not None]
+    return rounds[(piloted[-1] if piloted else 2) + 1 :]
 
 
 def summary(results: list[dict[str, Any]], a: argparse.Namespace) -> list[str]:
@@ -198,8 +199,8 @@ def summary(results: list[dict[str, Any]], a: argparse.Namespace) -> list[str]:
             cost = float(np.mean([x["sample_seconds"] for r in runs for x in _after_choice(r["rounds"])]))
             pilots = [x["sample_seconds"] for r in runs for x in r["rounds"] if x["chosen"] is not None]
             settings = sorted({
-                (x["sigma_start"], x["warm_steps"], x["chosen"]["rungs"] and _picked_polish(x["chosen"]))
-                for r in runs for x in r["rounds"] if x["chosen"] is not None
+                (x["sigma_start"], x["warm_steps"], _picked_polish(x["chosen"]))
+                for r in runs for x in r["rounds"] if x["chosen"] is not None and x["sigma_start"] is not None
             })  # fmt: skip
             if mode == "cold":
                 cold_cost[algo] = cost
@@ -226,9 +227,8 @@ def summary(results: list[dict[str, Any]], a: argparse.Namespace) -> list[str]:
     return lines
 
 
-def _picked_polish(chosen: dict[str, Any]) -> int | None:
-    passed = [g for g in chosen["rungs"] if g["passed"]]
-    return min(passed, key=lambda g: g["cost"])["polish"] if passed else None
+def _picked_polish(chosen: dict[str, Any]) -> int:
+    return int(min((g for g in chosen["rungs"] if g["passed"]), key=lambda g: g["cost"])["polish"])
 
 
 def plot(results: list[dict[str, Any]], a: argparse.Namespace) -> None:
