@@ -31,10 +31,11 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 from rlsynth.datasets.agents import load_agent
 from rlsynth.datasets.catalog import Catalog
-from rlsynth.datasets.fidelity import EvalConfig, evaluate
+from rlsynth.datasets.fidelity import EvalConfig, evaluate, policy_log_likelihood
 from rlsynth.datasets.types import Dataset
 from rlsynth.generators.api import load_generator
 from rlsynth.generators.options import Regeneration
+from rlsynth.generators.warm import spread
 from rlsynth.guidance.policies import load_policy
 from rlsynth.offline_rl.evaluate import evaluate_agent
 from rlsynth.offline_rl.pgd import PGDConfig, PGDResult, run_pgd
@@ -86,19 +87,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
-def spread(synth: Dataset, real: Dataset) -> float:
-    ref = real.transitions.observations.std(0)
-    return float(np.exp(np.mean(np.log(synth.transitions.observations.std(0) / ref))))
-
-
 def target_ll(agent: str | None, synth: Dataset) -> float | None:
     if agent is None:
         return None
-    pol = load_policy(agent)
-    t = synth.transitions
-    obs, act = torch.from_numpy(np.array(t.observations)), torch.from_numpy(np.array(t.actions))
-    with torch.no_grad():
-        return float((pol.log_prob(obs, act) / act.shape[1]).mean())
+    rows = np.arange(synth.n_transitions)
+    return policy_log_likelihood(load_policy(agent), synth.transitions, rows)["per_action_dim"]
 
 
 def round_rows(res: PGDResult, cat: Catalog, real: Dataset) -> list[dict[str, Any]]:
@@ -112,7 +105,7 @@ def round_rows(res: PGDResult, cat: Catalog, real: Dataset) -> list[dict[str, An
                 **asdict(r),
                 "dyn": dyn,
                 "target_ll": target_ll(r.agent, synth),
-                "spread": spread(synth, real),
+                "spread": spread(synth.transitions.observations, real.transitions.observations.std(0)),
                 "chosen": None if warm is None else warm["chosen"],
                 "warm_steps": None if warm is None else warm["steps"],
             }

@@ -144,11 +144,8 @@ class DiffusedFamily(Family):
         warm: WarmStart | None = None,
         keep: bool = False,
     ) -> Drawn:
-        if warm is not None and tuple(warm.samples.shape[1:]) != self.sample_shape(gen):
-            raise RlsynthError(
-                f"warm start from {warm.origin or 'samples'}: rows of shape {tuple(warm.samples.shape[1:])}, "
-                f"this {self.kind} generator samples {self.sample_shape(gen)}"
-            )
+        if warm is not None:
+            self.check_rows(gen, warm.samples, warm.origin or "samples")
         return collect(
             n,
             CHUNKS[self.kind],
@@ -158,6 +155,14 @@ class DiffusedFamily(Family):
             steps_per_sample=self.steps_per_sample(gen),
             keep=keep,
         )
+
+    def check_rows(self, gen: LoadedGenerator, samples: np.ndarray, origin: str) -> None:
+        """Refuse warm-start rows that are not this generator's samples, in one line."""
+        if tuple(samples.shape[1:]) != self.sample_shape(gen):
+            raise RlsynthError(
+                f"warm start from {origin}: rows of shape {tuple(samples.shape[1:])}, this {gen.kind} "
+                f"generator samples {self.sample_shape(gen)}"
+            )
 
     def resampler(self, gen: LoadedGenerator, source: Dataset, opts: SampleOptions) -> Resample:
         """``resample(starts, candidate)``: samples warm-started from ``starts`` as ``candidate`` says
@@ -184,15 +189,8 @@ def _tensor(gen: LoadedGenerator, a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, np.float32)).to(gen.device)
 
 
-class TrajectoryFamily(DiffusedFamily):
-    kind = "trajectory"
-    config_cls = TrajectoryConfig
-
-    def build(self, info: DatasetInfo, cfg: TrajectoryConfig) -> nn.Module:
-        return TrajectoryDiffusion(layout_of(info), cfg)
-
-    def prepare(self, ds: Dataset, cfg: TrajectoryConfig) -> tuple[dict[str, Normaliser], Data]:
-        return window_data(ds, cfg.horizon, cfg.stride, cfg.step_scale)
+class WindowFamily(DiffusedFamily):
+    """A family that samples H-token windows (trajectory diffusion, refined drafts): H − 1 steps each."""
 
     def sample_shape(self, gen: LoadedGenerator) -> tuple[int, ...]:
         return (model_cfg(gen).horizon, gen.layout.dim)
@@ -202,6 +200,17 @@ class TrajectoryFamily(DiffusedFamily):
 
     def decode(self, gen: LoadedGenerator, raw: np.ndarray) -> tuple[list[Episode], np.ndarray]:
         return decode_windows(gen.layout, raw)
+
+
+class TrajectoryFamily(WindowFamily):
+    kind = "trajectory"
+    config_cls = TrajectoryConfig
+
+    def build(self, info: DatasetInfo, cfg: TrajectoryConfig) -> nn.Module:
+        return TrajectoryDiffusion(layout_of(info), cfg)
+
+    def prepare(self, ds: Dataset, cfg: TrajectoryConfig) -> tuple[dict[str, Normaliser], Data]:
+        return window_data(ds, cfg.horizon, cfg.stride, cfg.step_scale)
 
     def warm_schedule(self, gen: LoadedGenerator, opts: SampleOptions) -> tuple[EDMConfig, int]:
         return model_cfg(gen).edm, used_settings(gen, opts)["steps"]
@@ -278,7 +287,7 @@ def _diffusion_maker(
     return make
 
 
-class AutoregressiveFamily(DiffusedFamily):
+class AutoregressiveFamily(WindowFamily):
     kind = "autoregressive"
     config_cls = AutoregressiveConfig
 
@@ -287,15 +296,6 @@ class AutoregressiveFamily(DiffusedFamily):
 
     def prepare(self, ds: Dataset, cfg: AutoregressiveConfig) -> tuple[dict[str, Normaliser], Data]:
         return window_data(ds, cfg.horizon, cfg.stride)
-
-    def sample_shape(self, gen: LoadedGenerator) -> tuple[int, ...]:
-        return (model_cfg(gen).horizon, gen.layout.dim)
-
-    def steps_per_sample(self, gen: LoadedGenerator) -> int:
-        return int(model_cfg(gen).horizon) - 1
-
-    def decode(self, gen: LoadedGenerator, raw: np.ndarray) -> tuple[list[Episode], np.ndarray]:
-        return decode_windows(gen.layout, raw)
 
     def warm_schedule(self, gen: LoadedGenerator, opts: SampleOptions) -> tuple[EDMConfig, int]:
         # Warm rounds of drafts are refinements: the refiner's schedule at its own cold density.

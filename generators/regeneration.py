@@ -62,11 +62,7 @@ def plan_warm(gen: LoadedGenerator, source: Dataset, opts: SampleOptions, frm: W
     (:func:`generators.warm.choose`), steps at the cold schedule's density below σ_start; when none
     matches below the cold round's cost, the round is cold."""
     fam, s = diffused(gen), frm.settings
-    if tuple(frm.samples.shape[1:]) != fam.sample_shape(gen):
-        raise RlsynthError(
-            f"warm start from {frm.origin}: rows of shape {tuple(frm.samples.shape[1:])}, this "
-            f"{gen.kind} generator samples {fam.sample_shape(gen)}"
-        )
+    fam.check_rows(gen, frm.samples, frm.origin)  # before any pilot runs
     m = len(frm.samples)
     keep = m - round(s.warm_reseed * m)
     if keep < 1:

@@ -103,12 +103,19 @@ says, with the same noise for row i on every call (seeded by the row's index).""
 
 
 def contraction(
-    resample: Resample, a: np.ndarray, b: np.ndarray, how: Candidate, scale: np.ndarray
+    resample: Resample,
+    a: np.ndarray,
+    b: np.ndarray,
+    how: Candidate,
+    scale: np.ndarray,
+    ya: np.ndarray | None = None,
 ) -> float | None:
     """The median over rows of ‖out(a_i) − out(b_i)‖ / ‖a_i − b_i‖, distances in units of ``scale``
     (per last-axis dimension: the generator's normaliser std), both outputs drawn with the same noise;
-    None when no pair of starts differs."""
-    ya, yb = resample(a, how), resample(b, how)
+    None when no pair of starts differs. ``ya``: ``resample(a, how)`` when the caller has it already
+    (row i's noise depends on its index only, so the first rows of a larger batch are it)."""
+    ya = resample(a, how) if ya is None else ya
+    yb = resample(b, how)
     d_in = np.sqrt((((a - b) / scale) ** 2).reshape(len(a), -1).sum(1))
     d_out = np.sqrt((((ya - yb) / scale) ** 2).reshape(len(a), -1).sum(1))
     keep = d_in > 0
@@ -255,7 +262,7 @@ def choose(
             warm_m = measure(out) if measure is not None else {}
             sp = spread(out, scale)
             ok = abs(sp / cold_spread - 1) <= SPREAD_TOLERANCE and matches(cold_m, warm_m, rule_of, z)
-            c = contraction(resample, starts[:p], starts[p : 2 * p], how, scale)
+            c = contraction(resample, starts[:p], starts[p : 2 * p], how, scale, ya=out[:p])
             rungs[how] = Rung(how, c, {k: _summary(v)[0] for k, v in warm_m.items()}, sp, ok)
         return rungs[how].passed
 

@@ -220,6 +220,8 @@ def run_pgd(
     kept: np.ndarray | None = None
     regen = cfg.regeneration
     refiner = refiner_for(generator, SampleOptions())  # autoregressive drafts: the recorded refiner
+    # A warm start presumes the last set was drawn for a nearby target: an unguided round 0 was not.
+    first_warm = 1 if cfg.initial_target is not None else 2
     for r in range(cfg.rounds):
         start = r * cfg.regenerate_every
         target: Path | None = None
@@ -232,8 +234,6 @@ def run_pgd(
         if target is not None:
             gcfg = replace(cfg.guidance, policy=str(target) if "policy" in cfg.guidance.terms else None)
         warm = None
-        # A warm start presumes the last set was drawn for a nearby target: an unguided round 0 was not.
-        first_warm = 1 if cfg.initial_target is not None else 2
         if kept is not None and previous is not None and r >= first_warm:
             aim = None if gcfg is None else gcfg.policy
             measure = (
