@@ -9,8 +9,8 @@ The protocol (:class:`TargetPolicy`) is small on purpose so any torch module can
 :class:`D3rlpyPolicy` adapts a d3rlpy agent, respecting its observation and action scalers (the action
 scaler's Jacobian is added so densities are over environment actions):
 
-* IQL, AWAC and stochastic BC: a Gaussian N(tanh(μ(s)), σ²) with d3rlpy's state-independent log σ;
-* SAC, CQL, CalQL: a tanh-squashed Gaussian, log π(a|s) = log N(atanh a; μ, σ²) − Σ log(1 − a²);
+* IQL, AWAC, CRR and stochastic BC: a Gaussian N(tanh(μ(s)), σ²) with d3rlpy's state-independent log σ;
+* SAC, CQL, CalQL, BEAR: a tanh-squashed Gaussian, log π(a|s) = log N(atanh a; μ, σ²) − Σ log(1 − a²);
 * deterministic actors (TD3+BC, TD3, DDPG, deterministic BC): N(μ(s), σ²) with a documented
   ``deterministic_std`` (default 0.1, in the agent's action units) — a likelihood under an arbitrary σ.
 
@@ -33,7 +33,10 @@ from rlsynth.datasets.agents import AgentError, agent_kind, load_agent
 
 # Actions on the tanh bound have no pre-image; clamp just inside it.
 ATANH_CLIP = 1.0 - 1e-6
-SQUASHED = frozenset({"sac", "cql", "cal_ql"})
+# The agents whose d3rlpy training builds the actor's distribution as a tanh-squashed Gaussian
+# (build_squashed_gaussian_distribution); other Gaussian actors (IQL, AWAC, CRR, stochastic BC) are
+# N(tanh μ, σ²).
+SQUASHED = frozenset({"sac", "cql", "cal_ql", "bear"})
 DETERMINISTIC_STD = 0.1
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 

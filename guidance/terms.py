@@ -140,11 +140,38 @@ class Term:
         return per_sample_unit(g) if self.options.normalise else g
 
 
+def step_actions(codec: TokenCodec, x: torch.Tensor) -> torch.Tensor:
+    """The entries of ``x`` (samples' shape) that hold each step's action code, as a view (B, T, a): the
+    entries :meth:`TokenCodec.steps` decodes ``act`` from (a window's last token starts no step)."""
+    lay = codec.layout
+    if codec.form == "transition":
+        return x[:, None, lay.act]
+    return x[:, :-1, lay.act]
+
+
+def action_decoding_slope(codec: TokenCodec, point: torch.Tensor) -> torch.Tensor:
+    """∂a/∂z per step-action entry (B, T, a): the codec's decoding is elementwise, z → u = z·std + mean →
+    a = low + (tanh u + 1)/2·span on bounded dimensions (a = u on unbounded ones), so its Jacobian is
+    diagonal: std·span/2·(1 − tanh² u), or std."""
+    lay = codec.layout
+    u = step_actions(codec, codec.raw(point))  # the codes steps() decodes, bit for bit
+    # Both forms hold the action code at the layout's action slice of the last axis.
+    std = torch.as_tensor(codec.std[lay.act], device=u.device, dtype=u.dtype)
+    y = torch.tanh(u)
+    bounded = torch.as_tensor(lay.bounded, device=u.device)
+    span = torch.as_tensor(
+        np.where(lay.bounded, lay.act_high - lay.act_low, 2.0), dtype=u.dtype, device=u.device
+    )
+    return torch.where(bounded, span / 2 * (1 - y * y), torch.ones_like(y)) * std
+
+
 class PolicyTerm(Term):
     """J = Σ_t log π(a_t | s_t). The term moves actions only, so ∇J needs ∂ log π/∂a and not the actor's
     state gradient: a :class:`ScoredPolicy` gives it in closed form from one forward pass of the actor,
-    chained through the codec's action decoding (a VJP over elementwise ops); other targets fall back to
-    autograd through ``log_prob`` (:meth:`Term.value_and_gradient`, also the tests' oracle)."""
+    and the codec's action decoding is elementwise, so the chain rule to the sample's entries is one
+    product (:func:`action_decoding_slope`) — no graph is built and nothing is back-propagated. Other
+    targets fall back to autograd through ``log_prob`` (:meth:`Term.value_and_gradient`, also the tests'
+    oracle)."""
 
     name = "policy"
     part = "act"
@@ -154,25 +181,25 @@ class PolicyTerm(Term):
         self.policy = policy
         self.scored = policy if isinstance(policy, ScoredPolicy) else None
 
+    @torch.no_grad()
     def value_and_gradient(self, point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.scored is None:
             return super().value_and_gradient(point)
-        point = point.detach().requires_grad_(True)
-        with torch.enable_grad():
-            s = self.codec.steps(point)
+        s = self.codec.steps(point)
         b, t = s.valid.shape
-        obs, act = s.obs.detach().reshape(b * t, -1), s.act.detach().reshape(b * t, -1)
-        lp, score = self.scored.log_prob_and_action_score(obs, act)
+        lp, score = self.scored.log_prob_and_action_score(s.obs.reshape(b * t, -1), s.act.reshape(b * t, -1))
+        # The target may live on another device than the sample (a CPU agent guiding a CUDA generator).
         j = (lp.reshape(b, t).to(point.device, point.dtype) * s.valid).sum(1)
         cotangent = score.reshape(b, t, -1).to(point.device, point.dtype) * s.valid[..., None]
-        (g,) = torch.autograd.grad(s.act, point, cotangent)
-        return j, torch.nan_to_num(g) * self.codec.mask(point, self.part)
+        g = torch.zeros_like(point)
+        # Only step-action entries are written, so the result is already masked to the term's part.
+        step_actions(self.codec, g).copy_(cotangent * action_decoding_slope(self.codec, point))
+        return j, torch.nan_to_num(g)
 
     def objective(self, z: torch.Tensor) -> torch.Tensor:
         s = self.codec.steps(z)
         b, t = s.valid.shape
         lp = self.policy.log_prob(s.obs.reshape(b * t, -1), s.act.reshape(b * t, -1)).reshape(b, t)
-        # The target may live on another device than the sample (a CPU agent guiding a CUDA generator).
         return (lp.to(z.device, z.dtype) * s.valid).sum(1)
 
 

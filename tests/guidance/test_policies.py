@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -167,44 +168,46 @@ def edge_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return obs, act
 
 
-def d3rlpy_targets() -> dict[str, D3rlpyPolicy]:
+def d3rlpy_configs() -> dict[str, Any]:
+    """One tiny config per actor family the adapter reads (the kinds the repo trains and a few more)."""
     d3 = import_d3rlpy()
     scaler = d3.preprocessing.MinMaxActionScaler(
         minimum=np.full(3, -2.0, np.float32), maximum=np.full(3, 2.0, np.float32)
     )
-    configs = {
-        "iql (gaussian around tanh mu)": d3.algos.IQLConfig(batch_size=16),
-        "cql (tanh-squashed)": d3.algos.CQLConfig(batch_size=16),
-        "sac (tanh-squashed, state-dependent std)": d3.algos.SACConfig(batch_size=16),
-        "td3+bc (deterministic, action scaler)": d3.algos.TD3PlusBCConfig(
-            batch_size=16, action_scaler=scaler
-        ),
-        "sac with action scaler": d3.algos.SACConfig(batch_size=16, action_scaler=scaler),
+    a = d3.algos
+    return {
+        "iql (gaussian around tanh mu)": a.IQLConfig(batch_size=16),
+        "awac (gaussian around tanh mu)": a.AWACConfig(batch_size=16),
+        "stochastic bc (gaussian around tanh mu)": a.BCConfig(batch_size=16, policy_type="stochastic"),
+        "cql (tanh-squashed)": a.CQLConfig(batch_size=16),
+        "bear (tanh-squashed)": a.BEARConfig(batch_size=16),
+        "sac (tanh-squashed, state-dependent std)": a.SACConfig(batch_size=16),
+        "td3+bc (deterministic, action scaler)": a.TD3PlusBCConfig(batch_size=16, action_scaler=scaler),
+        "td3 (deterministic)": a.TD3Config(batch_size=16),
+        "deterministic bc": a.BCConfig(batch_size=16),
+        "sac with action scaler": a.SACConfig(batch_size=16, action_scaler=scaler),
     }
-    return {k: D3rlpyPolicy(tiny_agent(c, steps=2)) for k, c in configs.items()}
+
+
+TARGETS = list(d3rlpy_configs())
 
 
 @pytest.fixture(scope="module")
 def targets() -> dict[str, D3rlpyPolicy]:
-    return d3rlpy_targets()
+    return {k: D3rlpyPolicy(tiny_agent(c, steps=2)) for k, c in d3rlpy_configs().items()}
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "iql (gaussian around tanh mu)",
-        "cql (tanh-squashed)",
-        "sac (tanh-squashed, state-dependent std)",
-        "td3+bc (deterministic, action scaler)",
-        "sac with action scaler",
-    ],
-)
+def agent_actions(pol: D3rlpyPolicy, act: torch.Tensor) -> torch.Tensor:
+    """Actions in env units for ``pol``: the scaled agents' env actions are in [-2, 2]."""
+    return 2 * act if pol.act_scaler is not None else act
+
+
+@pytest.mark.parametrize("name", TARGETS)
 def test_d3rlpy_closed_form_score_matches_autograd(targets: dict[str, D3rlpyPolicy], name: str) -> None:
     pol = targets[name]
     assert isinstance(pol, ScoredPolicy)
     obs, act = edge_batch()
-    if pol.act_scaler is not None:
-        act = 2 * act  # env actions in [-2, 2]: the agent sees them in [-1, 1]
+    act = agent_actions(pol, act)
     lp, score = pol.log_prob_and_action_score(obs, act)
     assert not lp.requires_grad and not score.requires_grad
     torch.testing.assert_close(lp, pol.log_prob(obs, act), rtol=0, atol=0)  # the same forward pass
@@ -212,6 +215,52 @@ def test_d3rlpy_closed_form_score_matches_autograd(targets: dict[str, D3rlpyPoli
     # Gaussian kinds agree bit for bit; tanh-squashed ones to float32 rounding of 2a − (atanh a − μ)/σ²,
     # whose entries reach 1e5 at the bounds.
     torch.testing.assert_close(score, oracle, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", TARGETS)
+def test_d3rlpy_closed_form_score_matches_autograd_on_random_inputs(
+    targets: dict[str, D3rlpyPolicy], name: str
+) -> None:
+    # Random states off the data and actions uniform over the whole box, some within 1e-6 of its faces.
+    pol = targets[name]
+    gen = torch.Generator().manual_seed(1)
+    obs = 3 * torch.randn(64, 11, generator=gen)
+    act = torch.rand(64, 3, generator=gen) * 2 - 1
+    act[:8] = torch.sign(act[:8]) * (1 - 10 ** -torch.randint(3, 7, (8, 3), generator=gen).float())
+    act = agent_actions(pol, act)
+    lp, score = pol.log_prob_and_action_score(obs, act)
+    torch.testing.assert_close(lp, pol.log_prob(obs, act), rtol=0, atol=0)
+    torch.testing.assert_close(
+        score, autograd_score(lambda a: pol.log_prob(obs, a), act), rtol=1e-4, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "squashed"),
+    [
+        ("iql (gaussian around tanh mu)", False),
+        ("awac (gaussian around tanh mu)", False),
+        ("stochastic bc (gaussian around tanh mu)", False),
+        ("cql (tanh-squashed)", True),
+        ("bear (tanh-squashed)", True),
+        ("sac (tanh-squashed, state-dependent std)", True),
+    ],
+)
+def test_stochastic_actors_have_the_density_d3rlpy_trains_them_under(
+    targets: dict[str, D3rlpyPolicy], name: str, squashed: bool
+) -> None:
+    # d3rlpy's own distributions (what each algorithm's loss uses), inside its clip of 1 − 1e-6.
+    from d3rlpy.models.torch.policies import (
+        build_gaussian_distribution,
+        build_squashed_gaussian_distribution,
+    )
+
+    pol = targets[name]
+    obs, act = batch(8)
+    out = pol.module(obs)
+    build = build_squashed_gaussian_distribution if squashed else build_gaussian_distribution
+    expected = build(out).log_prob(act)[:, 0]
+    torch.testing.assert_close(pol.log_prob(obs, act), expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("std", [0.3, 1e-3])

@@ -13,12 +13,13 @@ from helpers import make_dataset, random_hopper, tiny_agent, tiny_generator
 
 from rlsynth.datasets.d3rlpy_setup import import_d3rlpy
 from rlsynth.datasets.errors import RlsynthError
+from rlsynth.datasets.types import Transitions
 from rlsynth.generators.api import LoadedGenerator, SampleOptions, codec, load_generator, sample
 from rlsynth.generators.checkpoint import Normaliser
 from rlsynth.generators.edm import karras_sigmas
 from rlsynth.generators.tokens import TokenCodec, TokenLayout, windows
 from rlsynth.generators.world_model import WorldModel, WorldModelConfig, WorldModelNormalisers
-from rlsynth.guidance.policies import D3rlpyPolicy, GaussianPolicy, load_policy
+from rlsynth.guidance.policies import D3rlpyPolicy, GaussianPolicy, TargetPolicy, load_policy
 from rlsynth.guidance.terms import (
     DynamicsTerm,
     Guidance,
@@ -135,7 +136,7 @@ def transition_codec() -> tuple[TokenCodec, torch.Tensor]:
 class PlainTarget:
     """A target with no closed-form score: guidance falls back to autograd through ``log_prob``."""
 
-    def __init__(self, inner: GaussianPolicy) -> None:
+    def __init__(self, inner: TargetPolicy) -> None:
         self.inner = inner
 
     def log_prob(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
@@ -158,6 +159,40 @@ def test_closed_form_policy_gradient_is_autograds(form: str) -> None:
     fallback = PolicyTerm(c, TermOptions(scale=1), PlainTarget(target_policy()))
     assert fallback.scored is None
     torch.testing.assert_close(fallback.value_and_gradient(z)[1], g_auto, rtol=0, atol=0)
+
+
+def test_closed_form_policy_gradient_through_unbounded_action_dimensions_is_autograds() -> None:
+    # Unbounded dimensions decode as a = u (slope std), bounded ones through tanh
+    # (slope std·span/2·(1 − tanh² u)).
+    ds = make_dataset()
+    low, high = np.array([-1.0, -np.inf, -3.0]), np.array([1.0, np.inf, 0.5])
+    layout = TokenLayout(11, 3, low, high)
+    w = windows(layout, ds.episodes(), H)
+    norm = Normaliser.fit(w.reshape(-1, layout.dim))
+    c = TokenCodec(layout, norm.mean, norm.std, "window")
+    z = norm.normalise(torch.from_numpy(w)).double()
+    term = PolicyTerm(c, TermOptions(scale=1), target_policy())
+    j, g = term.value_and_gradient(z)
+    j_auto, g_auto = Term.value_and_gradient(term, z)
+    assert float(g[:, :, 12].abs().max()) > 1e-3
+    torch.testing.assert_close(j, j_auto, rtol=0, atol=0)
+    torch.testing.assert_close(g, g_auto, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("config", ["iql", "td3plusbc", "cql"])
+@pytest.mark.parametrize("form", ["window", "transition"])
+def test_closed_form_policy_gradient_of_d3rlpy_agents_is_autograds(config: str, form: str) -> None:
+    d3 = import_d3rlpy()
+    make = {"iql": d3.algos.IQLConfig, "td3plusbc": d3.algos.TD3PlusBCConfig, "cql": d3.algos.CQLConfig}
+    pol = load_target(make[config](batch_size=16))
+    c, z = window_codec() if form == "window" else transition_codec()
+    term = PolicyTerm(c, TermOptions(scale=1), pol)
+    assert term.scored is not None
+    j, g = term.value_and_gradient(z)
+    j_auto, g_auto = Term.value_and_gradient(term, z)
+    assert float(g.abs().max()) > 1e-3
+    torch.testing.assert_close(j, j_auto, rtol=0, atol=0)
+    torch.testing.assert_close(g, g_auto, rtol=1e-4, atol=1e-5)
 
 
 def test_closed_form_policy_gradient_of_a_squashed_d3rlpy_agent_is_autograds() -> None:
@@ -447,6 +482,26 @@ def test_d3rlpy_agents_work_as_targets(gens: dict[str, LoadedGenerator], tmp_pat
                 float(pol.log_prob(torch.from_numpy(t.observations), torch.from_numpy(t.actions)).mean())
             )
     assert lls[1] > lls[0] + 1.0, lls
+
+
+@pytest.mark.parametrize("kind", ["trajectory", "transition", "autoregressive"])
+def test_closed_form_guided_sampling_is_deterministic_and_matches_autograd(
+    gens: dict[str, LoadedGenerator], kind: str
+) -> None:
+    # A squashed agent (the score's most involved form); drafts move once per token, so take larger scales.
+    d3 = import_d3rlpy()
+    pol = load_target(d3.algos.SACConfig(batch_size=16))
+    scale = 1.0 if kind == "autoregressive" else 0.05
+
+    def draw(target: object) -> Transitions:
+        g = guided(target, scale) if target is not None else None
+        return sample(gens[kind], random_hopper(), 60, SampleOptions(seed=7, steps=6, guidance=g)).transitions
+
+    first, again, oracle, unguided = draw(pol), draw(pol), draw(PlainTarget(pol)), draw(None)  # type: ignore[arg-type]
+    assert float(np.abs(first.actions - unguided.actions).max()) > 1e-3  # the guidance moved actions
+    for col in ("observations", "actions", "rewards", "next_observations"):
+        np.testing.assert_array_equal(getattr(first, col), getattr(again, col))
+        np.testing.assert_allclose(getattr(first, col), getattr(oracle, col), rtol=1e-4, atol=1e-4)
 
 
 def test_world_models_and_autoregressive_drafts_refuse_or_accept_guidance(
