@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rlsynth.datasets.types import Episode, Transitions
+from rlsynth.datasets.types import Transitions
 from rlsynth.generators.edm import EDMConfig, EDMPrecond, edm_loss
 from rlsynth.generators.nets import ResidualMLP, TemporalUNet1D
 from rlsynth.generators.tokens import BLOCK_ROWS, TokenLayout
@@ -126,18 +126,24 @@ def transition_features(layout: TokenLayout, t: Transitions) -> np.ndarray:
     return f
 
 
-def decode_transitions(layout: TokenLayout, x: np.ndarray) -> tuple[list[Episode], np.ndarray]:
-    """Each sampled transition becomes a one-step episode (terminal if its flag > 0.5, else truncated);
-    with the indices of the rows that gave them (every row)."""
+def decode_transitions(layout: TokenLayout, x: np.ndarray) -> tuple[Transitions, np.ndarray]:
+    """Sampled transitions (N, F) -> one one-step episode per row, as a columnar block (episode i from row
+    i, terminal if its flag > 0.5, else truncated), and the indices of the rows that gave them (every row).
+
+    Built column by column: one Python ``Episode`` per row cost ~57 µs, a minute per million transitions.
+    Every value is the float32 cast the per-row construction made (actions decoded elementwise as before).
+    """
     o, a = layout.obs_dim, layout.act_dim
-    out = []
-    for row in x:
-        out.append(
-            Episode.ending(
-                np.stack([row[:o], row[o + a + 1 : o + a + 1 + o]]),
-                layout.decode_actions(row[o : o + a])[None],
-                row[o + a : o + a + 1],
-                terminated=bool(row[-1] > 0.5),
-            )
-        )
-    return out, np.arange(len(x), dtype=np.int64)
+    n = len(x)
+    done = x[:, -1] > 0.5
+    block = Transitions(
+        episode_id=np.arange(n, dtype=np.int64),
+        step=np.zeros(n, np.int32),
+        observations=np.ascontiguousarray(x[:, :o], np.float32),
+        actions=np.ascontiguousarray(layout.decode_actions(x[:, o : o + a]), np.float32),
+        rewards=np.ascontiguousarray(x[:, o + a], np.float32),
+        next_observations=np.ascontiguousarray(x[:, o + a + 1 : 2 * o + a + 1], np.float32),
+        terminals=done,
+        timeouts=~done,
+    )
+    return block, np.arange(n, dtype=np.int64)

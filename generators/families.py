@@ -12,7 +12,14 @@ import torch
 from torch import nn
 
 from rlsynth.datasets.errors import RlsynthError
-from rlsynth.datasets.types import Dataset, DatasetInfo, Episode
+from rlsynth.datasets.types import (
+    Dataset,
+    DatasetInfo,
+    Episode,
+    Transitions,
+    episodes_to_transitions,
+    transitions_to_episodes,
+)
 from rlsynth.generators.autoregressive import AutoregressiveConfig, Drafter
 from rlsynth.generators.checkpoint import Normaliser, write_tensors
 from rlsynth.generators.diffusion import (
@@ -128,8 +135,16 @@ class DiffusedFamily(Family):
         from ``starts`` with ``warm``'s noise level, steps and polish."""
         raise NotImplementedError
 
-    def decode(self, gen: LoadedGenerator, raw: np.ndarray) -> tuple[list[Episode], np.ndarray]:
+    def decode_block(self, gen: LoadedGenerator, raw: np.ndarray) -> tuple[Transitions, np.ndarray]:
+        """Raw samples -> their episodes as one columnar block and the indices of the samples that gave
+        them (:data:`generators.sampling.Decode`): what sampling uses."""
         raise NotImplementedError
+
+    def decode(self, gen: LoadedGenerator, raw: np.ndarray) -> tuple[list[Episode], np.ndarray]:
+        """The same as :meth:`decode_block`, as one ``Episode`` per sample (for per-sample measures of a
+        small pilot; at a Python object per episode it is kept off the sampling path)."""
+        block, idx = self.decode_block(gen, raw)
+        return list(transitions_to_episodes(block)), idx
 
     def warm_schedule(self, gen: LoadedGenerator, opts: SampleOptions) -> tuple[EDMConfig, int]:
         """The σ schedule warm starts run on and the cold step count whose density they keep."""
@@ -150,7 +165,7 @@ class DiffusedFamily(Family):
             n,
             CHUNKS[self.kind],
             self.maker(gen, source, opts, warm),
-            lambda raw: self.decode(gen, raw),
+            lambda raw: self.decode_block(gen, raw),
             warm=None if warm is None else warm.samples,
             steps_per_sample=self.steps_per_sample(gen),
             keep=keep,
@@ -198,7 +213,7 @@ class WindowFamily(DiffusedFamily):
     def steps_per_sample(self, gen: LoadedGenerator) -> int:
         return int(model_cfg(gen).horizon) - 1
 
-    def decode(self, gen: LoadedGenerator, raw: np.ndarray) -> tuple[list[Episode], np.ndarray]:
+    def decode_block(self, gen: LoadedGenerator, raw: np.ndarray) -> tuple[Transitions, np.ndarray]:
         return decode_windows(gen.layout, raw)
 
 
@@ -243,7 +258,7 @@ class TransitionFamily(DiffusedFamily):
     def steps_per_sample(self, gen: LoadedGenerator) -> int:
         return 1
 
-    def decode(self, gen: LoadedGenerator, raw: np.ndarray) -> tuple[list[Episode], np.ndarray]:
+    def decode_block(self, gen: LoadedGenerator, raw: np.ndarray) -> tuple[Transitions, np.ndarray]:
         return decode_transitions(gen.layout, raw)
 
     def warm_schedule(self, gen: LoadedGenerator, opts: SampleOptions) -> tuple[EDMConfig, int]:
@@ -416,7 +431,7 @@ class WorldModelFamily(Family):
             horizon=opts.horizon,
             policy=opts.policy,
         )
-        return Drawn(episodes)
+        return Drawn(episodes_to_transitions(episodes))
 
 
 FAMILIES: dict[str, Family] = {

@@ -3,7 +3,7 @@ shared steps of diffusion sampling (the EDM sampler over per-sample noise, chunk
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from rlsynth.datasets.errors import RlsynthError
-from rlsynth.datasets.types import DatasetInfo, Episode
+from rlsynth.datasets.types import DatasetInfo, Transitions
 from rlsynth.generators.autoregressive import AutoregressiveConfig, DraftTilt
 from rlsynth.generators.checkpoint import Normaliser, checkpoint_hash
 from rlsynth.generators.diffusion import TrajectoryConfig, TransitionConfig
@@ -145,10 +145,12 @@ def diffuse(
 
 @dataclass(frozen=True)
 class Drawn:
-    """A family's samples: episodes, and (when kept) the raw sample each episode was decoded from, row i
-    of ``samples`` for episode i (windows (M, H, D) or transition features (M, F))."""
+    """A family's samples: their episodes as one columnar block (ids 0..K−1 in order, each episode's rows
+    contiguous and in step order: what ``episodes_to_transitions`` makes of a list), and (when kept) the raw
+    sample each episode was decoded from, row i of ``samples`` for episode i (windows (M, H, D) or
+    transition features (M, F))."""
 
-    episodes: list[Episode]
+    transitions: Transitions
     samples: np.ndarray | None = None
 
 
@@ -156,8 +158,30 @@ MakeChunk = Callable[[int, int, "np.ndarray | None"], np.ndarray]
 """``make(first, size, starts)`` -> raw samples first..first+size−1: warm-started from ``starts`` (raw,
 (size, ...)) or, when None, from noise."""
 
-Decode = Callable[[np.ndarray], tuple[list[Episode], np.ndarray]]
-"""Raw samples -> their episodes and the indices of the samples that gave them."""
+Decode = Callable[[np.ndarray], tuple[Transitions, np.ndarray]]
+"""Raw samples -> their episodes as a columnar block (ids 0..k−1) and the indices of the samples that gave
+them (episode j from sample j of the indices). Columnar, not one Python object per episode: a million
+one-step episodes took a minute to build."""
+
+
+def episode_count(t: Transitions) -> int:
+    """Episodes in a block numbered 0..k−1 (its last row's id + 1)."""
+    return int(t.episode_id[-1]) + 1 if len(t) else 0
+
+
+def stack_blocks(blocks: Sequence[Transitions]) -> Transitions:
+    """Blocks each numbered from 0, one after the other, as one block numbered on from block to block."""
+    if not blocks:
+        raise ValueError("no blocks to stack")
+    offsets = np.cumsum([0, *(episode_count(b) for b in blocks[:-1])])
+
+    def column(name: str) -> np.ndarray:
+        return np.concatenate([getattr(b, name) for b in blocks])
+
+    return Transitions(
+        episode_id=np.concatenate([b.episode_id + off for b, off in zip(blocks, offsets, strict=True)]),
+        **{c: column(c) for c in Transitions.columns() if c != "episode_id"},
+    )
 
 
 def collect(
@@ -170,13 +194,15 @@ def collect(
     steps_per_sample: int = 1,
     keep: bool = False,
 ) -> Drawn:
-    """Samples in consecutive chunks until they hold n transitions.
+    """Samples in consecutive chunks until they hold n (≥ 1) transitions.
 
     Cold: chunks of ``chunk`` samples, fixed, so a sample's batch never depends on how a caller splits a
     request. Warm: the rows of ``warm`` first (in chunks of at most ``chunk``), then samples from noise
     sized to what is still missing (``steps_per_sample`` transitions each), not rounded up to a chunk.
     """
-    episodes: list[Episode] = []
+    if n < 1:
+        raise ValueError(f"collect needs a positive transition count, got {n}")
+    blocks: list[Transitions] = []
     kept: list[np.ndarray] = []
     total, first, empty = 0, 0, 0
     m = 0 if warm is None else len(warm)
@@ -189,15 +215,15 @@ def collect(
             size = chunk if warm is None else min(chunk, -(-(n - total) // steps_per_sample))
             raw = make(first, size, None)
         got, idx = decode(raw)
-        empty = 0 if got else empty + 1
+        empty = 0 if len(got) else empty + 1
         if empty >= 10:
             raise RlsynthError("the generator produces no usable transitions (10 chunks in a row)")
-        episodes.extend(got)
+        blocks.append(got)
         if keep:
             kept.append(raw[idx])
-        total += sum(e.length for e in got)
+        total += len(got)
         first += size
-    return Drawn(episodes, np.concatenate(kept) if keep else None)
+    return Drawn(stack_blocks(blocks), np.concatenate(kept) if keep else None)
 
 
 def inpaint_first(known: torch.Tensor) -> Callable[[Denoiser], Denoiser]:
@@ -247,17 +273,12 @@ def used_settings(gen: LoadedGenerator, opts: SampleOptions) -> dict[str, Any]:
 def trim(drawn: Drawn, n: int) -> Drawn:
     """The first episodes holding exactly n transitions (the last one cut short ends truncated), and the
     samples they came from (a cut episode's sample is kept whole)."""
-    out, total = [], 0
-    for e in drawn.episodes:
-        if total + e.length <= n:
-            out.append(e)
-            total += e.length
-        else:
-            k = n - total
-            out.append(
-                Episode.ending(e.observations[: k + 1], e.actions[:k], e.rewards[:k], terminated=False)
-            )
-            total = n
-        if total == n:
-            break
-    return Drawn(out, None if drawn.samples is None else drawn.samples[: len(out)])
+    t = drawn.transitions
+    n = min(n, len(t))
+    head = {c: getattr(t, c)[:n] for c in Transitions.columns()}
+    if 0 < n < len(t) and t.episode_id[n] == t.episode_id[n - 1]:
+        # Row n−1 is no longer its episode's last: only a truncation may end the cut episode there.
+        head["terminals"], head["timeouts"] = head["terminals"].copy(), head["timeouts"].copy()
+        head["terminals"][-1], head["timeouts"][-1] = False, True
+    out = Transitions(**head)
+    return Drawn(out, None if drawn.samples is None else drawn.samples[: episode_count(out)])
