@@ -5,7 +5,11 @@ dataset of ``--base`` transitions, tiled: each copy's episodes renumbered, a cop
 truncated), then imported (``datasets import``), verified (``datasets verify``), read into a d3rlpy replay
 buffer, used to train each generator family for ``--train-steps`` steps (cpu-small presets), and judged
 as ``datasets evaluate --reference`` judges it (against itself: novelty and coverage are on; every row's
-one-step error unless ``--eval-sample``). Each stage runs in a process of its own, so stages never share
+one-step error unless ``--eval-sample``). Then ``--sample-n`` transitions (1M) are sampled from the
+trajectory model and from the drafter (refined by that trajectory model) and committed, the sampling and
+the commit timed apart; a TD3+BC agent trains on the trajectory samples mixed with the real data
+(``agent train --mix``); and one PGD round (``agent pgd``, guided by that agent) regenerates
+``--sample-n`` transitions and trains on them. Each stage runs in a process of its own, so stages never share
 a peak; its wall time and peak RSS (the child's ru_maxrss, from wait4) are reported. Linux carries a
 process's peak across exec, so the parent imports nothing heavy: a child's figure starts from the
 parent's few tens of MB, not from torch's.
@@ -38,6 +42,10 @@ if TYPE_CHECKING:
 
 ENV = "Hopper-v5"
 KINDS = ("trajectory", "transition", "autoregressive", "world-model")
+SAMPLED = ("trajectory", "autoregressive")
+"""Families whose samples are drawn at ``--sample-n`` (the drafter is refined by the trajectory model)."""
+AGENT_ROWS = 16
+"""Real rows in every agent batch of the mixed and PGD stages (the rest synthetic, as the PGD loop)."""
 CLI = (sys.executable, "-m", "rlsynth.pipeline.cli")
 
 
@@ -62,6 +70,17 @@ def stages(kinds: Sequence[str]) -> list[Stage]:
         Stage("read", "read into a d3rlpy replay buffer"),
         *[Stage(f"train-{k}", f"train {k}") for k in kinds],
         Stage("evaluate", "`datasets evaluate --reference` (novelty, coverage)"),
+        *[Stage(f"sample-{k}", f"sample {k} (then commit)") for k in SAMPLED if k in kinds],
+        *(
+            [Stage("agent-mix", "TD3+BC on trajectory samples + real (`agent train --mix`)")]
+            if "trajectory" in kinds
+            else []
+        ),
+        *(
+            [Stage("pgd-round", "one PGD round (`agent pgd`: sample, commit, train)")]
+            if "trajectory" in kinds
+            else []
+        ),
     ]
 
 
@@ -110,8 +129,34 @@ def run_stage(stage: str, n: int, work: Path, a: argparse.Namespace) -> None:
         ds = Catalog(str(work / "catalog")).read(f"{name_of(n)}@1")
         kind = stage.removeprefix("train-")
         train_generator(kind, ds, work / f"gen-{kind}-{n}", steps=a.train_steps, seed=0, progress=False)
+    elif stage.startswith("sample-"):
+        sample_stage(stage.removeprefix("sample-"), n, work, a)
     else:
         raise SystemExit(f"unknown stage {stage!r}")
+
+
+def sample_stage(kind: str, n: int, work: Path, a: argparse.Namespace) -> None:
+    """Sample ``--sample-n`` transitions as ``generator sample`` does and commit them, printing the
+    sampling and commit seconds apart (the commit target is a share of the sampling time)."""
+    from rlsynth.datasets.catalog import Catalog
+    from rlsynth.generators.api import load_generator
+    from rlsynth.generators.options import SamplerSettings
+    from rlsynth.offline_rl.synthesis import synthesize
+
+    cat = Catalog(str(work / "catalog"))
+    source = cat.read(f"{name_of(n)}@1")
+    gen = load_generator(work / f"gen-{kind}-{n}")
+    refiner = load_generator(work / f"gen-trajectory-{n}") if kind == "autoregressive" else None
+    t0 = time.perf_counter()
+    made = synthesize(gen, source, a.sample_n, SamplerSettings(polish=a.sample_polish), refiner=refiner)
+    t1 = time.perf_counter()
+    cat.write(synth_name(kind, n), made.dataset, lineage=made.lineage)
+    t2 = time.perf_counter()
+    print(json.dumps({"sample_s": t1 - t0, "commit_s": t2 - t1, "rows": made.dataset.n_transitions}))
+
+
+def synth_name(kind: str, n: int) -> str:
+    return f"scale/synth-{kind}-n{n}"
 
 
 def command(stage: str, n: int, work: Path, a: argparse.Namespace) -> list[str]:
@@ -126,8 +171,25 @@ def command(stage: str, n: int, work: Path, a: argparse.Namespace) -> list[str]:
         sample = [] if a.eval_sample is None else ["--sample", str(a.eval_sample)]
         plot = ["--plot", str(work / f"fidelity-{n}.png")]
         return [*CLI, "datasets", "evaluate", ref, "--reference", ref, "--no-store", *plot, *sample, *cat]
+    agent = ["--algo", "td3bc", "--seed", "0", "--quiet"]
+    if stage == "agent-mix":
+        mix = ["--data", f"{synth_name('trajectory', n)}@1", "--mix", f"{ref}:{AGENT_ROWS}"]
+        steps = ["--steps", str(a.agent_steps)]
+        return [*CLI, "agent", "train", *agent, *mix, *steps, "--out", str(work / f"agent-{n}.d3"), *cat]
+    if stage == "pgd-round":
+        gen = [
+            "--generator",
+            str(work / f"gen-trajectory-{n}"),
+            "--initial-target",
+            str(work / f"agent-{n}.d3"),
+        ]
+        one = ["--agent-steps", str(a.agent_steps), "--regenerate-every", str(a.agent_steps)]
+        synth = ["--transitions", str(a.sample_n), "--polish", str(a.sample_polish)]
+        out = ["--name", f"scale/pgd-n{n}", "--out", str(work / f"pgd-{n}")]
+        return [*CLI, "agent", "pgd", *gen, "--data", ref, *agent, *one, *synth, *out, *cat]
     child = [sys.executable, str(Path(__file__).resolve()), "--stage", stage, "--size", str(n)]
-    return [*child, "--work", str(work), "--base", str(a.base), "--train-steps", str(a.train_steps)]
+    knobs = ["--base", str(a.base), "--train-steps", str(a.train_steps), "--sample-n", str(a.sample_n)]
+    return [*child, "--work", str(work), *knobs, "--sample-polish", str(a.sample_polish)]
 
 
 def measure(argv: list[str], log: Path) -> Measured:
@@ -178,6 +240,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-steps", type=int, default=300, help="Training steps of each family.")
     p.add_argument("--kinds", default=",".join(KINDS), help="Generator families to train.")
     p.add_argument("--base", type=int, default=20_000, help="Transitions of the random dataset tiled.")
+    p.add_argument("--sample-n", type=int, default=1_000_000, help="Transitions sampled per sampling stage.")
+    p.add_argument(
+        "--sample-polish",
+        type=int,
+        default=0,
+        help="Polish iterations of the sampling stages (0: off; memory and scaling do not depend on it).",
+    )
+    p.add_argument("--agent-steps", type=int, default=500, help="Agent steps of the mixed and PGD stages.")
     p.add_argument("--eval-sample", type=int, default=None, help="Rows of the one-step check (default all).")
     p.add_argument("--work", default=None, help="Folder for the files (default: a temporary one).")
     p.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
@@ -190,14 +260,42 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--kinds: unknown {', '.join(bad)} (kinds: {', '.join(KINDS)})")
     if min(a.size_list) < 2 or a.base < 2 or a.train_steps < 1:
         p.error("--sizes and --base must be at least 2 transitions, --train-steps at least 1")
+    if a.sample_n < 1 or a.agent_steps < 1 or a.sample_polish < 0:
+        p.error("--sample-n and --agent-steps must be positive, --sample-polish not negative")
     if a.eval_sample is not None and a.eval_sample < 1:
         p.error("--eval-sample must be positive")
     return a
 
 
+def commit_table(split: dict[tuple[str, int], dict[str, float]], sizes: Sequence[int]) -> str:
+    """Sampling and commit seconds of each sampling stage (the target: commit ≤ 10% of sampling)."""
+    if not split:
+        return ""
+    lines = ["| sampled | N | rows | sampling | commit | commit / sampling |", "|---|---|---|---|---|---|"]
+    for (key, n), d in sorted(split.items(), key=lambda kv: (kv[0][0], sizes.index(kv[0][1]))):
+        share = d["commit_s"] / d["sample_s"]
+        lines.append(
+            f"| {key.removeprefix('sample-')} | {short(n)} | {int(d['rows']):,} | {d['sample_s']:.1f} s "
+            f"| {d['commit_s']:.1f} s | {share:.1%} |"
+        )
+    return "\n".join(lines)
+
+
+def last_json(log: Path) -> dict[str, float] | None:
+    """The last JSON object a stage printed (the sampling stages' split), if any."""
+    for line in reversed(log.read_text().strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                return dict(json.loads(line))
+            except ValueError:
+                return None
+    return None
+
+
 def run_all(a: argparse.Namespace, work: Path) -> str:
     plan = stages(a.kind_list)
     results: dict[tuple[str, int], Measured] = {}
+    split: dict[tuple[str, int], dict[str, float]] = {}
     for n in a.size_list:
         for s in plan:
             m = measure(command(s.key, n, work, a), work / f"{s.key}-{n}.log")
@@ -207,7 +305,10 @@ def run_all(a: argparse.Namespace, work: Path) -> str:
             if m.exit_code != 0:
                 tail = (work / f"{s.key}-{n}.log").read_text().strip().splitlines()[-3:]
                 print(f"  {s.key} failed: {' / '.join(tail)}", file=sys.stderr, flush=True)
-    return table(results, plan, a.size_list)
+            elif s.key.startswith("sample-") and (d := last_json(work / f"{s.key}-{n}.log")):
+                split[s.key, n] = d
+    parts = [table(results, plan, a.size_list), commit_table(split, a.size_list)]
+    return "\n\n".join(p for p in parts if p)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -226,8 +327,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     about = (
         f"One-core fp32 matmul: {gflops:.0f} GFLOP/s (torch, 1024², 1 thread). Hopper-v5 random-recipe "
         f"data ({a.base:,} transitions) tiled to each size; generator training {a.train_steps} steps per "
-        f"family (cpu-small presets); evaluate {rows} against the data itself as reference. Each cell: "
-        "wall time, peak RSS of the stage's own process (interpreter and imports included)."
+        f"family (cpu-small presets); evaluate {rows} against the data itself as reference; "
+        f"{a.sample_n:,} transitions per sampling stage and per PGD round (polish {a.sample_polish}); "
+        f"{a.agent_steps} TD3+BC steps in the mixed and PGD stages ({AGENT_ROWS} real rows per batch in the "
+        "mix). Each cell: wall time, peak RSS of the stage's own process (interpreter and imports included)."
     )
     body = f"{textwrap.fill(about, 110)}\n\n{text}"
     print(body)

@@ -32,6 +32,8 @@ def test_bad_options_are_one_line_errors(capsys: pytest.CaptureFixture[str]) -> 
         (["--kinds", "gan"], "--kinds: unknown gan"),
         (["--sizes", "1k"], "--sizes: expected comma-separated integers"),
         (["--train-steps", "0"], "--train-steps at least 1"),
+        (["--sample-n", "0"], "--sample-n and --agent-steps must be positive"),
+        (["--sample-polish", "-1"], "--sample-polish not negative"),
     ):
         with pytest.raises(SystemExit) as e:
             scale.parse_args(argv)
@@ -40,13 +42,17 @@ def test_bad_options_are_one_line_errors(capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_the_benchmark_runs_every_stage_end_to_end_at_a_tiny_size(tmp_path: Path) -> None:
-    argv = ["--sizes", "400", "--base", "200", "--train-steps", "1", "--kinds", "transition"]
-    argv += ["--eval-sample", "10", "--no-write", "--work", str(tmp_path)]
+    argv = ["--sizes", "400", "--base", "200", "--train-steps", "1", "--kinds", "trajectory"]
+    argv += ["--eval-sample", "10", "--sample-n", "64", "--agent-steps", "2"]
+    argv += ["--no-write", "--work", str(tmp_path)]
     out = subprocess.run(
         [sys.executable, str(BENCH / "scale.py"), *argv], capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
-    assert len(rows) == 6, out.stdout  # build, import, verify, read, train transition, evaluate
+    # build, import, verify, read, train, evaluate, sample, mixed agent, PGD round; then the commit
+    # split's header and its one row
+    assert len(rows) == 11, out.stdout
     assert not any("failed" in r for r in rows), out.stdout
+    assert rows[-1].startswith("| trajectory | 400 | 64 |"), out.stdout
     assert "GFLOP/s" in out.stdout
