@@ -38,7 +38,7 @@ EXPECTED: dict[tuple[str, str], tuple[type, dict[str, Any], dict[str, Any]]] = {
             "steps": 4000,
             "budget_s": None,
             "batch_size": 128,
-            "lr": 0.001,
+            "lr": 0.006,
             "weight_decay": 0.0001,
             "warmup_steps": 500,
             "min_lr_ratio": 0.05,
