@@ -43,8 +43,10 @@ class CheckpointError(RlsynthError):
     """A checkpoint folder that is missing, incomplete or does not match the code."""
 
 
-FIT_ROWS = 1 << 16
-"""Rows per block of :meth:`Normaliser.fit`: bounds its float64 temporaries to a few MB."""
+BLOCK_ROWS = 1 << 16
+"""Rows per block when tokens are built and statistics summed (:meth:`Normaliser.fit`,
+:func:`generators.tokens.window_normaliser`): bounds the float64 temporaries to a few MB whatever the
+dataset's size."""
 
 
 @dataclass(frozen=True)
@@ -56,12 +58,12 @@ class Normaliser:
 
     @classmethod
     def fit(cls, x: np.ndarray, floor: float = 1e-6) -> Normaliser:
-        """Mean and std per column of ``x`` (N, ...) in float64, summed over blocks of ``FIT_ROWS`` rows so
+        """Mean and std per column of ``x`` (N, ...) in float64, summed over blocks of ``BLOCK_ROWS`` rows so
         that no float64 copy of the whole array is made (2M float32 rows of 27 features: 0.4 GB each);
         a single block gives exactly ``x.mean(0)`` and ``x.std(0)``."""
         flat = np.asarray(x).reshape(len(x), -1)
         n = len(flat)
-        blocks = [slice(lo, lo + FIT_ROWS) for lo in range(0, n, FIT_ROWS)]
+        blocks = [slice(lo, lo + BLOCK_ROWS) for lo in range(0, n, BLOCK_ROWS)]
         total = np.zeros(flat.shape[1])
         for b in blocks:
             total += flat[b].astype(np.float64).sum(0)

@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from rlsynth.datasets.types import Transitions
+from rlsynth.generators.checkpoint import BLOCK_ROWS
 from rlsynth.generators.edm import EDMConfig, EDMPrecond, edm_loss
 from rlsynth.generators.nets import ResidualMLP, TemporalUNet1D
-from rlsynth.generators.tokens import BLOCK_ROWS, TokenLayout
+from rlsynth.generators.tokens import TokenLayout
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from rlsynth.datasets.types import BoxSpace, Episode, Transitions, episodes_to_transitions
-from rlsynth.generators.checkpoint import Normaliser
+from rlsynth.generators.checkpoint import BLOCK_ROWS, Normaliser
 
 ACTION_CLIP = 0.999
 
@@ -55,17 +55,25 @@ class TokenLayout:
     def bounded(self) -> np.ndarray:
         return np.isfinite(self.act_low) & np.isfinite(self.act_high)
 
+    @property
+    def span(self) -> np.ndarray:
+        """Width of each action dimension's interval (2 for unbounded ones: the identity map's [-1, 1])."""
+        return np.where(self.bounded, self.act_high - self.act_low, 2.0)
+
+    @property
+    def low(self) -> np.ndarray:
+        """Lower end of each action dimension's interval (-1 for unbounded ones)."""
+        return np.where(self.bounded, self.act_low, -1.0)
+
     def encode_actions(self, a: np.ndarray) -> np.ndarray:
         a = np.asarray(a, np.float64)
-        span = np.where(self.bounded, self.act_high - self.act_low, 2.0)
-        low = np.where(self.bounded, self.act_low, -1.0)
+        span, low = self.span, self.low
         unit = np.where(self.bounded, 2 * (a - low) / span - 1, a)
         return np.where(self.bounded, np.arctanh(np.clip(unit, -ACTION_CLIP, ACTION_CLIP)), a)
 
     def decode_actions(self, u: np.ndarray) -> np.ndarray:
         u = np.asarray(u, np.float64)
-        span = np.where(self.bounded, self.act_high - self.act_low, 2.0)
-        low = np.where(self.bounded, self.act_low, -1.0)
+        span, low = self.span, self.low
         return np.where(self.bounded, low + (np.tanh(u) + 1) / 2 * span, u)
 
 
@@ -92,11 +100,6 @@ def windows(layout: TokenLayout, episodes: tuple[Episode, ...], horizon: int, st
         return np.zeros((0, horizon, layout.dim), np.float32)
     flat = flat_tokens(layout, episodes_to_transitions(episodes), horizon, stride)
     return flat.tokens[flat.starts[:, None] + np.arange(horizon)]
-
-
-BLOCK_ROWS = 1 << 16
-"""Rows per block when tokens are built and their statistics summed: bounds the float64 temporaries to a
-few MB whatever the dataset's size."""
 
 
 @dataclass(frozen=True)
@@ -340,10 +343,8 @@ class TokenCodec:
         """Torch twin of :meth:`TokenLayout.decode_actions`."""
         lay = self.layout
         bounded = torch.as_tensor(lay.bounded, device=u.device)
-        low = torch.as_tensor(np.where(lay.bounded, lay.act_low, -1.0), dtype=u.dtype, device=u.device)
-        span = torch.as_tensor(
-            np.where(lay.bounded, lay.act_high - lay.act_low, 2.0), dtype=u.dtype, device=u.device
-        )
+        low = torch.as_tensor(lay.low, dtype=u.dtype, device=u.device)
+        span = torch.as_tensor(lay.span, dtype=u.dtype, device=u.device)
         return torch.where(bounded, low + (torch.tanh(u) + 1) / 2 * span, u)
 
     def steps(self, x: torch.Tensor) -> Steps:

@@ -159,9 +159,7 @@ def action_decoding_slope(codec: TokenCodec, point: torch.Tensor) -> torch.Tenso
     std = torch.as_tensor(codec.std[lay.act], device=u.device, dtype=u.dtype)
     y = torch.tanh(u)
     bounded = torch.as_tensor(lay.bounded, device=u.device)
-    span = torch.as_tensor(
-        np.where(lay.bounded, lay.act_high - lay.act_low, 2.0), dtype=u.dtype, device=u.device
-    )
+    span = torch.as_tensor(lay.span, dtype=u.dtype, device=u.device)
     return torch.where(bounded, span / 2 * (1 - y * y), torch.ones_like(y)) * std
 
 

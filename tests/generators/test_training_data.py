@@ -226,13 +226,13 @@ def test_window_data_memory_grows_with_the_transitions_not_the_windows(
 
 @pytest.mark.parametrize("rows", [1, 7, 1 << 16, (1 << 16) * 2 + 3])
 def test_normaliser_fit_in_blocks_equals_the_whole_array_statistics(rows: int) -> None:
-    from rlsynth.generators.checkpoint import FIT_ROWS
+    from rlsynth.generators.checkpoint import BLOCK_ROWS
 
     x = np.random.default_rng(rows).normal(3.0, 2.0, (rows, 5)).astype(np.float32)
     got = Normaliser.fit(x)
     x64 = x.astype(np.float64)
     want_mean, want_std = x64.mean(0).astype(np.float32), np.maximum(x64.std(0), 1e-6).astype(np.float32)
-    if rows <= FIT_ROWS:  # one block: numpy's own sums, bit for bit
+    if rows <= BLOCK_ROWS:  # one block: numpy's own sums, bit for bit
         np.testing.assert_array_equal(got.mean, want_mean)
         np.testing.assert_array_equal(got.std, want_std)
     else:  # blocks change only the order of float64 additions
