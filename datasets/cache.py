@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -92,10 +92,10 @@ def cache_root() -> Path | None:
     return Path(raw).expanduser() if raw else Path.home() / ".cache" / "rlsynth"
 
 
-def _crc32(a: np.ndarray) -> int:
+def _crc32(a: np.ndarray, crc: int = 0) -> int:
+    """CRC-32 of ``a``'s bytes, continuing ``crc`` (the CRC of the bytes before them)."""
     # zlib.crc32 releases the GIL on large buffers, so columns are checked in parallel threads.
     view = np.ascontiguousarray(a).reshape(-1).view(np.uint8).data
-    crc = 0
     for lo in range(0, len(view), CRC_CHUNK):
         crc = zlib.crc32(view[lo : lo + CRC_CHUNK], crc)
     return crc
@@ -151,13 +151,8 @@ def load(
         seen = None
     if seen != _stamps_json(folder, stamps):
         return None  # never checked against these parts as they are now: the catalog re-reads them
-    try:
-        cols = {c: np.load(d / f"{c}.npy", mmap_mode="r", allow_pickle=False) for c in Transitions.columns()}
-    except (OSError, ValueError):
-        _discard(d, "cannot be read")
-        return None
-    if any(a.shape != expected.shape(c) or a.dtype != DTYPES[c] for c, a in cols.items()):
-        _discard(d, "does not have the manifest's rows and widths")
+    cols = _mapped(d, expected)
+    if cols is None:
         return None
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         crcs = dict(zip(cols, pool.map(_crc32, cols.values()), strict=True))
@@ -167,38 +162,94 @@ def load(
     return Transitions(**cols)
 
 
-def store(content_hash: str, t: Transitions, *, folder: str, stamps: Sequence[PartStamp]) -> None:
-    """Record ``t``, whose content hash the caller has just recomputed, as checked against ``folder``'s
-    parts ``stamps`` (best effort: a full disk or a race only costs the speed-up)."""
-    root = cache_root()
-    if root is None:
-        return
-    d = _key_dir(root, content_hash)
+def _mapped(d: Path, expected: Expected) -> dict[str, np.ndarray] | None:
+    """Entry ``d``'s columns memory-mapped (read-only), or ``None`` (the entry discarded) if they cannot be
+    read or do not have ``expected``'s rows and widths."""
     try:
-        if not (d / INDEX).exists():
-            _store_arrays(d, t)
-        (d / SEEN).mkdir(exist_ok=True)
-        _write_atomic(_seen_file(d, folder), json.dumps(_stamps_json(folder, stamps)).encode())
-    except OSError as e:
-        log.info("not caching %s: %s", content_hash, e)
+        cols = {c: np.load(d / f"{c}.npy", mmap_mode="r", allow_pickle=False) for c in Transitions.columns()}
+    except (OSError, ValueError):
+        _discard(d, "cannot be read")
+        return None
+    if any(a.shape != expected.shape(c) or a.dtype != DTYPES[c] for c, a in cols.items()):
+        _discard(d, "does not have the manifest's rows and widths")
+        return None
+    return cols
 
 
-def _store_arrays(d: Path, t: Transitions) -> None:
-    d.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=d.parent))
-    try:
-        crc = {}
-        for c in Transitions.columns():
-            a = getattr(t, c)
-            np.save(tmp / f"{c}.npy", a, allow_pickle=False)
-            crc[c] = _crc32(a)
-        (tmp / INDEX).write_text(json.dumps({"format": FORMAT, "rows": len(t), "crc": crc}))
-        (tmp / SEEN).mkdir()
-        os.rename(tmp, d)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (d / INDEX).exists():  # another process won the race: its entry serves as well
-            raise e from None
+class Filling:
+    """A cache entry written part by part while the catalog reads a version (so a first read never holds
+    the version in memory): each column is one ``.npy`` file whose rows are appended in order, with its
+    CRC-32 chained across parts. :meth:`finish` publishes it only after the caller has checked the
+    content hash; :meth:`abort` (or any error) leaves nothing. Plain appends, not a writable memory map:
+    a full disk is an ``OSError`` here, where a map would die of SIGBUS."""
+
+    def __init__(self, d: Path, expected: Expected) -> None:
+        d.parent.mkdir(parents=True, exist_ok=True)
+        self.final = d
+        self.tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=d.parent))
+        self.expected = expected
+        self.files: dict[str, BinaryIO] = {}
+        self.crc = dict.fromkeys(Transitions.columns(), 0)
+        self.rows = 0
+        try:
+            for c in Transitions.columns():
+                f = open(self.tmp / f"{c}.npy", "wb")  # noqa: SIM115 - closed by finish/abort
+                self.files[c] = f
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(DTYPES[c])),
+                          "fortran_order": False, "shape": expected.shape(c)}  # fmt: skip
+                np.lib.format.write_array_header_2_0(f, header)
+        except BaseException:
+            self.abort()
+            raise
+
+    @classmethod
+    def open(cls, content_hash: str, expected: Expected) -> Filling | None:
+        """A filling for ``content_hash``, or ``None`` where the cache is off or cannot be written."""
+        root = cache_root()
+        if root is None:
+            return None
+        try:
+            return cls(_key_dir(root, content_hash), expected)
+        except OSError as e:
+            log.info("not caching %s: %s", content_hash, e)
+            return None
+
+    def add(self, t: Transitions) -> None:
+        """Append one part's rows (in the version's order)."""
+        for c, f in self.files.items():
+            a: np.ndarray = np.ascontiguousarray(getattr(t, c), dtype=DTYPES[c])
+            self.crc[c] = _crc32(a, self.crc[c])
+            f.write(a.reshape(-1).view(np.uint8).data)
+        self.rows += len(t)
+
+    def finish(self, folder: str, stamps: Sequence[PartStamp]) -> Transitions | None:
+        """Publish the entry as checked against ``folder``'s ``stamps`` and return its memory-mapped
+        columns; ``None`` (nothing left behind) if it could not be written."""
+        try:
+            for f in self.files.values():
+                f.close()
+            if self.rows != self.expected.rows:
+                raise OSError(f"{self.rows} rows written where {self.expected.rows} were expected")
+            (self.tmp / INDEX).write_text(json.dumps({"format": FORMAT, "rows": self.rows, "crc": self.crc}))
+            (self.tmp / SEEN).mkdir()
+            try:
+                os.rename(self.tmp, self.final)
+            except OSError:
+                if not (self.final / INDEX).exists():
+                    raise
+                shutil.rmtree(self.tmp, ignore_errors=True)  # another process won the race
+            _write_atomic(_seen_file(self.final, folder), json.dumps(_stamps_json(folder, stamps)).encode())
+        except OSError as e:
+            log.info("not caching %s: %s", self.final.name, e)
+            self.abort()
+            return None
+        cols = _mapped(self.final, self.expected)
+        return None if cols is None else Transitions(**cols)
+
+    def abort(self) -> None:
+        for f in self.files.values():
+            f.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -909,10 +909,39 @@ class Catalog:
             cached = cache.load(man.content_hash, folder=folder, stamps=stamps, expected=expected)
             if cached is not None:
                 return Dataset(info=man.info, transitions=cached, source=str(r))
+            filled = self._fill_cache(r, man, expected, folder, stamps)
+            if filled is not None:
+                return Dataset(info=man.info, transitions=filled, source=str(r))
         t = _concat(list(self._checked_parts(r, man)))
-        if use_cache:
-            cache.store(man.content_hash, t, folder=folder, stamps=stamps)
         return Dataset(info=man.info, transitions=t, source=str(r))
+
+    def _fill_cache(
+        self,
+        r: VersionRef,
+        man: Manifest,
+        expected: cache.Expected,
+        folder: str,
+        stamps: Sequence[cache.PartStamp],
+    ) -> Transitions | None:
+        """Read a version into a new cache entry part by part (one decoded part in memory at a time) and
+        return the entry's memory-mapped columns; ``None`` if the cache cannot take it (then the caller
+        reads into memory). The entry is published only after the content hash has been checked."""
+        fill = cache.Filling.open(man.content_hash, expected)
+        if fill is None:
+            return None
+        try:
+            for t in self._checked_parts(r, man):
+                fill.add(t)
+                del t  # the loop name would keep this part alive while the next one decodes
+        except OSError as e:
+            # The cache's disk (a part that cannot be read fails again in the caller's in-memory read).
+            fill.abort()
+            log.info("not caching %s: %s", r, e)
+            return None
+        except BaseException:
+            fill.abort()
+            raise
+        return fill.finish(folder, stamps)
 
     def file_buffer(self, ref: str | VersionRef, file_name: str) -> pa.Buffer:
         """An artifact stored with a version, checked against its size and hash (memory-mapped)."""

@@ -394,6 +394,10 @@ def _flat_without_next(
     return t, int(n - keep.sum())
 
 
+EXPORT_ROWS = 1 << 16
+"""Rows written per HDF5 write of an export."""
+
+
 def write_hdf5(dataset: Dataset, path: str | os.PathLike[str]) -> Path:
     """Write a D4RL-layout file (with next_observations) atomically; refuse an existing path."""
     import h5py
@@ -409,7 +413,11 @@ def write_hdf5(dataset: Dataset, path: str | os.PathLike[str]) -> Path:
     try:
         with h5py.File(tmp, "w") as f:
             for key in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts"):
-                f.create_dataset(key, data=getattr(t, key))
+                a = getattr(t, key)
+                out_ds = f.create_dataset(key, shape=a.shape, dtype=a.dtype)
+                # Block by block: a memory-mapped version (Catalog.read) is exported without holding it.
+                for lo in range(0, len(a), EXPORT_ROWS):
+                    out_ds[lo : lo + EXPORT_ROWS] = a[lo : lo + EXPORT_ROWS]
             if dataset.info.env_id:
                 f.attrs["env_id"] = dataset.info.env_id
         publish_file(tmp, out)

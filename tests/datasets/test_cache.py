@@ -31,6 +31,8 @@ def test_second_read_comes_from_the_cache_and_is_identical(catalog: Catalog) -> 
     assert not _entry(catalog, ref).exists()
     first = catalog.read(ref)
     assert (_entry(catalog, ref) / "index.json").exists()
+    # The first read streamed the parts into the entry and maps it: it never held the version twice.
+    assert isinstance(first.transitions.observations, np.memmap)
     second = catalog.read(ref)
     assert_same_transitions(first, ds)
     assert_same_transitions(second, ds)
@@ -46,8 +48,8 @@ def test_damaged_cache_is_detected_removed_and_rebuilt(catalog: Catalog) -> None
     data = bytearray(f.read_bytes())
     data[-3] ^= 0x10
     f.write_bytes(bytes(data))
-    back = catalog.read(ref)  # served from the catalog, cache rebuilt
-    assert not isinstance(back.transitions.rewards, np.memmap)
+    back = catalog.read(ref)  # read from the catalog again, into a rebuilt entry
+    assert f.read_bytes() != bytes(data)
     assert_same_transitions(back, ds)
     assert (_entry(catalog, ref) / "index.json").exists()
     assert isinstance(catalog.read(ref).transitions.rewards, np.memmap)
@@ -103,7 +105,35 @@ def test_a_manifest_cannot_plant_arrays_under_another_datasets_hash(catalog: Cat
     with pytest.raises(CatalogError, match="content hash differs"):
         catalog.read(evil)
     assert not _entry(catalog, good).exists()
+    assert not list((Path(os.environ["RLSYNTH_CACHE"]) / "arrays").glob(".tmp-*"))  # the filling is gone
     assert_same_transitions(catalog.read(good), make_dataset(0))
+
+
+def test_a_cache_that_cannot_be_written_falls_back_to_memory(
+    catalog: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ds = make_dataset()
+    ref = str(catalog.write("toy", ds))
+
+    def full(self: cache.Filling, t: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache.Filling, "add", full)
+    back = catalog.read(ref)
+    assert_same_transitions(back, ds)
+    assert not isinstance(back.transitions.rewards, np.memmap)
+    assert not _entry(catalog, ref).exists()
+    assert not list(_entry(catalog, ref).parent.glob(".tmp-*"))
+
+
+def test_a_filled_entry_has_the_crcs_of_the_whole_columns(catalog: Catalog) -> None:
+    ds = make_dataset()
+    ref = str(catalog.write("toy", ds, rows_per_part=7))  # several parts: the CRCs are chained across them
+    catalog.read(ref)
+    index = json.loads((_entry(catalog, ref) / "index.json").read_text())
+    for c in ("observations", "rewards", "episode_id", "terminals"):
+        whole = np.ascontiguousarray(getattr(ds.transitions, c), dtype=cache.DTYPES[c])
+        assert index["crc"][c] == cache._crc32(whole)
 
 
 def test_entries_of_an_older_format_or_other_shape_are_rebuilt(catalog: Catalog) -> None:
@@ -112,7 +142,8 @@ def test_entries_of_an_older_format_or_other_shape_are_rebuilt(catalog: Catalog)
     catalog.read(ref)
     index = _entry(catalog, ref) / "index.json"
     index.write_text(json.dumps({"rewards": 1}))  # the layout before format 2
-    assert not isinstance(catalog.read(ref).transitions.rewards, np.memmap)
+    assert_same_transitions(catalog.read(ref), ds)  # discarded and filled again
+    assert json.loads(index.read_text())["format"] == cache.FORMAT
     assert isinstance(catalog.read(ref).transitions.rewards, np.memmap)
     np.save(_entry(catalog, ref) / "rewards.npy", np.zeros(3, np.float32))
     assert_same_transitions(catalog.read(ref), ds)  # wrong row count: discarded, not served
