@@ -479,7 +479,11 @@ def test_d3rlpy_agents_work_as_targets(gens: dict[str, LoadedGenerator], tmp_pat
         t = ds.transitions
         with torch.no_grad():
             lls.append(
-                float(pol.log_prob(torch.from_numpy(t.observations), torch.from_numpy(t.actions)).mean())
+                float(
+                    pol.log_prob(
+                        torch.from_numpy(t.observations.copy()), torch.from_numpy(t.actions.copy())
+                    ).mean()
+                )
             )
     assert lls[1] > lls[0] + 1.0, lls
 
