@@ -77,6 +77,10 @@ class ExportError(RlsynthError):
     """An export target that is invalid or already exists."""
 
 
+class ScratchError(RlsynthError):
+    """A work array that fits neither in memory nor in the scratch folder (``datasets.scratch``)."""
+
+
 def read_bounded(path: str | os.PathLike[str], limit: int, what: str, error: type[RlsynthError]) -> bytes:
     """The bytes of the regular file ``path``, refused as ``error`` (one line naming the file) when it is
     larger than ``limit`` or not a regular file.

@@ -26,7 +26,7 @@ import os
 import struct
 import tempfile
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeGuard
@@ -49,6 +49,22 @@ BLOCK_ROWS = 1 << 16
 dataset's size."""
 
 
+def column_moments(n: int, rows: Callable[[int, int], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 mean and std per column of an (n, D) table given by ``rows(lo, hi)`` (its rows lo..hi-1, any
+    float dtype), two passes over blocks of ``BLOCK_ROWS``: the table itself is never built, so a column
+    derived from others (a one-step change) costs one block, not a whole float64 copy."""
+    blocks = [(lo, min(lo + BLOCK_ROWS, n)) for lo in range(0, n, BLOCK_ROWS)] or [(0, 0)]
+    total = np.zeros(rows(0, 0).shape[1:])
+    for lo, hi in blocks:
+        total += np.asarray(rows(lo, hi), np.float64).sum(0)
+    mean = total / n
+    sq = np.zeros_like(mean)
+    for lo, hi in blocks:
+        d = rows(lo, hi).astype(np.float64) - mean
+        sq += np.square(d, out=d).sum(0)
+    return mean, np.sqrt(sq / n)
+
+
 @dataclass(frozen=True)
 class Normaliser:
     """Per-dimension z-scoring: ``(x - mean) / std``. Shapes: mean, std (dim,)."""
@@ -62,17 +78,10 @@ class Normaliser:
         that no float64 copy of the whole array is made (2M float32 rows of 27 features: 0.4 GB each);
         a single block gives exactly ``x.mean(0)`` and ``x.std(0)``."""
         flat = np.asarray(x).reshape(len(x), -1)
-        n = len(flat)
-        blocks = [slice(lo, lo + BLOCK_ROWS) for lo in range(0, n, BLOCK_ROWS)]
-        total = np.zeros(flat.shape[1])
-        for b in blocks:
-            total += flat[b].astype(np.float64).sum(0)
-        mean = total / n
-        sq = np.zeros_like(mean)
-        for b in blocks:
-            d = flat[b].astype(np.float64) - mean
-            sq += np.square(d, out=d).sum(0)
-        std = np.sqrt(sq / n)
+        return cls.of_moments(*column_moments(len(flat), lambda lo, hi: flat[lo:hi]), floor)
+
+    @classmethod
+    def of_moments(cls, mean: np.ndarray, std: np.ndarray, floor: float = 1e-6) -> Normaliser:
         return cls(mean.astype(np.float32), np.maximum(std, floor).astype(np.float32))
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from rlsynth.datasets.scratch import scratch_array
 from rlsynth.datasets.types import Transitions
 from rlsynth.generators.checkpoint import BLOCK_ROWS
 from rlsynth.generators.edm import EDMConfig, EDMPrecond, edm_loss
@@ -117,7 +118,7 @@ def transition_features(layout: TokenLayout, t: Transitions) -> np.ndarray:
     float64 copy of the whole table is made; every value is the float32 cast of the float64 one.
     """
     o, a = layout.obs_dim, layout.act_dim
-    f = np.empty((len(t), 2 * o + a + 2), np.float32)
+    f = scratch_array((len(t), 2 * o + a + 2), np.float32)
     f[:, :o] = t.observations
     for lo in range(0, len(t), BLOCK_ROWS):
         f[lo : lo + BLOCK_ROWS, o : o + a] = layout.encode_actions(t.actions[lo : lo + BLOCK_ROWS])

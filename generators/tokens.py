@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from rlsynth.datasets.scratch import scratch_array
 from rlsynth.datasets.types import BoxSpace, Episode, Transitions, episodes_to_transitions
-from rlsynth.generators.checkpoint import BLOCK_ROWS, Normaliser
+from rlsynth.generators.checkpoint import BLOCK_ROWS, Normaliser, column_moments
 
 ACTION_CLIP = 0.999
 
@@ -135,7 +136,7 @@ def flat_tokens(layout: TokenLayout, t: Transitions, horizon: int, stride: int =
     # An episode's first token row: its first transition's row plus the padding of the episodes before it.
     first = bounds[:-1] + np.cumsum(pad) - pad
     starts = _window_starts(first, lengths, terminated, horizon, stride)
-    tokens = np.zeros((len(t) + int(pad.sum()), layout.dim), np.float32)
+    tokens = scratch_array((len(t) + int(pad.sum()), layout.dim), np.float32)
     _fill_steps(layout, tokens, t, np.repeat(first - bounds[:-1], lengths))
     _absorb(
         layout,
@@ -246,7 +247,9 @@ def step_scales(layout: TokenLayout, std: np.ndarray, t: Transitions, alpha: flo
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"step_scale must be in [0, 1], got {alpha}")
     out = np.asarray(std, np.float64).copy()
-    delta = (t.next_observations.astype(np.float64) - t.observations).std(0)
+    delta = column_moments(
+        len(t), lambda lo, hi: t.next_observations[lo:hi].astype(np.float64) - t.observations[lo:hi]
+    )[1]
     obs_std = out[layout.obs]
     slow = delta < obs_std
     obs_std[slow] = obs_std[slow] ** (1 - alpha) * np.maximum(delta[slow], 1e-6) ** alpha

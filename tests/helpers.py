@@ -140,3 +140,22 @@ def load_bench(name: str) -> ModuleType:
     sys.modules[spec.name] = mod  # dataclasses look their module up while the file runs
     spec.loader.exec_module(mod)
     return mod
+
+
+def big_transitions(episodes: int, length: int) -> Transitions:
+    """Episodes of ``length`` steps built in whole arrays (a per-episode loop would dominate the test)."""
+    n = episodes * length
+    step = np.tile(np.arange(length, dtype=np.int32), episodes)
+    last = step == length - 1
+    terminated = last & (np.repeat(np.arange(episodes), length) % 2 == 0)
+    obs = np.repeat(step.astype(np.float32)[:, None], hopper_info().observation_space.dim, axis=1)
+    return Transitions(
+        episode_id=np.repeat(np.arange(episodes, dtype=np.int64), length),
+        step=step,
+        observations=obs,
+        actions=np.zeros((n, hopper_info().action_space.dim), np.float32),
+        rewards=(step % 3).astype(np.float32),
+        next_observations=obs + 1,
+        terminals=terminated,
+        timeouts=last & ~terminated,
+    )

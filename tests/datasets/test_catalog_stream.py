@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers import hopper_info, make_dataset
+from helpers import big_transitions, hopper_info, make_dataset
 
 from rlsynth.datasets.catalog import Catalog, VersionRef
 from rlsynth.datasets.errors import CatalogError
@@ -178,28 +178,9 @@ CHILD = textwrap.dedent(
 )
 
 
-def _big_transitions(episodes: int, length: int) -> Transitions:
-    """Episodes of ``length`` steps built in whole arrays (a per-episode loop would dominate the test)."""
-    n = episodes * length
-    step = np.tile(np.arange(length, dtype=np.int32), episodes)
-    last = step == length - 1
-    terminated = last & (np.repeat(np.arange(episodes), length) % 2 == 0)
-    obs = np.repeat(step.astype(np.float32)[:, None], hopper_info().observation_space.dim, axis=1)
-    return Transitions(
-        episode_id=np.repeat(np.arange(episodes, dtype=np.int64), length),
-        step=step,
-        observations=obs,
-        actions=np.zeros((n, hopper_info().action_space.dim), np.float32),
-        rewards=(step % 3).astype(np.float32),
-        next_observations=obs + 1,
-        terminals=terminated,
-        timeouts=last & ~terminated,
-    )
-
-
 @pytest.mark.skipif(sys.platform != "linux", reason="reads the address space from /proc")
 def test_a_version_larger_than_memory_streams_where_read_fails(catalog: Catalog) -> None:
-    big = _big_transitions(BIG_EPISODES, BIG_LENGTH)
+    big = big_transitions(BIG_EPISODES, BIG_LENGTH)
     decoded = sum(getattr(big, c).nbytes for c in Transitions.columns())
     assert decoded > 3 * MARGIN
     expected_sum = float(big.rewards.sum(dtype=np.float64))

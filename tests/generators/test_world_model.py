@@ -16,7 +16,7 @@ from rlsynth.datasets.errors import RlsynthError
 from rlsynth.datasets.recipes import RecipeConfig, build
 from rlsynth.datasets.types import Dataset
 from rlsynth.datasets.validation import validate_transitions
-from rlsynth.generators import world_model
+from rlsynth.generators import checkpoint, world_model
 from rlsynth.generators.api import LoadedGenerator, SampleOptions, load_generator, sample, train_generator
 from rlsynth.generators.checkpoint import CheckpointError, checkpoint_hash
 from rlsynth.generators.world_model import (
@@ -227,3 +227,38 @@ def test_rollouts_are_those_of_the_whole_ensemble_evaluation(
         runs.append((replay, driven))
     for a, b in zip(*runs, strict=True):
         assert_same_transitions(a, b)
+
+
+def test_training_tensors_equal_normalising_whole_columns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Built in blocks (and file-backed when memory is short), the tables hold exactly what normalising
+    the whole columns at once gives."""
+    t = tiny_data().transitions
+    for module in (world_model, checkpoint):
+        monkeypatch.setattr(module, "BLOCK_ROWS", 128)  # several blocks, a ragged last one
+    norms = WorldModelNormalisers.fit(t)
+    delta64 = t.next_observations.astype(np.float64) - t.observations
+    whole = np.concatenate([delta64.mean(0)[None], delta64.std(0)[None]])
+    assert np.array_equal(norms.delta.mean, whole[0].astype(np.float32))
+    assert np.array_equal(norms.delta.std, np.maximum(whole[1], 1e-6).astype(np.float32))
+    got = world_model.training_tensors(t, norms)
+    obs, act = torch.from_numpy(t.observations.copy()), torch.from_numpy(t.actions.copy())
+    delta = torch.as_tensor(delta64, dtype=torch.float32)
+    rew = torch.from_numpy(t.rewards.copy())[:, None]
+    x = torch.cat([norms.obs.normalise(obs), norms.act.normalise(act)], 1)
+    y = torch.cat([norms.delta.normalise(delta), norms.reward.normalise(rew)], 1)
+    assert torch.equal(got["x"], x) and torch.equal(got["y"], y)
+    assert torch.equal(got["terminal"], torch.from_numpy(t.terminals.astype(np.float32)))
+
+
+def test_member_mse_in_blocks_matches_the_whole_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = WorldModel(5, 2, WorldModelConfig(hidden=16, layers=2, ensemble=4, elites=2))
+    x, y = torch.randn(1000, 7), torch.randn(1000, 6)
+    with torch.no_grad():
+        mean, _, _ = model(x.unsqueeze(0).expand(4, -1, -1))
+        whole = ((mean - y) ** 2).double().mean(dim=(1, 2))
+    monkeypatch.setattr(world_model, "MSE_ROWS", 300)  # three full blocks and a ragged one
+    got = model.member_mse(x, y)
+    assert got.dtype == torch.float64 and not got.requires_grad
+    torch.testing.assert_close(got, whole, rtol=1e-5, atol=0.0)
+    assert model.select_elites(x, y) == sorted(torch.argsort(whole)[:2].tolist())

@@ -1,0 +1,106 @@
+"""Training on a version larger than the memory the process may take: every family trains, where building
+its table in memory (the old way) fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from helpers import TINY_TRAIN, big_transitions, hopper_info, make_dataset
+
+from rlsynth.datasets.catalog import Catalog
+from rlsynth.datasets.types import Dataset
+
+# The child caps its data segment (private memory: what the training tables took in memory) at what it
+# uses after a warm-up, plus MARGIN. The version's columns come memory-mapped from the cache, shared and
+# read-only, so they do not count; a file-backed scratch table is a shared mapping and does not count
+# either. Each family's table in memory is larger than MARGIN.
+MARGIN = 48 * 2**20
+EPISODES, LENGTH = 12_000, 100
+TABLE_WIDTH = {"trajectory": 16, "autoregressive": 16, "transition": 27, "world-model": 14}
+"""Float32 columns of each family's smallest table on Hopper (tokens; features; world-model inputs)."""
+
+CHILD_ENV = {
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_THRESHOLD_": "65536",
+    "ARROW_DEFAULT_MEMORY_POOL": "system",
+}
+
+CHILD = textwrap.dedent(
+    """
+    import json, resource, sys
+    from pathlib import Path
+    import numpy as np
+    from rlsynth.datasets.catalog import Catalog
+    from rlsynth.generators.trainer import train_generator
+
+    def data_segment():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmData:"))
+
+    cat, out, margin = Catalog(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+    kind, width, tiny = sys.argv[4], int(sys.argv[5]), json.loads(sys.argv[6])
+    # Warm-up on a tiny version: torch's thread pools and lazily built kernels exist before the cap.
+    train_generator(kind, cat.read("warm"), out / "warm", steps=2, progress=False, train_overrides=tiny)
+    big = cat.read("big")
+    n = len(big.transitions)
+    hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
+    resource.setrlimit(resource.RLIMIT_DATA, (data_segment() + margin, hard))
+    train_generator(kind, big, out / "big", steps=2, progress=False, train_overrides=tiny)
+    result = {"trained": (out / "big" / "model.safetensors").is_file()}
+    try:
+        np.zeros((n, width), np.float32)  # the family's table, built in memory as it was before
+        result["in_memory"] = "ok"
+    except MemoryError:
+        result["in_memory"] = "MemoryError"
+    print(json.dumps(result))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def big_catalog(tmp_path_factory: pytest.TempPathFactory) -> tuple[Catalog, Path]:
+    """The big version, its cache entry filled (the children's reads map it), and a tiny one."""
+    root = tmp_path_factory.mktemp("big")
+    cache = root / "cache"
+    catalog = Catalog(root / "catalog")
+    catalog.write("big", Dataset(hopper_info(), big_transitions(EPISODES, LENGTH)), rows_per_part=50_000)
+    catalog.write("warm", make_dataset(lengths=(40, 40, 40, 40)), rows_per_part=100)
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("RLSYNTH_CACHE", str(cache))
+        catalog.read("big")
+    return catalog, cache
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads the data segment from /proc")
+@pytest.mark.parametrize("kind", sorted(TABLE_WIDTH))
+def test_a_family_trains_on_a_version_larger_than_its_memory(
+    kind: str, big_catalog: tuple[Catalog, Path], tmp_path: Path
+) -> None:
+    catalog, cache = big_catalog
+    assert EPISODES * LENGTH * TABLE_WIDTH[kind] * 4 > MARGIN  # its table does not fit under the cap
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            catalog.root,
+            str(tmp_path / "runs"),
+            str(MARGIN),
+            kind,
+            str(TABLE_WIDTH[kind]),
+            json.dumps({**TINY_TRAIN, "batch_size": 8, "val_fraction": 1e-4}),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **CHILD_ENV, "RLSYNTH_CACHE": str(cache)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.splitlines()[-1]) == {"trained": True, "in_memory": "MemoryError"}
+    assert not list((cache / "scratch").glob("*"))  # the scratch files went with the process
