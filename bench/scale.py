@@ -1,6 +1,6 @@
 """Every stage at D4RL sizes: wall time and peak memory of each stage at each size, one run.
 
-For each size N, a D4RL-layout HDF5 file of N Hopper-v5 transitions is built locally (a random-recipe
+For each size N, a D4RL-layout HDF5 file of N HalfCheetah-v5 transitions is built locally (a random-recipe
 dataset of ``--base`` transitions, tiled: each copy's episodes renumbered, a copy cut mid-episode ends it
 truncated), then imported (``datasets import``), verified (``datasets verify``), read into a d3rlpy replay
 buffer, used to train each generator family for ``--train-steps`` steps (cpu-small presets), and judged
@@ -13,6 +13,10 @@ the commit timed apart; a TD3+BC agent trains on the trajectory samples mixed wi
 a peak; its wall time and peak RSS (the child's ru_maxrss, from wait4) are reported. Linux carries a
 process's peak across exec, so the parent imports nothing heavy: a child's figure starts from the
 parent's few tens of MB, not from torch's.
+
+Why HalfCheetah: it never terminates, so every sampled window yields its H transitions. On random Hopper
+data (episodes of about 20 steps) the 300-step models' terminal flags cut windows after about 2
+transitions, and sampling 1M would take over an hour: that measures the model, not the scale.
 
     python bench/scale.py --sizes 250000,1000000,2000000
 """
@@ -40,7 +44,7 @@ from rlsynth.pipeline.bench_report import int_list, matmul_gflops, write_section
 if TYPE_CHECKING:
     from rlsynth.datasets.types import Dataset
 
-ENV = "Hopper-v5"
+ENV = "HalfCheetah-v5"
 KINDS = ("trajectory", "transition", "autoregressive", "world-model")
 SAMPLED = ("trajectory", "autoregressive")
 """Families whose samples are drawn at ``--sample-n`` (the drafter is refined by the trajectory model)."""
@@ -117,7 +121,7 @@ def run_stage(stage: str, n: int, work: Path, a: argparse.Namespace) -> None:
         from rlsynth.datasets.recipes import RecipeConfig, build
 
         base = build(RecipeConfig("random", ENV, transitions=a.base, seed=0, progress=False)).dataset
-        write_hdf5(tiled(base, n), work / f"hopper-{n}.hdf5")
+        write_hdf5(tiled(base, n), work / f"data-{n}.hdf5")
     elif stage == "read":
         from rlsynth.offline_rl.buffers import to_replay_buffer
 
@@ -164,7 +168,7 @@ def command(stage: str, n: int, work: Path, a: argparse.Namespace) -> list[str]:
     cat = ["--catalog", str(work / "catalog")]
     ref = f"{name_of(n)}@1"
     if stage == "import":
-        return [*CLI, "datasets", "import", str(work / f"hopper-{n}.hdf5"), "--name", name_of(n), *cat]
+        return [*CLI, "datasets", "import", str(work / f"data-{n}.hdf5"), "--name", name_of(n), *cat]
     if stage == "verify":
         return [*CLI, "datasets", "verify", ref, *cat]
     if stage == "evaluate":
@@ -325,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         text = run_all(a, Path(tmp))
     rows = "every row" if a.eval_sample is None else f"{a.eval_sample:,} rows"
     about = (
-        f"One-core fp32 matmul: {gflops:.0f} GFLOP/s (torch, 1024², 1 thread). Hopper-v5 random-recipe "
+        f"One-core fp32 matmul: {gflops:.0f} GFLOP/s (torch, 1024², 1 thread). {ENV} random-recipe "
         f"data ({a.base:,} transitions) tiled to each size; generator training {a.train_steps} steps per "
         f"family (cpu-small presets); evaluate {rows} against the data itself as reference; "
         f"{a.sample_n:,} transitions per sampling stage and per PGD round (polish {a.sample_polish}); "
