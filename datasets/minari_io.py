@@ -39,8 +39,9 @@ from rlsynth.datasets.types import (
     Episode,
     check_env_id,
     episodes_to_transitions,
+    iter_episodes,
 )
-from rlsynth.datasets.validation import validate_episodes
+from rlsynth.datasets.validation import validate_episodes, validate_transitions
 
 # Minari's own id grammar: (namespace/)name-vN, components of word characters, dots and dashes.
 MINARI_ID_RE = re.compile(r"(?:[\w.-]+/)*[\w.-]+-v\d+", re.ASCII)
@@ -349,9 +350,10 @@ def write_minari(
     final = root / dataset_id
     if final.exists():
         raise ExportError(f"Minari dataset '{dataset_id}' already exists at {final}; exports never overwrite")
-    episodes = dataset.episodes()
-    validate_episodes(episodes, dataset.info, f"export to minari:{dataset_id}")
-    buffers = [
+    # Checked on the columns, then handed to Minari one episode at a time (its storage only iterates):
+    # an export holds one episode beside the version's columns, which a cached read memory-maps.
+    validate_transitions(dataset.transitions, dataset.info, f"export to minari:{dataset_id}")
+    buffers = (
         EpisodeBuffer(
             id=i,
             observations=e.observations,
@@ -361,8 +363,8 @@ def write_minari(
             truncations=list(e.truncations),
             infos={},
         )
-        for i, e in enumerate(episodes)
-    ]
+        for i, e in enumerate(iter_episodes(dataset.transitions))
+    )
     info = dataset.info
     refs = {}
     if info.ref_min_score is not None and info.ref_max_score is not None:

@@ -9,7 +9,7 @@ Both are frozen; arrays are made read-only so a shared dataset cannot be altered
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -284,18 +284,20 @@ def transitions_to_episodes(t: Transitions) -> tuple[Episode, ...]:
     Assumes ``t`` passed :func:`datasets.validation.validate_transitions` (contiguous episodes,
     next_observations[t] == observations[t+1] inside an episode).
     """
+    return tuple(iter_episodes(t))
+
+
+def iter_episodes(t: Transitions) -> Iterator[Episode]:
+    """:func:`transitions_to_episodes` one episode at a time: only the episode being built is copied out
+    of ``t`` (whose columns may be memory-mapped), so a consumer that streams holds one episode."""
     b = t.episode_bounds()
-    out = []
     for k in range(len(b) - 1):
         lo, hi = int(b[k]), int(b[k + 1])
         obs = np.concatenate([t.observations[lo:hi], t.next_observations[hi - 1 : hi]])
-        out.append(
-            Episode(
-                observations=obs,
-                actions=t.actions[lo:hi].copy(),
-                rewards=t.rewards[lo:hi].copy(),
-                terminations=t.terminals[lo:hi].copy(),
-                truncations=t.timeouts[lo:hi].copy(),
-            )
+        yield Episode(
+            observations=obs,
+            actions=t.actions[lo:hi].copy(),
+            rewards=t.rewards[lo:hi].copy(),
+            terminations=t.terminals[lo:hi].copy(),
+            truncations=t.timeouts[lo:hi].copy(),
         )
-    return tuple(out)

@@ -1,5 +1,5 @@
-"""Training on a version larger than the memory the process may take: every family trains, where building
-its table in memory (the old way) fails."""
+"""A version larger than the memory the process may take: every family trains on it, where building its
+table in memory (the old way) fails, and it exports to Minari, where building its episodes fails."""
 
 from __future__ import annotations
 
@@ -11,17 +11,18 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from helpers import TINY_TRAIN, big_transitions, hopper_info, make_dataset
+from helpers import TINY_TRAIN, assert_same_transitions, big_transitions, hopper_info, make_dataset
 
 from rlsynth.datasets.catalog import Catalog
+from rlsynth.datasets.minari_io import read_minari
 from rlsynth.datasets.types import Dataset
 
 # The child caps its data segment (private memory: what the training tables took in memory) at what it
 # uses after a warm-up, plus MARGIN. The version's columns come memory-mapped from the cache, shared and
 # read-only, so they do not count; a file-backed scratch table is a shared mapping and does not count
 # either. Each family's table in memory is larger than MARGIN.
-MARGIN = 48 * 2**20
-EPISODES, LENGTH = 12_000, 100
+MARGIN = 64 * 2**20
+EPISODES, LENGTH = 1_200, 1_000
 TABLE_WIDTH = {"trajectory": 16, "autoregressive": 16, "transition": 27, "world-model": 14}
 """Float32 columns of each family's smallest table on Hopper (tokens; features; world-model inputs)."""
 
@@ -104,3 +105,46 @@ def test_a_family_trains_on_a_version_larger_than_its_memory(
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.splitlines()[-1]) == {"trained": True, "in_memory": "MemoryError"}
     assert not list((cache / "scratch").glob("*"))  # the scratch files went with the process
+
+
+EXPORT_CHILD = textwrap.dedent(
+    """
+    import json, resource, sys
+    from rlsynth.datasets.catalog import Catalog
+    from rlsynth.datasets.minari_io import write_minari
+
+    def data_segment():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmData:"))
+
+    cat, margin = Catalog(sys.argv[1]), int(sys.argv[2])
+    write_minari(cat.read("warm"), "rlsynth/warm-v0")  # Minari's and Arrow's lazily built paths
+    big = cat.read("big")
+    hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
+    resource.setrlimit(resource.RLIMIT_DATA, (data_segment() + margin, hard))
+    result = {"exported": write_minari(big, "rlsynth/big-v0").is_dir()}
+    try:
+        big.episodes()  # every episode built at once, as the export did before
+        result["in_memory"] = "ok"
+    except MemoryError:
+        result["in_memory"] = "MemoryError"
+    print(json.dumps(result))
+    """
+)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads the data segment from /proc")
+def test_a_version_larger_than_memory_exports_to_minari(big_catalog: tuple[Catalog, Path]) -> None:
+    catalog, cache = big_catalog
+    proc = subprocess.run(
+        [sys.executable, "-c", EXPORT_CHILD, catalog.root, str(MARGIN)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **CHILD_ENV, "RLSYNTH_CACHE": str(cache)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.splitlines()[-1]) == {"exported": True, "in_memory": "MemoryError"}
+    back = read_minari("rlsynth/big-v0")
+    assert back.n_transitions == EPISODES * LENGTH
+    assert_same_transitions(back, catalog.read("big"))
