@@ -151,15 +151,22 @@ def load(
         seen = None
     if seen != _stamps_json(folder, stamps):
         return None  # never checked against these parts as they are now: the catalog re-reads them
+    cols = _intact(d, expected, index.get("crc"))
+    return None if cols is None else Transitions(**cols)
+
+
+def _intact(d: Path, expected: Expected, crc: object) -> dict[str, np.ndarray] | None:
+    """Entry ``d``'s columns memory-mapped, if they have ``expected``'s shapes and the CRC-32s ``crc``
+    (column -> CRC); else ``None``, the entry discarded."""
     cols = _mapped(d, expected)
     if cols is None:
         return None
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         crcs = dict(zip(cols, pool.map(_crc32, cols.values()), strict=True))
-    if any(crcs[c] != index.get("crc", {}).get(c) for c in cols):
+    if not isinstance(crc, dict) or any(crcs[c] != crc.get(c) for c in cols):
         _discard(d, "is damaged")
         return None
-    return Transitions(**cols)
+    return cols
 
 
 def _mapped(d: Path, expected: Expected) -> dict[str, np.ndarray] | None:
@@ -181,16 +188,25 @@ class Filling:
     the version in memory): each column is one ``.npy`` file whose rows are appended in order, with its
     CRC-32 chained across parts. :meth:`finish` publishes it only after the caller has checked the
     content hash; :meth:`abort` (or any error) leaves nothing. Plain appends, not a writable memory map:
-    a full disk is an ``OSError`` here, where a map would die of SIGBUS."""
+    a full disk is an ``OSError`` here, where a map would die of SIGBUS.
 
-    def __init__(self, d: Path, expected: Expected) -> None:
+    Where the entry already exists (the same content under another name or folder, or parts touched
+    since it was checked), the filling only checks: it takes the CRC-32s of the parts the catalog reads
+    and checks, writes nothing, and :meth:`finish` serves the existing entry only if its files have
+    exactly those CRCs (else it is discarded, and ``finish`` returns ``None`` with :attr:`stale` set)."""
+
+    def __init__(self, d: Path, expected: Expected, *, check_only: bool = False) -> None:
         d.parent.mkdir(parents=True, exist_ok=True)
         self.final = d
-        self.tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=d.parent))
+        self.check_only = check_only
+        self.stale = False
+        self.tmp = None if check_only else Path(tempfile.mkdtemp(prefix=".tmp-", dir=d.parent))
         self.expected = expected
         self.files: dict[str, BinaryIO] = {}
         self.crc = dict.fromkeys(Transitions.columns(), 0)
         self.rows = 0
+        if self.tmp is None:
+            return
         try:
             for c in Transitions.columns():
                 f = open(self.tmp / f"{c}.npy", "wb")  # noqa: SIM115 - closed by finish/abort
@@ -208,18 +224,20 @@ class Filling:
         root = cache_root()
         if root is None:
             return None
+        d = _key_dir(root, content_hash)
         try:
-            return cls(_key_dir(root, content_hash), expected)
+            return cls(d, expected, check_only=(d / INDEX).exists())
         except OSError as e:
             log.info("not caching %s: %s", content_hash, e)
             return None
 
     def add(self, t: Transitions) -> None:
         """Append one part's rows (in the version's order)."""
-        for c, f in self.files.items():
+        for c in self.crc:
             a: np.ndarray = np.ascontiguousarray(getattr(t, c), dtype=DTYPES[c])
             self.crc[c] = _crc32(a, self.crc[c])
-            f.write(a.reshape(-1).view(np.uint8).data)
+            if c in self.files:
+                self.files[c].write(a.reshape(-1).view(np.uint8).data)
         self.rows += len(t)
 
     def finish(self, folder: str, stamps: Sequence[PartStamp]) -> Transitions | None:
@@ -229,27 +247,37 @@ class Filling:
             for f in self.files.values():
                 f.close()
             if self.rows != self.expected.rows:
-                raise OSError(f"{self.rows} rows written where {self.expected.rows} were expected")
-            (self.tmp / INDEX).write_text(json.dumps({"format": FORMAT, "rows": self.rows, "crc": self.crc}))
-            (self.tmp / SEEN).mkdir()
-            try:
-                os.rename(self.tmp, self.final)
-            except OSError:
-                if not (self.final / INDEX).exists():
-                    raise
-                shutil.rmtree(self.tmp, ignore_errors=True)  # another process won the race
+                raise OSError(f"{self.rows} rows read where {self.expected.rows} were expected")
+            if self.tmp is not None:
+                self._publish()
+            # What is served is what was just read and checked, whoever wrote the entry.
+            cols = _intact(self.final, self.expected, self.crc)
+            if cols is None:
+                self.stale = True
+                return None
             _write_atomic(_seen_file(self.final, folder), json.dumps(_stamps_json(folder, stamps)).encode())
         except OSError as e:
             log.info("not caching %s: %s", self.final.name, e)
             self.abort()
             return None
-        cols = _mapped(self.final, self.expected)
-        return None if cols is None else Transitions(**cols)
+        return Transitions(**cols)
+
+    def _publish(self) -> None:
+        assert self.tmp is not None
+        (self.tmp / INDEX).write_text(json.dumps({"format": FORMAT, "rows": self.rows, "crc": self.crc}))
+        (self.tmp / SEEN).mkdir()
+        try:
+            os.rename(self.tmp, self.final)
+        except OSError:
+            if not (self.final / INDEX).exists():
+                raise
+            shutil.rmtree(self.tmp, ignore_errors=True)  # another process won the race
 
     def abort(self) -> None:
         for f in self.files.values():
             f.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

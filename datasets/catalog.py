@@ -925,10 +925,27 @@ class Catalog:
     ) -> Transitions | None:
         """Read a version into a new cache entry part by part (one decoded part in memory at a time) and
         return the entry's memory-mapped columns; ``None`` if the cache cannot take it (then the caller
-        reads into memory). The entry is published only after the content hash has been checked."""
+        reads into memory). The entry is published only after the content hash has been checked. Where
+        an entry of this content exists but was not checked against this folder's parts, the parts are
+        read and checked as before and the entry is served only if its CRCs are theirs (else rebuilt)."""
         fill = cache.Filling.open(man.content_hash, expected)
         if fill is None:
             return None
+        filled = self._stream_into(fill, r, man, folder, stamps)
+        if filled is None and fill.stale:
+            # The existing entry did not hold this version's content (it was discarded): fill a new one.
+            fill = cache.Filling.open(man.content_hash, expected)
+            return None if fill is None else self._stream_into(fill, r, man, folder, stamps)
+        return filled
+
+    def _stream_into(
+        self,
+        fill: cache.Filling,
+        r: VersionRef,
+        man: Manifest,
+        folder: str,
+        stamps: Sequence[cache.PartStamp],
+    ) -> Transitions | None:
         try:
             for t in self._checked_parts(r, man):
                 fill.add(t)

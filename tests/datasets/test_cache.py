@@ -147,3 +147,41 @@ def test_entries_of_an_older_format_or_other_shape_are_rebuilt(catalog: Catalog)
     assert isinstance(catalog.read(ref).transitions.rewards, np.memmap)
     np.save(_entry(catalog, ref) / "rewards.npy", np.zeros(3, np.float32))
     assert_same_transitions(catalog.read(ref), ds)  # wrong row count: discarded, not served
+
+
+def test_the_same_content_under_another_name_is_checked_against_the_entry_not_written_again(
+    catalog: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ds = make_dataset()
+    first = str(catalog.write("a", ds))
+    catalog.read(first)
+    entry = _entry(catalog, first)
+    before = {f.name: f.stat().st_ino for f in entry.glob("*.npy")}
+    second = str(catalog.write("b", ds))  # same content hash, another folder: no record for it yet
+    assert catalog.manifest(second)["content_hash"] == catalog.manifest(first)["content_hash"]
+    fillings: list[object] = []
+    real = cache.tempfile.mkdtemp
+    monkeypatch.setattr(cache.tempfile, "mkdtemp", lambda **kw: fillings.append(kw) or real(**kw))
+    back = catalog.read(second)
+    assert_same_transitions(back, ds)
+    assert isinstance(back.transitions.rewards, np.memmap)
+    # Check-only: no copy was begun, and the entry's files are the ones the first read wrote.
+    assert fillings == []
+    assert {f.name: f.stat().st_ino for f in entry.glob("*.npy")} == before
+    assert not list(entry.parent.glob(".tmp-*"))
+    assert len(list((entry / "seen").glob("*.json"))) == 2  # now a hit for both folders
+
+
+def test_a_damaged_entry_is_never_served_to_a_folder_it_was_not_checked_against(catalog: Catalog) -> None:
+    ds = make_dataset()
+    first = str(catalog.write("a", ds))
+    catalog.read(first)
+    f = _entry(catalog, first) / "rewards.npy"
+    data = bytearray(f.read_bytes())
+    data[-3] ^= 0x10
+    f.write_bytes(bytes(data))
+    back = catalog.read(str(catalog.write("b", ds)))  # the parts check; the entry does not
+    assert_same_transitions(back, ds)
+    assert isinstance(back.transitions.rewards, np.memmap)  # served from a rebuilt entry
+    assert f.read_bytes() != bytes(data)
+    assert_same_transitions(catalog.read(first), ds)
