@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 # Not the script's folder on the path: bench/generators.py must not shadow the generators package.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
@@ -38,7 +39,7 @@ from rlsynth.generators.api import (
 )
 from rlsynth.generators.diffusion import TrajectoryConfig, TransitionConfig
 from rlsynth.offline_rl.synthesis import synthesize
-from rlsynth.pipeline.bench_report import write_section
+from rlsynth.pipeline.bench_report import Speed, marginal_speed, matmul_gflops, write_section
 
 # About one whole sampling chunk of every family (AR: 1024 windows ≈ 31.7k transitions; trajectory:
 # 4 × 256 windows): smaller requests would time work that the trim then throws away.
@@ -47,6 +48,8 @@ N_SAMPLES = 31_000
 # model differed by 15% (BENCHMARKS.md), too much for the ×-trajectory-error ratios the sweep is read by.
 EVAL = EvalConfig(sample=10_000, horizons=(1, 8, 31), windows=128, seed=0)
 REPEATS = 3
+SMALL = N_SAMPLES // 4
+"""The smaller request of the marginal rate."""
 # (temperature, sigma_start, K, polish): K = 0 is the raw draft. Settings never competitive in earlier
 # runs (K = 2 at any sigma_start, sigma_start 1.0 with K < 4, K = 4 at sigma_start 0.3 or 1.0: 1.3-1.4x
 # the trajectory error; BENCHMARKS.md) were dropped to keep the run short.
@@ -104,15 +107,13 @@ def sampling_rows() -> list[tuple[str, str, SampleOptions, str]]:
     return out
 
 
-def timed_sample(gen: LoadedGenerator, ds: Dataset, n: int, opts: SampleOptions) -> tuple[Dataset, float]:
-    """The samples and the median rate of REPEATS identical (seeded) runs: single timings on this
-    machine varied by ±25% between consecutive runs."""
-    rates = []
-    for _ in range(REPEATS):
-        t0 = time.perf_counter()
-        out = synthesize(gen, ds, n, opts.settings(), seed=opts.seed, refiner=opts.refiner).dataset
-        rates.append(n / (time.perf_counter() - t0))
-    return out, float(np.median(rates))
+def timed_sample(gen: LoadedGenerator, ds: Dataset, n: int, opts: SampleOptions) -> tuple[Dataset, Speed]:
+    """The samples of ``n`` and the speed at which they come (marginal between ``SMALL`` and ``n``)."""
+
+    def run(m: int) -> Dataset:
+        return synthesize(gen, ds, m, opts.settings(), seed=opts.seed, refiner=opts.refiner).dataset
+
+    return marginal_speed(run, SMALL, n, REPEATS)
 
 
 def judge(synth: Dataset, ds: Dataset) -> dict[str, Any]:
@@ -148,11 +149,13 @@ def main() -> None:
     a = p.parse_args()
     cat = Catalog(a.catalog)
     ds = cat.read(a.data)
+    # The peak every sampler's achieved FLOP/s is a share of: matmul on the threads sampling uses.
+    speed_1core, peak = matmul_gflops(), matmul_gflops(torch.get_num_threads())
     root = Path(a.out) if a.out else Path(tempfile.mkdtemp(prefix="rlsynth-bench-"))
     rows: dict[str, dict[str, Any]] = {}
     gens: dict[str, LoadedGenerator] = {}
     for kind in ("world-model", "transition", "trajectory", "autoregressive"):
-        # Scale 1 trains the preset as a user gets it: a time-budgeted preset plans its own steps.
+        # Scale 1 trains the preset as a user gets it (its fixed step count).
         steps = None
         if a.steps_scale != 1.0:
             steps = max(1, round(preset(kind, "cpu-small")[1].steps * a.steps_scale))
@@ -168,8 +171,8 @@ def main() -> None:
         # A time-budgeted preset planned its steps on this machine: the table says so.
         rows[kind]["budget_s"] = gens[kind].config["train"].get("budget_s")
     for key, kind, o, label in sampling_rows():
-        synth, rate = timed_sample(gens[kind], ds, N_SAMPLES, o)
-        rows[key] = {**rows[kind], "rate": rate, "label": label, **judge(synth, ds)}
+        synth, speed = timed_sample(gens[kind], ds, N_SAMPLES, o)
+        rows[key] = {**rows[kind], **speed_of(speed, peak), "label": label, **judge(synth, ds)}
     sweep = []
     for temp, sigma, k, polish in SWEEP:
         o = SampleOptions(
@@ -180,13 +183,13 @@ def main() -> None:
             temperature=temp,
             polish=polish,
         )
-        synth, rate = timed_sample(gens["autoregressive"], ds, N_SAMPLES, o)
+        synth, speed = timed_sample(gens["autoregressive"], ds, N_SAMPLES, o)
         sweep.append(
-            {"temperature": temp, "sigma_start": sigma, "K": k, "polish": polish, "rate": rate}
+            {"temperature": temp, "sigma_start": sigma, "K": k, "polish": polish, **speed_of(speed, peak)}
             | judge(synth, ds)
         )
     lin = linear_yardstick(ds.transitions)
-    body = report(a.data, ds, rows, sweep, lin)
+    body = report(a.data, ds, rows, sweep, lin, (speed_1core, peak))
     if a.reuse:
         body += (
             "\n\nGenerators reused from an earlier run of this command (`--reuse`): training columns "
@@ -208,28 +211,42 @@ def trained(r: dict[str, Any]) -> str:
     return f"{r['steps']} steps{budget}, {r['train_s']:.0f} s"
 
 
+def speed_of(speed: Speed, peak: float) -> dict[str, float]:
+    return {"rate": speed.rate, "gflops": speed.gflops, "peak_share": speed.share(peak)}
+
+
 def report(
-    data: str, ds: Dataset, rows: dict[str, dict[str, Any]], sweep: list[dict[str, Any]], lin: float
+    data: str,
+    ds: Dataset,
+    rows: dict[str, dict[str, Any]],
+    sweep: list[dict[str, Any]],
+    lin: float,
+    speeds: tuple[float, float],
 ) -> str:
     traj = rows[default_key("trajectory")]
     lines = [
+        f"One-core fp32 matmul {speeds[0]:.0f} GFLOP/s; on the {torch.get_num_threads()} threads sampling "
+        f"uses {speeds[1]:.0f} GFLOP/s, the peak of the % columns (achieved network FLOP/s: matrix "
+        "products, convolutions and attention as torch's FLOP counter counts them, over wall time).",
+        "",
         f"Data `{data}` ({len(ds.transitions):,} transitions, {ds.info.env_id}); cpu-small presets; "
-        f"{N_SAMPLES:,} transitions sampled per model (rates: median of {REPEATS} runs); the simulator "
+        f"{N_SAMPLES:,} transitions sampled per model (rates: marginal, between requests of {SMALL:,} "
+        f"and {N_SAMPLES:,} transitions, medians of {REPEATS} runs each); the simulator "
         f"judges {EVAL.sample:,} of them "
         f"(one-step) and {EVAL.windows} windows per horizon (open-loop). Errors are normalised MSE per "
         "dimension (the data's std). H=31 is the longest horizon a 32-token window holds.",
         "",
-        "| model | training | sampling transitions/s | one-step MSE | median row | reward MAE | H=8 | H=31 | "
-        "novelty | coverage | spread |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-        f"| linear next-state regression (yardstick, on the data) | least squares | — | {lin:.3g} | "
-        "— | — | — | — | — | — | — |",
+        "| model | training | sampling transitions/s | % of peak | one-step MSE | × linear | median row | "
+        "reward MAE | H=8 | H=31 | novelty | coverage | spread |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| linear next-state regression (yardstick, on the data) | least squares | — | — | {lin:.3g} | "
+        "1.00× | — | — | — | — | — | — | — |",
     ]
     for r in (v for v in rows.values() if "label" in v):
         name = r["label"]
         lines.append(
-            f"| {name} | {trained(r)} | {r['rate']:,.0f} | "
-            f"{fmt(r['one_step'])} | {fmt(r['one_step_median'])} | "
+            f"| {name} | {trained(r)} | {r['rate']:,.0f} | {r['peak_share']:.0%} | "
+            f"{fmt(r['one_step'])} | {r['one_step'] / lin:.2f}× | {fmt(r['one_step_median'])} | "
             f"{fmt(r['reward_mae'])} | {fmt(r['h8'])} | {fmt(r['h31'])} | {fmt(r['novelty'], '.2f')} | "
             f"{fmt(r['coverage'], '.2f')} | {fmt(r['spread'], '.2f')} |"
         )
@@ -240,9 +257,10 @@ def report(
         "model — the sweep that picks the defaults (rows with polish are compared with the polished "
         "trajectory sampler, the others with the default one):",
         "",
-        "| temperature | sigma_start | K (Heun) | polish | transitions/s | × trajectory diffusion speed | "
-        "one-step MSE | × trajectory diffusion error | median row | H=8 | H=31 | coverage | spread |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| temperature | sigma_start | K (Heun) | polish | transitions/s | % of peak | × trajectory "
+        "diffusion speed | one-step MSE | × trajectory diffusion error | median row | H=8 | H=31 | coverage "
+        "| spread |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     polished = rows.get("trajectory:ode20-polish30", traj)
     for s in sweep:
@@ -251,7 +269,7 @@ def report(
         ref = polished if s["polish"] else traj
         lines.append(
             f"| {s['temperature']} | {label} | {s['K'] or '—'} | {s['polish'] or '—'} | {s['rate']:,.0f} | "
-            f"{s['rate'] / ref['rate']:.1f}× | {fmt(s['one_step'])} | "
+            f"{s['peak_share']:.0%} | {s['rate'] / ref['rate']:.1f}× | {fmt(s['one_step'])} | "
             f"{s['one_step'] / ref['one_step']:.2f}× | {fmt(s['one_step_median'])} | {fmt(s['h8'])} | "
             f"{fmt(s['h31'])} | {fmt(s['coverage'], '.2f')} | {fmt(s['spread'], '.2f')} |"
         )

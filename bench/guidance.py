@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -45,9 +44,12 @@ from rlsynth.guidance.policies import D3rlpyPolicy, load_policy
 from rlsynth.guidance.spec import GuidanceConfig
 from rlsynth.offline_rl.synthesis import synthesize
 from rlsynth.offline_rl.train import train_agent
-from rlsynth.pipeline.bench_report import write_section
+from rlsynth.pipeline.bench_report import marginal_speed, matmul_gflops, write_section
 
 N = 7936  # one sampling chunk of the trajectory model (256 windows of 31 transitions)
+SMALL = N // 4
+"""The smaller request of the marginal rate (a quarter chunk: chunks are sized to the request)."""
+REPEATS = 3
 EVAL = EvalConfig(sample=4000, horizons=(8,), windows=128, seed=0)
 PLOT = Path(__file__).resolve().parent / "plots" / "guidance.png"
 
@@ -98,6 +100,7 @@ def run_target(
     wm_dir: Path,
     ds: Dataset,
     conds: list[tuple[str, GuidanceConfig, float | None]],
+    peak: float,
     refiner: Path | None = None,
 ) -> list[dict[str, Any]]:
     gen = load_generator(gen_dir, device="cpu")
@@ -109,15 +112,21 @@ def run_target(
     for label, cfg, sigma_start in conds:
         cfg = replace(cfg, policy=str(agent) if "policy" in cfg.terms else None, world_model=str(wm_dir))
         settings = SamplerSettings(sigma_start=sigma_start)
-        t0 = time.perf_counter()
-        synth = synthesize(gen, ds, N, settings, cfg if cfg.terms else None, seed=0, refiner=ref).dataset
-        rate = N / (time.perf_counter() - t0)
+        guide = cfg if cfg.terms else None
+
+        def run(
+            m: int, settings: SamplerSettings = settings, guide: GuidanceConfig | None = guide
+        ) -> Dataset:
+            return synthesize(gen, ds, m, settings, guide, seed=0, refiner=ref).dataset
+
+        synth, speed = marginal_speed(run, SMALL, N, REPEATS)
         row = {
             "target": name,
             "condition": label,
             **action_scores(pol, synth),
             **judge(synth, ds),
-            "rate": rate,
+            "rate": speed.rate,
+            "peak_share": speed.share(peak),
         }
         print(json.dumps(row), flush=True)
         rows.append(row)
@@ -171,11 +180,13 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
     base = next(r for r in rows if r["condition"] == "unguided")
     out = [
         "| condition | log π per action dim | Δ vs unguided | ‖a − μ(s)‖² | × unguided | one-step dyn MSE "
-        "| × unguided | median dyn MSE | transitions/s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| × unguided | median dyn MSE | transitions/s | % of peak | cost × unguided |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        rate = "—" if r["rate"] is None else f"{r['rate']:,.0f}"
+        rate = "— | — | —"
+        if r["rate"] is not None:
+            rate = f"{r['rate']:,.0f} | {r['peak_share']:.0%} | {base['rate'] / r['rate']:.2f}×"
         out.append(
             f"| {r['condition']} | {r['ll']:.2f} | {r['ll'] - base['ll']:+.2f} | {r['dist']:.3f} | "
             f"{r['dist'] / base['dist']:.2f} | {r['dyn']:.3g} | {r['dyn'] / base['dyn']:.2f} | "
@@ -237,16 +248,25 @@ def main() -> None:
     targets = {"IQL": ensure_agent(Path(a.agent), "iql", 20_000, ds, a.data)}
     if a.td3bc:
         targets["TD3+BC (σ 0.1)"] = ensure_agent(Path(a.td3bc), "td3bc", 10_000, ds, a.data)
-    results = {name: run_target(name, path, gen, wm, ds, conds) for name, path in targets.items()}
+    speed_1core, peak = matmul_gflops(), matmul_gflops(torch.get_num_threads())
+    results = {name: run_target(name, path, gen, wm, ds, conds, peak) for name, path in targets.items()}
     drafts: dict[str, list[dict[str, Any]]] = {}
     if drafter is not None:
         dconds = draft_conditions([float(s) for s in a.draft_scales.split(",")])
-        drafts = {n: run_target(n, path, drafter, wm, ds, dconds, refiner=gen) for n, path in targets.items()}
+        drafts = {
+            n: run_target(n, path, drafter, wm, ds, dconds, peak, refiner=gen) for n, path in targets.items()
+        }
     plot({n: rows + [{**r, "condition": f"AR {r['condition']}"} for r in drafts.get(n, [])[1:]]
           for n, rows in results.items()})  # fmt: skip
     used = used_settings(load_generator(gen, device="cpu"), SampleOptions())
     sampler = f"{used['steps']} Heun steps, churn {used['churn']:g}"
     body = [
+        f"One-core fp32 matmul {speed_1core:.0f} GFLOP/s; on the {torch.get_num_threads()} threads sampling "
+        f"uses {peak:.0f} GFLOP/s, the peak of the % column (achieved network FLOP/s: products, "
+        "convolutions and attention as torch's FLOP counter counts them, over wall time). Rates are "
+        f"marginal, between requests of {SMALL:,} and {N:,} transitions (medians of {REPEATS} runs each); "
+        "cost × unguided is the unguided rate over the row's.",
+        "",
         f"Data `{a.data}` ({len(ds.transitions):,} transitions, {ds.info.env_id}); trajectory diffusion "
         f"(`{a.generator}`, {sampler}), {N:,} transitions per condition from the same seeds; "
         f"the simulator judges {EVAL.sample:,} rows. Guidance: pgd schedule, gradients at the x0 estimate, "

@@ -8,7 +8,12 @@ import os
 import platform
 import re
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 
@@ -62,15 +67,16 @@ def write_section(key: str, title: str, body: str) -> None:
     BENCHMARKS.write_text(text)
 
 
-def matmul_gflops() -> float:
-    """fp32 matmul throughput of one core (1024² by 1024², best of 5): the machine's speed, stated beside
-    every benchmark table (machines of one kind differ about 3× from one session to the next)."""
+def matmul_gflops(threads: int = 1) -> float:
+    """fp32 matmul throughput (1024² by 1024², best of 5) on ``threads`` threads: on one, the machine's
+    speed, stated beside every benchmark table (machines of one kind differ about 3× from one session to
+    the next); on the threads a benchmark runs with, the peak its achieved FLOP/s are a share of."""
     import time
 
     import torch
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         x = torch.randn(1024, 1024)
         x @ x
@@ -80,5 +86,59 @@ def matmul_gflops() -> float:
             x @ x
             best = min(best, time.perf_counter() - t0)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
     return 2 * 1024**3 / best / 1e9
+
+
+def network_flops(fn: Callable[[], object]) -> int:
+    """The FLOPs of the network operations (matrix products, convolutions, attention) ``fn`` runs, as
+    torch's FLOP counter counts them; elementwise work is not counted, so achieved FLOP/s over wall time
+    is the share of the run spent at matmul speed."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+@dataclass(frozen=True)
+class Speed:
+    """How fast a sampler delivers: its marginal rate and the network FLOPs behind each transition."""
+
+    rate: float
+    """Marginal transitions per second (between two request sizes: start-up and a first chunk cancel)."""
+    flops_per_transition: float
+    """Network FLOPs per marginal transition (:func:`network_flops`)."""
+
+    @property
+    def gflops(self) -> float:
+        return self.rate * self.flops_per_transition / 1e9
+
+    def share(self, peak_gflops: float) -> float:
+        """Achieved network FLOP/s as a share of ``peak_gflops``."""
+        return self.gflops / peak_gflops
+
+
+def marginal_speed(run: Callable[[int], T], small: int, n: int, repeats: int) -> tuple[T, Speed]:
+    """``run(n)``'s result and the :class:`Speed` of ``run`` between requests of ``small`` and ``n``
+    transitions: medians of ``repeats`` timed runs of each (single timings on these machines vary by
+    ±25%), and the FLOP difference of one counted run of each."""
+    import time
+
+    import numpy as np
+
+    if not 0 < small < n:
+        raise ValueError(f"need 0 < small < n, got {small} and {n}")
+    seconds: dict[int, list[float]] = {small: [], n: []}
+    out: list[T] = []
+    for _ in range(repeats):
+        for m in (small, n):
+            t0 = time.perf_counter()
+            got = run(m)
+            seconds[m].append(time.perf_counter() - t0)
+            if m == n:
+                out = [got]
+    dt = float(np.median(seconds[n]) - np.median(seconds[small]))
+    flops = network_flops(lambda: run(n)) - network_flops(lambda: run(small))
+    rate = (n - small) / dt if dt > 0 else float("nan")
+    return out[0], Speed(rate=rate, flops_per_transition=flops / (n - small))
