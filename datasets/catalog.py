@@ -1147,11 +1147,13 @@ class Catalog:
         validate_transitions(dataset.transitions, dataset.info, f"dataset for '{name}'")
         txn = self.begin(name, dataset.info)
         try:
+            held: dict[int, _Held] = {}
             for i, part in enumerate(split_rows(dataset.transitions, rows_per_part)):
-                txn.write_part(i, part)
+                held[i] = _Held(part, txn.write_part(i, part)["sha256"])
             for fname, src in (files or {}).items():
                 txn.add_file(fname, src)
-            return txn.commit(lineage=lineage, tags=tags)
+            # The rows are in memory: the commit checks the files but hashes these instead of decoding.
+            return txn._commit(lineage or {}, tags or {}, len(held), None, held)
         except BaseException:
             txn.abort()
             raise
@@ -1227,6 +1229,14 @@ class _PartSummary:
     bytes: int
     sha256: str
     moments: dict[str, Moments]
+
+
+@dataclass(frozen=True)
+class _Held:
+    """A part's rows held by the process that wrote them, and the SHA-256 its file was written with."""
+
+    rows: Transitions
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -1344,6 +1354,18 @@ class Transaction:
         merged from the summaries; across parts, episode ids must be unique. Any failure raises
         :class:`CatalogError` in one line and publishes nothing.
         """
+        return self._commit(lineage or {}, tags or {}, expected_parts, written, {})
+
+    def _commit(
+        self,
+        lineage: Mapping[str, Any],
+        tags: Mapping[str, Any],
+        expected_parts: int | None,
+        written: Sequence[Mapping[str, Any]] | None,
+        held: Mapping[int, _Held],
+    ) -> VersionRef:
+        """:meth:`commit`; the parts in ``held`` (index -> the rows this process wrote there) are checked
+        by size and SHA-256 like every part but not decoded again (:meth:`Catalog.write`)."""
         cat = self.catalog()
         parts = self._parts(cat)
         if not parts:
@@ -1353,7 +1375,7 @@ class Transaction:
             raise CatalogError(
                 f"{self.name}: expected parts 0..{expected_parts - 1}, found {indices}; nothing committed"
             )
-        manifest = self._build_manifest(cat, parts, lineage or {}, tags or {})
+        manifest = self._build_manifest(cat, parts, lineage, tags, held)
         if written is not None:
             self._check_written(manifest["parts"], written)
         ref = self._publish_local(cat, manifest) if cat.local else self._publish_generic(cat, manifest)
@@ -1428,6 +1450,22 @@ class Transaction:
     def _staged_part(self, cat: Catalog, fname: str, summary: _PartSummary) -> Transitions:
         """One staged part, checked against its summary's size and SHA-256, then decoded."""
         label = f"{self.name}: part {fname}"
+        data = self._checked_bytes(cat, fname, summary)
+        try:
+            return from_table(read_part(data, summary.rows, self.info, label), label)
+        except CatalogError as e:
+            raise CatalogError(f"{e}; nothing committed") from None
+
+    def _held_part(self, cat: Catalog, fname: str, summary: _PartSummary, held: _Held) -> Transitions:
+        """The rows the caller holds for ``fname`` (as written by :meth:`write_part`, which encoded the
+        staged file from exactly them), once the file is checked to be still the one written: no decode."""
+        if summary.sha256 != held.sha256 or summary.rows != len(held.rows):
+            raise CatalogError(f"{self.name}: part {fname} is not the one written; nothing committed")
+        self._checked_bytes(cat, fname, summary)
+        return held.rows
+
+    def _checked_bytes(self, cat: Catalog, fname: str, summary: _PartSummary) -> pa.Buffer:
+        label = f"{self.name}: part {fname}"
         changed = "changed after it was written ({}); nothing committed"
         try:
             data = cat._files.read(self._staged(fname), summary.bytes)
@@ -1441,10 +1479,7 @@ class Transaction:
             )
         if _sha256_bytes(memoryview(data)) != summary.sha256:
             raise CatalogError(f"{label} {changed.format('its SHA-256 differs from its summary')}")
-        try:
-            return from_table(read_part(data, summary.rows, self.info, label), label)
-        except CatalogError as e:
-            raise CatalogError(f"{e}; nothing committed") from None
+        return data
 
     def _build_manifest(
         self,
@@ -1452,15 +1487,19 @@ class Transaction:
         parts: Sequence[tuple[int, str]],
         lineage: Mapping[str, Any],
         tags: Mapping[str, Any],
+        held: Mapping[int, _Held],
     ) -> dict[str, Any]:
         sdir = self.staging_dir(cat)
         hasher = ContentHasher(self.info)
         stats = _Stats()
         starts: list[np.ndarray] = []
         part_meta = []
-        for _, fname in parts:
+        for index, fname in parts:
             summary = self._summary(cat, fname)
-            t = self._staged_part(cat, fname, summary)
+            if index in held:
+                t = self._held_part(cat, fname, summary, held[index])
+            else:
+                t = self._staged_part(cat, fname, summary)
             hasher.update(t)
             starts.append(t.episode_id[t.episode_bounds()[:-1]])
             stats.add_episodes(t)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from helpers import assert_same_transitions, make_dataset
 
+from rlsynth.datasets import catalog as catalog_module
 from rlsynth.datasets.catalog import Catalog, Transaction, column_stats
 from rlsynth.datasets.errors import CatalogError
 from rlsynth.datasets.types import Dataset, Transitions
@@ -211,3 +212,40 @@ def test_commit_checks_what_write_part_returned(catalog: Catalog) -> None:
     stale = [written[0], {**written[1], "sha256": "0" * 64}]
     _refused(catalog, txn, r"part part-00001\.parquet is not the one written", written=stale)
     assert str(txn.commit(written=written)) == "toy@1"
+
+
+def test_write_commits_its_held_rows_without_decoding_and_with_the_same_hash(
+    catalog: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ds = _dataset()
+    # The same parts through a plain transaction, whose commit decodes each one.
+    staged = _commit(catalog, "staged", ds, list(catalog_module.split_rows(ds.transitions, 40)))
+    decoded: list[int] = []
+    real = catalog_module.read_part
+    monkeypatch.setattr(catalog_module, "read_part", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    ref = catalog.write("held", ds, rows_per_part=40)
+    assert decoded == []  # the rows were in memory: the commit hashed them, the files were checked
+    assert len(catalog.manifest(ref)["parts"]) > 1
+    assert catalog.manifest(ref)["content_hash"] == catalog.manifest(staged)["content_hash"]
+    assert catalog.manifest(ref)["stats"] == catalog.manifest(staged)["stats"]
+    assert_same_transitions(catalog.read(ref, use_cache=False), ds)
+
+
+def test_write_refuses_a_part_changed_between_its_write_and_the_commit(
+    catalog: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = Transaction.write_part
+
+    def write_then_damage(self: Transaction, index: int, t: Transitions) -> dict[str, Any]:
+        out = real(self, index, t)
+        if index == 1:
+            part = Path(self.staging_dir()) / f"part-{index:05d}.parquet"
+            data = bytearray(part.read_bytes())
+            data[len(data) // 2] ^= 0x01
+            part.write_bytes(bytes(data))
+        return out
+
+    monkeypatch.setattr(Transaction, "write_part", write_then_damage)
+    with pytest.raises(CatalogError, match=r"part part-00001\.parquet changed after it was written"):
+        catalog.write("held", _dataset(), rows_per_part=40)
+    assert catalog.list() == []
