@@ -38,6 +38,7 @@ from rlsynth.generators.api import (
     train_generator,
 )
 from rlsynth.generators.diffusion import TrajectoryConfig, TransitionConfig
+from rlsynth.generators.sampling import CHUNKS
 from rlsynth.offline_rl.synthesis import synthesize
 from rlsynth.pipeline.bench_report import Speed, marginal_speed, matmul_gflops, write_section
 
@@ -49,7 +50,10 @@ N_SAMPLES = 31_000
 EVAL = EvalConfig(sample=10_000, horizons=(1, 8, 31), windows=128, seed=0)
 REPEATS = 3
 SMALL = N_SAMPLES // 4
-"""The smaller request of the marginal rate."""
+"""The smaller request of the marginal rate (at least one whole chunk of every diffusion family)."""
+# A cold request is rounded up to whole chunks (a sample's batch must not depend on how a request is
+# split), and one drafter chunk is 1,024 windows: its marginal rate is taken between one and two chunks.
+DRAFT_SIZES = (CHUNKS["autoregressive"] * 31, 2 * CHUNKS["autoregressive"] * 31)
 # (temperature, sigma_start, K, polish): K = 0 is the raw draft. Settings never competitive in earlier
 # runs (K = 2 at any sigma_start, sigma_start 1.0 with K < 4, K = 4 at sigma_start 0.3 or 1.0: 1.3-1.4x
 # the trajectory error; BENCHMARKS.md) were dropped to keep the run short.
@@ -107,13 +111,15 @@ def sampling_rows() -> list[tuple[str, str, SampleOptions, str]]:
     return out
 
 
-def timed_sample(gen: LoadedGenerator, ds: Dataset, n: int, opts: SampleOptions) -> tuple[Dataset, Speed]:
-    """The samples of ``n`` and the speed at which they come (marginal between ``SMALL`` and ``n``)."""
+def timed_sample(
+    gen: LoadedGenerator, ds: Dataset, n: int, opts: SampleOptions, small: int = SMALL
+) -> tuple[Dataset, Speed]:
+    """The samples of ``n`` and the speed at which they come (marginal between ``small`` and ``n``)."""
 
     def run(m: int) -> Dataset:
         return synthesize(gen, ds, m, opts.settings(), seed=opts.seed, refiner=opts.refiner).dataset
 
-    return marginal_speed(run, SMALL, n, REPEATS)
+    return marginal_speed(run, small, n, REPEATS)
 
 
 def judge(synth: Dataset, ds: Dataset) -> dict[str, Any]:
@@ -183,7 +189,7 @@ def main() -> None:
             temperature=temp,
             polish=polish,
         )
-        synth, speed = timed_sample(gens["autoregressive"], ds, N_SAMPLES, o)
+        synth, speed = timed_sample(gens["autoregressive"], ds, DRAFT_SIZES[1], o, small=DRAFT_SIZES[0])
         sweep.append(
             {"temperature": temp, "sigma_start": sigma, "K": k, "polish": polish, **speed_of(speed, peak)}
             | judge(synth, ds)
@@ -255,7 +261,8 @@ def report(
         "",
         f"Autoregressive drafter ({trained(ar)}) + refinement by the trajectory "
         "model — the sweep that picks the defaults (rows with polish are compared with the polished "
-        "trajectory sampler, the others with the default one):",
+        "trajectory sampler, the others with the unpolished one; marginal rates between requests of "
+        f"{DRAFT_SIZES[0]:,} and {DRAFT_SIZES[1]:,} transitions, one and two drafting chunks):",
         "",
         "| temperature | sigma_start | K (Heun) | polish | transitions/s | % of peak | × trajectory "
         "diffusion speed | one-step MSE | × trajectory diffusion error | median row | H=8 | H=31 | coverage "
@@ -266,7 +273,7 @@ def report(
     for s in sweep:
         label = "raw drafts" if s["sigma_start"] == 0 else f"{s['sigma_start']}"
         # Unpolished rows are compared with the default sampler, polished ones with the polished sampler.
-        ref = polished if s["polish"] else traj
+        ref = polished if s["polish"] else rows.get("trajectory:ode20", traj)
         lines.append(
             f"| {s['temperature']} | {label} | {s['K'] or '—'} | {s['polish'] or '—'} | {s['rate']:,.0f} | "
             f"{s['peak_share']:.0%} | {s['rate'] / ref['rate']:.1f}× | {fmt(s['one_step'])} | "
