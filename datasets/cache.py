@@ -198,7 +198,6 @@ class Filling:
     def __init__(self, d: Path, expected: Expected, *, check_only: bool = False) -> None:
         d.parent.mkdir(parents=True, exist_ok=True)
         self.final = d
-        self.check_only = check_only
         self.stale = False
         self.tmp = None if check_only else Path(tempfile.mkdtemp(prefix=".tmp-", dir=d.parent))
         self.expected = expected

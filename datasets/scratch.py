@@ -31,22 +31,12 @@ HEADROOM_SHARE = 0.5
 the rest is left for everything the stage allocates beside it (batches, activations, the model)."""
 
 
-def _status_kib(field: str) -> int | None:
+def _proc_kib(path: str, field: str) -> int | None:
+    """The kB figure of ``field`` in a /proc file (``None`` where the platform has none)."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _available_kib() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
                     return int(line.split()[1])
     except OSError:
         return None
@@ -58,12 +48,12 @@ def headroom_bytes() -> float:
     data-segment limit less the data segment in use, and the address-space limit less the address space
     in use (each where the platform reports it; ``inf`` where none does)."""
     room = [math.inf]
-    avail = _available_kib()
+    avail = _proc_kib("/proc/meminfo", "MemAvailable")
     if avail is not None:
         room.append(avail * 1024.0)
     for limit, field in ((resource.RLIMIT_DATA, "VmData"), (resource.RLIMIT_AS, "VmSize")):
         soft = resource.getrlimit(limit)[0]
-        used = _status_kib(field)
+        used = _proc_kib("/proc/self/status", field)
         if soft != resource.RLIM_INFINITY and used is not None:
             room.append(max(0.0, float(soft) - used * 1024.0))
     return min(room)

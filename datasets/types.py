@@ -224,6 +224,11 @@ class Transitions:
     def __len__(self) -> int:
         return int(self.rewards.shape[0])
 
+    def one_step_change(self, lo: int, hi: int) -> np.ndarray:
+        """``next_observations − observations`` of rows lo..hi-1, in float64 (a block at a time: the
+        whole column of changes is never built)."""
+        return self.next_observations[lo:hi].astype(np.float64) - self.observations[lo:hi]
+
     def episode_bounds(self) -> IntArray:
         """Start offsets of each episode plus the total count: rows of episode k are [b[k], b[k+1])."""
         n = len(self)

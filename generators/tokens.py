@@ -249,9 +249,7 @@ def step_scales(layout: TokenLayout, std: np.ndarray, t: Transitions, alpha: flo
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"step_scale must be in [0, 1], got {alpha}")
     out = np.asarray(std, np.float64).copy()
-    delta = column_moments(
-        len(t), lambda lo, hi: t.next_observations[lo:hi].astype(np.float64) - t.observations[lo:hi]
-    )[1]
+    delta = column_moments(len(t), t.one_step_change)[1]
     obs_std = out[layout.obs]
     slow = delta < obs_std
     obs_std[slow] = obs_std[slow] ** (1 - alpha) * np.maximum(delta[slow], 1e-6) ** alpha

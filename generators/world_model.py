@@ -80,7 +80,7 @@ class WorldModelNormalisers:
         return cls(
             obs=Normaliser.fit(t.observations),
             act=Normaliser.fit(t.actions),
-            delta=Normaliser.of_moments(*column_moments(len(t), lambda lo, hi: _delta(t, lo, hi))),
+            delta=Normaliser.of_moments(*column_moments(len(t), t.one_step_change)),
             reward=Normaliser.fit(t.rewards[:, None]),
         )
 
@@ -171,14 +171,13 @@ class WorldModel(nn.Module):
     def member_mse(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Held-out MSE of each member's mean prediction: (E,), float64.
 
-        In blocks of ``MSE_ROWS`` rows without autograd: the held-out share of a 2M-row dataset is 100k
-        rows, and every member's activations for all of them at once, with their graph, took gigabytes."""
+        In blocks of ``MSE_ROWS`` rows: the held-out share of a 2M-row dataset is 100k rows, and every
+        member's activations for all of them at once took gigabytes."""
         total = torch.zeros(self.cfg.ensemble, dtype=torch.float64)
-        with torch.no_grad():
-            for lo in range(0, len(x), MSE_ROWS):
-                xb, yb = x[lo : lo + MSE_ROWS], y[lo : lo + MSE_ROWS]
-                mean, _, _ = self(xb.unsqueeze(0).expand(self.cfg.ensemble, -1, -1))
-                total += ((mean - yb.unsqueeze(0)) ** 2).sum(dim=(1, 2)).cpu().double()
+        for lo in range(0, len(x), MSE_ROWS):
+            xb, yb = x[lo : lo + MSE_ROWS], y[lo : lo + MSE_ROWS]
+            mean, _, _ = self(xb.unsqueeze(0).expand(self.cfg.ensemble, -1, -1))
+            total += ((mean - yb.unsqueeze(0)) ** 2).sum(dim=(1, 2)).cpu().double()
         return total / (len(x) * y.shape[-1])
 
     def select_elites(self, x: torch.Tensor, y: torch.Tensor) -> list[int]:
@@ -200,18 +199,13 @@ def training_tensors(t: Transitions, norms: WorldModelNormalisers) -> dict[str, 
         hi = min(lo + BLOCK_ROWS, len(t))
         x[lo:hi, :o] = _normalised(norms.obs, t.observations[lo:hi])
         x[lo:hi, o:] = _normalised(norms.act, t.actions[lo:hi])
-        y[lo:hi, :o] = _normalised(norms.delta, _delta(t, lo, hi))
+        y[lo:hi, :o] = _normalised(norms.delta, t.one_step_change(lo, hi))
         y[lo:hi, o:] = _normalised(norms.reward, t.rewards[lo:hi, None])
     return {
         "x": torch.from_numpy(x),
         "y": torch.from_numpy(y),
         "terminal": torch.as_tensor(t.terminals.astype(np.float32)),
     }
-
-
-def _delta(t: Transitions, lo: int, hi: int) -> np.ndarray:
-    """The one-step observation change of rows lo..hi-1, in float64."""
-    return t.next_observations[lo:hi].astype(np.float64) - t.observations[lo:hi]
 
 
 def _normalised(norm: Normaliser, block: np.ndarray) -> np.ndarray:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -159,3 +161,26 @@ def big_transitions(episodes: int, length: int) -> Transitions:
         terminals=terminated,
         timeouts=last & ~terminated,
     )
+
+
+# Allocator settings that make a child's address space and data segment follow live memory: Arrow's
+# mimalloc and glibc's per-thread arenas reserve large ranges up front, and glibc keeps freed heap mapped.
+CAPPED_CHILD_ENV = {
+    "ARROW_DEFAULT_MEMORY_POOL": "system",
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_THRESHOLD_": "65536",
+}
+
+
+def run_capped_child(script: str, *args: str, timeout: float, env: dict[str, str] | None = None) -> Any:
+    """Run ``script`` (which caps its own memory) in a fresh interpreter with :data:`CAPPED_CHILD_ENV`;
+    it must succeed, and the JSON on its last output line is returned."""
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **CAPPED_CHILD_ENV, **(env or {})},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.splitlines()[-1])

@@ -21,6 +21,15 @@ def _entry(catalog: Catalog, ref: str) -> Path:
     return Path(os.environ["RLSYNTH_CACHE"]) / "arrays" / digest
 
 
+def _flip_a_bit(f: Path) -> bytes:
+    """Damage one bit near the end of ``f`` (in the array data, past the header); returns the damaged
+    bytes."""
+    data = bytearray(f.read_bytes())
+    data[-3] ^= 0x10
+    f.write_bytes(bytes(data))
+    return bytes(data)
+
+
 def _part(catalog: Catalog) -> Path:
     return next(Path(catalog.root).rglob("part-*.parquet"))
 
@@ -45,11 +54,9 @@ def test_damaged_cache_is_detected_removed_and_rebuilt(catalog: Catalog) -> None
     ref = str(catalog.write("toy", ds))
     catalog.read(ref)
     f = _entry(catalog, ref) / "rewards.npy"
-    data = bytearray(f.read_bytes())
-    data[-3] ^= 0x10
-    f.write_bytes(bytes(data))
+    data = _flip_a_bit(f)
     back = catalog.read(ref)  # read from the catalog again, into a rebuilt entry
-    assert f.read_bytes() != bytes(data)
+    assert f.read_bytes() != data
     assert_same_transitions(back, ds)
     assert (_entry(catalog, ref) / "index.json").exists()
     assert isinstance(catalog.read(ref).transitions.rewards, np.memmap)
@@ -177,11 +184,9 @@ def test_a_damaged_entry_is_never_served_to_a_folder_it_was_not_checked_against(
     first = str(catalog.write("a", ds))
     catalog.read(first)
     f = _entry(catalog, first) / "rewards.npy"
-    data = bytearray(f.read_bytes())
-    data[-3] ^= 0x10
-    f.write_bytes(bytes(data))
+    data = _flip_a_bit(f)
     back = catalog.read(str(catalog.write("b", ds)))  # the parts check; the entry does not
     assert_same_transitions(back, ds)
     assert isinstance(back.transitions.rewards, np.memmap)  # served from a rebuilt entry
-    assert f.read_bytes() != bytes(data)
+    assert f.read_bytes() != data
     assert_same_transitions(catalog.read(first), ds)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -12,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers import big_transitions, hopper_info, make_dataset
+from helpers import big_transitions, hopper_info, make_dataset, run_capped_child
 
 from rlsynth.datasets.catalog import Catalog, VersionRef
 from rlsynth.datasets.errors import CatalogError
@@ -137,14 +135,6 @@ def test_a_content_hash_mismatch_raises_after_the_last_batch(catalog: Catalog) -
 MARGIN = 24 * 2**20
 BIG_EPISODES, BIG_LENGTH, BIG_ROWS_PER_PART = 7_000, 100, 8_000
 
-# Allocator settings that make the address space follow live memory: Arrow's mimalloc and glibc's
-# per-thread arenas reserve large ranges up front, and glibc keeps freed heap memory mapped.
-CHILD_ENV = {
-    "ARROW_DEFAULT_MEMORY_POOL": "system",
-    "MALLOC_ARENA_MAX": "1",
-    "MALLOC_MMAP_THRESHOLD_": "65536",
-}
-
 CHILD = textwrap.dedent(
     """
     import json, resource, sys
@@ -187,15 +177,7 @@ def test_a_version_larger_than_memory_streams_where_read_fails(catalog: Catalog)
     catalog.write("big", Dataset(hopper_info(), big), rows_per_part=BIG_ROWS_PER_PART)
     del big
     catalog.write("warm", make_dataset(), rows_per_part=10)
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD, catalog.root, str(MARGIN)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **CHILD_ENV},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout)
+    out = run_capped_child(CHILD, catalog.root, str(MARGIN), timeout=120)
     assert out == {
         "rows": BIG_EPISODES * BIG_LENGTH,
         "reward_sum": expected_sum,

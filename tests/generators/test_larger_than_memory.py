@@ -4,14 +4,19 @@ table in memory (the old way) fails, and it exports to Minari, where building it
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-from helpers import TINY_TRAIN, assert_same_transitions, big_transitions, hopper_info, make_dataset
+from helpers import (
+    TINY_TRAIN,
+    assert_same_transitions,
+    big_transitions,
+    hopper_info,
+    make_dataset,
+    run_capped_child,
+)
 
 from rlsynth.datasets.catalog import Catalog
 from rlsynth.datasets.minari_io import read_minari
@@ -25,12 +30,6 @@ MARGIN = 64 * 2**20
 EPISODES, LENGTH = 1_200, 1_000
 TABLE_WIDTH = {"trajectory": 16, "autoregressive": 16, "transition": 27, "world-model": 14}
 """Float32 columns of each family's smallest table on Hopper (tokens; features; world-model inputs)."""
-
-CHILD_ENV = {
-    "MALLOC_ARENA_MAX": "1",
-    "MALLOC_MMAP_THRESHOLD_": "65536",
-    "ARROW_DEFAULT_MEMORY_POOL": "system",
-}
 
 CHILD = textwrap.dedent(
     """
@@ -85,25 +84,10 @@ def test_a_family_trains_on_a_version_larger_than_its_memory(
 ) -> None:
     catalog, cache = big_catalog
     assert EPISODES * LENGTH * TABLE_WIDTH[kind] * 4 > MARGIN  # its table does not fit under the cap
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            CHILD,
-            catalog.root,
-            str(tmp_path / "runs"),
-            str(MARGIN),
-            kind,
-            str(TABLE_WIDTH[kind]),
-            json.dumps({**TINY_TRAIN, "batch_size": 8, "val_fraction": 1e-4}),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, **CHILD_ENV, "RLSYNTH_CACHE": str(cache)},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.splitlines()[-1]) == {"trained": True, "in_memory": "MemoryError"}
+    tiny = json.dumps({**TINY_TRAIN, "batch_size": 8, "val_fraction": 1e-4})
+    args = (catalog.root, str(tmp_path / "runs"), str(MARGIN), kind, str(TABLE_WIDTH[kind]), tiny)
+    out = run_capped_child(CHILD, *args, timeout=300, env={"RLSYNTH_CACHE": str(cache)})
+    assert out == {"trained": True, "in_memory": "MemoryError"}
     assert not list((cache / "scratch").glob("*"))  # the scratch files went with the process
 
 
@@ -136,15 +120,10 @@ EXPORT_CHILD = textwrap.dedent(
 @pytest.mark.skipif(sys.platform != "linux", reason="reads the data segment from /proc")
 def test_a_version_larger_than_memory_exports_to_minari(big_catalog: tuple[Catalog, Path]) -> None:
     catalog, cache = big_catalog
-    proc = subprocess.run(
-        [sys.executable, "-c", EXPORT_CHILD, catalog.root, str(MARGIN)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, **CHILD_ENV, "RLSYNTH_CACHE": str(cache)},
+    out = run_capped_child(
+        EXPORT_CHILD, catalog.root, str(MARGIN), timeout=300, env={"RLSYNTH_CACHE": str(cache)}
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.splitlines()[-1]) == {"exported": True, "in_memory": "MemoryError"}
+    assert out == {"exported": True, "in_memory": "MemoryError"}
     back = read_minari("rlsynth/big-v0")
     assert back.n_transitions == EPISODES * LENGTH
     assert_same_transitions(back, catalog.read("big"))
