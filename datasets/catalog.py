@@ -40,7 +40,6 @@ import datetime as _dt
 import errno
 import hashlib
 import hmac
-import io
 import json
 import logging
 import mmap
@@ -59,7 +58,6 @@ from typing import Any, Protocol
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from rlsynth.datasets import cache
 from rlsynth.datasets.atomic import Writer
@@ -76,10 +74,10 @@ from rlsynth.datasets.manifest import (
 )
 from rlsynth.datasets.parquet import (
     FORMAT_VERSION,
+    encode_part,
     from_table,
     read_part,
     table_arrays,
-    to_table,
 )
 from rlsynth.datasets.types import Dataset, DatasetInfo, Transitions
 from rlsynth.datasets.validation import validate_transitions
@@ -1280,9 +1278,7 @@ class Transaction:
             raise CatalogError(f"part index {index} out of range [0, 99999]")
         validate_transitions(t, self.info, f"{self.name} part {index}")
         cat = self.catalog()
-        buf = io.BytesIO()
-        pq.write_table(to_table(t, self.info), buf, compression="zstd", compression_level=1)
-        data = buf.getvalue()
+        data = encode_part(t, self.info)
         fname = f"part-{index:05d}.parquet"
         sha = _sha256_bytes(data)
         moments = {c: {k: v.tolist() for k, v in m.items()} for c, m in part_moments(t).items()}
