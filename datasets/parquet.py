@@ -64,8 +64,7 @@ def to_table(t: Transitions, info: DatasetInfo) -> pa.Table:
 DICTIONARY_COLUMNS = ("episode_id", "step")
 """The columns a part dictionary-encodes: few distinct values (flags are bit-packed as they are). Float
 columns are written plain, then zstd: their values are almost all distinct, so a dictionary would be
-built, overflow and be dropped on every page — about a fifth of the write time of a 1M-row part, for
-nothing (BENCHMARKS.md, Scale)."""
+built, overflow and be dropped on every page, time spent for nothing (BENCHMARKS.md, Scale)."""
 
 
 def encode_part(t: Transitions, info: DatasetInfo) -> bytes:
