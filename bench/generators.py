@@ -204,7 +204,9 @@ def main() -> None:
     print(body)
     (root / "results.json").write_text(json.dumps({"rows": rows, "sweep": sweep, "linear": lin}, indent=2))
     if not a.no_write:
-        write_section("generators", "Generators: speed and dynamics error against the simulator", body)
+        # One section per dataset name: a run on another environment adds its table beside the others.
+        name = a.data.split("@")[0]
+        write_section(f"generators {name}", f"Generators on {name}: speed and dynamics error", body)
 
 
 def fmt(x: float | None, spec: str = ".3g") -> str:

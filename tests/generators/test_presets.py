@@ -43,7 +43,7 @@ EXPECTED: dict[tuple[str, str], tuple[type, dict[str, Any], dict[str, Any]]] = {
             "warmup_steps": 500,
             "min_lr_ratio": 0.05,
             "grad_clip": 1.0,
-            "ema_decay": 0.999,
+            "ema_decay": 0.0,
             "val_fraction": 0.05,
             "eval_every": 1000,
             "checkpoint_every": 1000,
