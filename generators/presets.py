@@ -20,8 +20,10 @@ from rlsynth.generators.world_model import WorldModelConfig
 # what the fixed count made matter: at 4,000 steps 6e-3 cut the polished one-step error 2-3× against 1e-3
 # on both datasets measured (BENCHMARKS.md, "Trajectory cpu-small learning rate"), at no cost per step.
 # No weight average: the cosine schedule's last steps already average at a twentieth of the peak rate, and
-# an EMA whose horizon is a quarter of so short a run lags behind them; the final weights' one-step error
-# was lower on every dataset and seed measured (BENCHMARKS.md, "Trajectory cpu-small without EMA").
+# an EMA whose horizon is a quarter of so short a run lags behind them. The final weights kept more of the
+# data's spread on both datasets measured and a lower unpolished error; polished, they were better on one
+# and worse on the other, where the average's lower error came with a collapsed spread (BENCHMARKS.md,
+# "Trajectory cpu-small without a weight average").
 TRAJECTORY_CPU = (
     TrajectoryConfig(channels=(32, 64), emb=64, stride=1),
     TrainConfig(
