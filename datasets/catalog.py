@@ -51,6 +51,7 @@ import stat
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -102,6 +103,12 @@ SUMMARY_SUFFIX = ".summary.json"
 SUMMARY_FORMAT = "rlsynth.part-summary/1"
 # Rows per streamed batch: a few MB for typical spaces, a usual trainer or exporter chunk.
 DEFAULT_BATCH_ROWS = 65_536
+ROWS_PER_PART = 250_000
+"""Rows per part that :meth:`Catalog.write` aims at (whole episodes, so parts run a little short). Small
+enough that a reader holds one part of a D4RL-size dataset in tens of megabytes and that a 1M-transition
+write has parts for every core to encode; fixed, so the same data gives the same files on any machine."""
+MOMENT_BLOCK_ROWS = 65_536
+"""Rows per float64 block in :func:`part_moments`: the squared deviations never need a whole float64 copy."""
 
 # A streamed batch: column name -> numpy array, the shapes and dtypes of :class:`Transitions`' columns.
 ColumnBatch = dict[str, np.ndarray]
@@ -488,9 +495,15 @@ def part_moments(t: Transitions) -> dict[str, Moments]:
     k = len(t)
     out = {}
     for c in MOMENT_COLUMNS:
-        a = getattr(t, c).reshape(k, -1).astype(np.float64)
-        mean = a.mean(0)
-        out[c] = {"mean": mean, "m2": ((a - mean) ** 2).sum(0), "min": a.min(0), "max": a.max(0)}
+        a = getattr(t, c).reshape(k, -1)
+        mean = a.sum(0, dtype=np.float64) / k
+        m2 = np.zeros_like(mean)
+        for lo in range(0, k, MOMENT_BLOCK_ROWS):
+            d = a[lo : lo + MOMENT_BLOCK_ROWS].astype(np.float64)
+            d -= mean
+            m2 += np.einsum("ij,ij->j", d, d)
+        lo_, hi_ = a.min(0).astype(np.float64), a.max(0).astype(np.float64)
+        out[c] = {"mean": mean, "m2": m2, "min": lo_, "max": hi_}
     return out
 
 
@@ -1139,15 +1152,18 @@ class Catalog:
         lineage: Mapping[str, Any] | None = None,
         tags: Mapping[str, Any] | None = None,
         files: Mapping[str, str | os.PathLike[str]] | None = None,
-        rows_per_part: int = 1_000_000,
+        rows_per_part: int = ROWS_PER_PART,
     ) -> VersionRef:
-        """Validate and commit a whole in-memory dataset as the next version of ``name``."""
+        """Validate and commit a whole in-memory dataset as the next version of ``name``.
+
+        Parts are written by a pool of threads, one per core (Parquet encoding, hashing and moments run
+        outside the GIL), so a commit's cost is not one core's; the files do not depend on the pool."""
         validate_transitions(dataset.transitions, dataset.info, f"dataset for '{name}'")
         txn = self.begin(name, dataset.info)
         try:
-            held: dict[int, _Held] = {}
-            for i, part in enumerate(split_rows(dataset.transitions, rows_per_part)):
-                held[i] = _Held(part, txn.write_part(i, part)["sha256"])
+            parts = list(split_rows(dataset.transitions, rows_per_part))
+            shas = _write_parts(txn, parts)
+            held = {i: _Held(part, sha) for i, (part, sha) in enumerate(zip(parts, shas, strict=True))}
             for fname, src in (files or {}).items():
                 txn.add_file(fname, src)
             # The rows are in memory: the commit checks the files but hashes these instead of decoding.
@@ -1190,6 +1206,26 @@ def _verify_report(
         "expected_content_hash": man.content_hash if man else None,
         "problems": problems,
     }
+
+
+def _cores() -> int:
+    """The cores this process may run on (its affinity, not the machine's count)."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def _write_parts(txn: Transaction, parts: Sequence[Transitions]) -> list[str]:
+    """Write ``parts`` as parts 0.. of ``txn``, one thread per core; their SHA-256s in order."""
+    threads = min(len(parts), _cores())
+    if threads == 1:
+        return [txn.write_part(i, p)["sha256"] for i, p in enumerate(parts)]
+    pool = ThreadPoolExecutor(threads)
+    try:
+        futures = [pool.submit(txn.write_part, i, p) for i, p in enumerate(parts)]
+        return [str(f.result()["sha256"]) for f in futures]
+    finally:
+        # On an interrupt or a failed part the queued parts are dropped and the running ones finish (one
+        # part each), so the abort that follows finds nothing still writing into the staging folder.
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def split_rows(t: Transitions, rows: int) -> Iterable[Transitions]:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from helpers import assert_same_transitions, make_dataset
 
+from rlsynth.datasets import catalog as C
 from rlsynth.datasets.catalog import Catalog, VersionRef, check_name, parse_ref, split_rows
 from rlsynth.datasets.errors import CatalogError, ValidationError
 from rlsynth.datasets.types import Dataset, Transitions
@@ -90,6 +91,37 @@ def test_content_hash_does_not_depend_on_part_split(catalog: Catalog) -> None:
         catalog.manifest(catalog.write("other", other))["content_hash"]
         != catalog.manifest(one)["content_hash"]
     )
+
+
+def test_parts_written_by_threads_are_the_files_one_thread_writes(
+    catalog: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ds = make_dataset(lengths=(4, 6, 3, 8, 2, 7))
+    monkeypatch.setattr(C, "_cores", lambda: 1)
+    serial = catalog.manifest(catalog.write("serial", ds, rows_per_part=5))
+    monkeypatch.setattr(C, "_cores", lambda: 4)
+    threaded = catalog.manifest(catalog.write("threaded", ds, rows_per_part=5))
+    assert len(threaded["parts"]) == 6
+    assert threaded["parts"] == serial["parts"] and threaded["content_hash"] == serial["content_hash"]
+    assert threaded["stats"] == serial["stats"]
+    assert_same_transitions(ds, catalog.read("threaded"))
+
+
+def test_a_failed_part_in_a_threaded_write_leaves_nothing(
+    catalog: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = C.Transaction.write_part
+
+    def flaky(self: C.Transaction, index: int, t: Transitions) -> dict[str, object]:
+        if index == 2:
+            raise OSError("disk full (injected)")
+        return real(self, index, t)
+
+    monkeypatch.setattr(C, "_cores", lambda: 2)
+    monkeypatch.setattr(C.Transaction, "write_part", flaky)
+    with pytest.raises(OSError, match="injected"):
+        catalog.write("toy", make_dataset(lengths=(4, 6, 3, 8, 2, 7)), rows_per_part=5)
+    assert _staging(catalog) == [] and catalog.versions("toy") == []
 
 
 def test_split_rows_keeps_whole_episodes() -> None:
@@ -350,21 +382,27 @@ SIGTERM_SCRIPT = textwrap.dedent(
     real = C.Transaction.write_part
     def slow(self, index, t):
         out = real(self, index, t)
-        print("part written", flush=True)
-        time.sleep(60)
+        sys.stdout.write("part written\\n")  # one write: threads' lines must not interleave
+        sys.stdout.flush()
+        time.sleep({sleep})
         return out
     C.Transaction.write_part = slow
+    C._cores = lambda: {threads}
     try:
-        C.Catalog({root!r}).write("toy", make_dataset())
+        C.Catalog({root!r}).write("toy", make_dataset(lengths=(4, 6, 3, 8, 2, 7)), rows_per_part=5)
     except Terminated:
         sys.exit(143)
     """
 )
 
 
-def test_sigterm_unwinds_like_ctrl_c_and_leaves_no_staging(catalog: Catalog) -> None:
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sigterm_unwinds_like_ctrl_c_and_leaves_no_staging(catalog: Catalog, threads: int) -> None:
+    """With threads the unwinding waits for the parts being written (a second each here), no longer."""
     tests = str(Path(__file__).resolve().parents[1])
-    script = SIGTERM_SCRIPT.format(tests=tests, root=catalog.root)
+    script = SIGTERM_SCRIPT.format(
+        tests=tests, root=catalog.root, threads=threads, sleep=1 if threads > 1 else 60
+    )
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None and proc.stdout.readline() == b"part written\n"
     assert list(Path(catalog.root).rglob("part-*.parquet"))
