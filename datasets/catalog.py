@@ -107,6 +107,8 @@ ROWS_PER_PART = 250_000
 """Rows per part that :meth:`Catalog.write` aims at (whole episodes, so parts run a little short). Small
 enough that a reader holds one part of a D4RL-size dataset in tens of megabytes and that a 1M-transition
 write has parts for every core to encode; fixed, so the same data gives the same files on any machine."""
+PARALLEL_HASH_ROWS = 65_536
+"""Parts of at least this many rows have their columns hashed in parallel (below it threads cost more)."""
 MOMENT_BLOCK_ROWS = 65_536
 """Rows per float64 block in :func:`part_moments`: the squared deviations never need a whole float64 copy."""
 
@@ -188,9 +190,21 @@ class ContentHasher:
         self._cols = {c: hashlib.sha256() for c in Transitions.columns()}
 
     def update(self, t: Transitions) -> None:
-        for c, h in self._cols.items():
+        """Feed one part; the columns' hashes run on one thread per core (hashlib releases the GIL)."""
+
+        def feed(c: str) -> None:
             a = np.ascontiguousarray(getattr(t, c))
-            h.update(a.astype(a.dtype.newbyteorder("<"), copy=False).view(np.uint8).reshape(-1).data)
+            self._cols[c].update(
+                a.astype(a.dtype.newbyteorder("<"), copy=False).view(np.uint8).reshape(-1).data
+            )
+
+        threads = min(_cores(), len(self._cols)) if len(t) >= PARALLEL_HASH_ROWS else 1
+        if threads == 1:
+            for c in self._cols:
+                feed(c)
+            return
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(feed, self._cols))
 
     def hexdigest(self) -> str:
         h = hashlib.sha256()

@@ -107,6 +107,17 @@ def test_parts_written_by_threads_are_the_files_one_thread_writes(
     assert_same_transitions(ds, catalog.read("threaded"))
 
 
+def test_content_hash_is_the_same_with_columns_hashed_in_parallel(monkeypatch: pytest.MonkeyPatch) -> None:
+    ds = make_dataset(lengths=(4, 6, 3, 8, 2, 7))
+    serial = C.ContentHasher(ds.info)
+    serial.update(ds.transitions)
+    monkeypatch.setattr(C, "PARALLEL_HASH_ROWS", 1)
+    monkeypatch.setattr(C, "_cores", lambda: 4)
+    threaded = C.ContentHasher(ds.info)
+    threaded.update(ds.transitions)
+    assert threaded.hexdigest() == serial.hexdigest()
+
+
 def test_a_failed_part_in_a_threaded_write_leaves_nothing(
     catalog: Catalog, monkeypatch: pytest.MonkeyPatch
 ) -> None:
