@@ -51,7 +51,12 @@ SMALL = N // 4
 """The smaller request of the marginal rate (a quarter chunk: chunks are sized to the request)."""
 REPEATS = 3
 EVAL = EvalConfig(sample=4000, horizons=(8,), windows=128, seed=0)
-PLOT = Path(__file__).resolve().parent / "plots" / "guidance.png"
+PLOTS = Path(__file__).resolve().parent / "plots"
+
+
+def plot_path(data: str) -> Path:
+    """The plot of dataset ``data`` (``NAME@N``): one per dataset name, so each table keeps its own."""
+    return PLOTS / f"guidance-{data.split('@')[0].replace('/', '-')}.png"
 
 
 def action_scores(pol: D3rlpyPolicy, ds: Dataset) -> dict[str, float]:
@@ -195,7 +200,7 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def plot(results: dict[str, list[dict[str, Any]]]) -> None:
+def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -210,8 +215,8 @@ def plot(results: dict[str, list[dict[str, Any]]]) -> None:
         ax.set_title(f"target: {name}")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    PLOT.parent.mkdir(exist_ok=True)
-    fig.savefig(PLOT, dpi=100)
+    path.parent.mkdir(exist_ok=True)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -256,8 +261,9 @@ def main() -> None:
         drafts = {
             n: run_target(n, path, drafter, wm, ds, dconds, peak, refiner=gen) for n, path in targets.items()
         }
+    png = plot_path(a.data)
     plot({n: rows + [{**r, "condition": f"AR {r['condition']}"} for r in drafts.get(n, [])[1:]]
-          for n, rows in results.items()})  # fmt: skip
+          for n, rows in results.items()}, png)  # fmt: skip
     used = used_settings(load_generator(gen, device="cpu"), SampleOptions())
     sampler = f"{used['steps']} Heun steps, churn {used['churn']:g}"
     body = [
@@ -270,7 +276,7 @@ def main() -> None:
         f"Data `{a.data}` ({len(ds.transitions):,} transitions, {ds.info.env_id}); trajectory diffusion "
         f"(`{a.generator}`, {sampler}), {N:,} transitions per condition from the same seeds; "
         f"the simulator judges {EVAL.sample:,} rows. Guidance: pgd schedule, gradients at the x0 estimate, "
-        "raw (un-normalised) gradients. Plot: `bench/plots/guidance.png`.",
+        f"raw (un-normalised) gradients. Plot: `bench/plots/{png.name}`.",
     ]
     for name, rows in results.items():
         body += ["", f"Target **{name}**:", "", *table(rows), "", *[f"- {v}" for v in verdict(rows)]]
@@ -288,10 +294,14 @@ def main() -> None:
                 "",
                 *[f"- {v}" for v in verdict(drafts[name])],
             ]
+    body += ["", f"![guidance: target likelihood against dynamics error](bench/plots/{png.name})"]
     text = "\n".join(body)
     print(text)
     if not a.no_write:
-        write_section("guidance", "Guidance: target likelihood against dynamics error", text)
+        name = a.data.split("@")[0]
+        write_section(
+            f"guidance {name}", f"Guidance on {name}: target likelihood against dynamics error", text
+        )
 
 
 if __name__ == "__main__":
