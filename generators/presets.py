@@ -14,20 +14,24 @@ from rlsynth.generators.families import KINDS
 from rlsynth.generators.training import TrainConfig
 from rlsynth.generators.world_model import WorldModelConfig
 
-# Sized to ≤ 15 min on the slower 2-core machines: 0.19 s per step there (planned by a 14-minute budget
-# run), so 4,000 steps take about 13 min with data preparation and validation. The model is under-trained
-# at this count (BENCHMARKS.md); ``--steps N`` or ``--budget-minutes M`` trains longer. The learning rate is
-# what the fixed count made matter: at 4,000 steps 6e-3 cut the polished one-step error 2-3× against 1e-3
-# on both datasets measured (BENCHMARKS.md, "Trajectory cpu-small learning rate"), at no cost per step.
+# Sized to ≤ 15 min on the slower 2-core machines: 0.19 s per step there for the earlier 32-64 U-Net
+# (planned by a 14-minute budget run), and a 64-64 step costs 1.38× that here, so 3,000 steps take about
+# 13 min with data preparation and validation. The model is under-trained at this count (BENCHMARKS.md);
+# ``--steps N`` or ``--budget-minutes M`` trains longer. Width: 64 channels at full resolution, not 32 —
+# the tokens have 20-40 dimensions and 32 channels left little room beside them; at the same training time
+# (3,000 steps against 4,000) the polished one-step error fell 0.52× → 0.40× linear on HalfCheetah and
+# 1.27× → 0.92× on Walker2d, spread unchanged (BENCHMARKS.md, "Trajectory cpu-small: 64 channels").
+# The learning rate is what the fixed count made matter: 6e-3 cut the polished one-step error 2-3×
+# against 1e-3 on both datasets measured (BENCHMARKS.md, "Trajectory cpu-small learning rate").
 # No weight average: the cosine schedule's last steps already average at a twentieth of the peak rate, and
 # an EMA whose horizon is a quarter of so short a run lags behind them. The final weights kept more of the
 # data's spread on both datasets measured and a lower unpolished error; polished, they were better on one
 # and worse on the other, where the average's lower error came with a collapsed spread (BENCHMARKS.md,
 # "Trajectory cpu-small without a weight average").
 TRAJECTORY_CPU = (
-    TrajectoryConfig(channels=(32, 64), emb=64, stride=1),
+    TrajectoryConfig(channels=(64, 64), emb=64, stride=1),
     TrainConfig(
-        steps=4_000,
+        steps=3_000,
         batch_size=128,
         lr=6e-3,
         weight_decay=1e-4,

@@ -18,7 +18,7 @@ EXPECTED: dict[tuple[str, str], tuple[type, dict[str, Any], dict[str, Any]]] = {
         TrajectoryConfig,
         {
             "horizon": 32,
-            "channels": (32, 64),
+            "channels": (64, 64),
             "emb": 64,
             "stride": 1,
             "step_scale": 0.0,
@@ -35,7 +35,7 @@ EXPECTED: dict[tuple[str, str], tuple[type, dict[str, Any], dict[str, Any]]] = {
             },
         },
         {
-            "steps": 4000,
+            "steps": 3000,
             "budget_s": None,
             "batch_size": 128,
             "lr": 0.006,
