@@ -32,13 +32,13 @@ import shutil
 import tempfile
 import zlib
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 
+from rlsynth.datasets.parallel import cores, thread_map
 from rlsynth.datasets.types import Transitions
 
 log = logging.getLogger(__name__)
@@ -161,8 +161,7 @@ def _intact(d: Path, expected: Expected, crc: object) -> dict[str, np.ndarray] |
     cols = _mapped(d, expected)
     if cols is None:
         return None
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        crcs = dict(zip(cols, pool.map(_crc32, cols.values()), strict=True))
+    crcs = dict(zip(cols, thread_map(_crc32, list(cols.values()), min(4, cores())), strict=True))
     if not isinstance(crc, dict) or any(crcs[c] != crc.get(c) for c in cols):
         _discard(d, "is damaged")
         return None

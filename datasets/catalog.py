@@ -51,7 +51,6 @@ import stat
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -73,6 +72,7 @@ from rlsynth.datasets.manifest import (
     parse_manifest,
     schema_json,
 )
+from rlsynth.datasets.parallel import cores, thread_map
 from rlsynth.datasets.parquet import (
     FORMAT_VERSION,
     encode_part,
@@ -198,13 +198,7 @@ class ContentHasher:
                 a.astype(a.dtype.newbyteorder("<"), copy=False).view(np.uint8).reshape(-1).data
             )
 
-        threads = min(_cores(), len(self._cols)) if len(t) >= PARALLEL_HASH_ROWS else 1
-        if threads == 1:
-            for c in self._cols:
-                feed(c)
-            return
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(feed, self._cols))
+        thread_map(feed, list(self._cols), cores() if len(t) >= PARALLEL_HASH_ROWS else 1)
 
     def hexdigest(self) -> str:
         h = hashlib.sha256()
@@ -512,12 +506,16 @@ def part_moments(t: Transitions) -> dict[str, Moments]:
         a = getattr(t, c).reshape(k, -1)
         mean = a.sum(0, dtype=np.float64) / k
         m2 = np.zeros_like(mean)
-        for lo in range(0, k, MOMENT_BLOCK_ROWS):
-            d = a[lo : lo + MOMENT_BLOCK_ROWS].astype(np.float64)
+        for start in range(0, k, MOMENT_BLOCK_ROWS):
+            d = a[start : start + MOMENT_BLOCK_ROWS].astype(np.float64)
             d -= mean
             m2 += np.einsum("ij,ij->j", d, d)
-        lo_, hi_ = a.min(0).astype(np.float64), a.max(0).astype(np.float64)
-        out[c] = {"mean": mean, "m2": m2, "min": lo_, "max": hi_}
+        out[c] = {
+            "mean": mean,
+            "m2": m2,
+            "min": a.min(0).astype(np.float64),
+            "max": a.max(0).astype(np.float64),
+        }
     return out
 
 
@@ -1222,24 +1220,11 @@ def _verify_report(
     }
 
 
-def _cores() -> int:
-    """The cores this process may run on (its affinity, not the machine's count)."""
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-
-
 def _write_parts(txn: Transaction, parts: Sequence[Transitions]) -> list[str]:
-    """Write ``parts`` as parts 0.. of ``txn``, one thread per core; their SHA-256s in order."""
-    threads = min(len(parts), _cores())
-    if threads == 1:
-        return [txn.write_part(i, p)["sha256"] for i, p in enumerate(parts)]
-    pool = ThreadPoolExecutor(threads)
-    try:
-        futures = [pool.submit(txn.write_part, i, p) for i, p in enumerate(parts)]
-        return [str(f.result()["sha256"]) for f in futures]
-    finally:
-        # On an interrupt or a failed part the queued parts are dropped and the running ones finish (one
-        # part each), so the abort that follows finds nothing still writing into the staging folder.
-        pool.shutdown(wait=True, cancel_futures=True)
+    """Write ``parts`` as parts 0.. of ``txn``, one thread per core; their SHA-256s in order. A failed or
+    interrupted write returns once no part is still being written, so the abort that follows is clean."""
+    written = thread_map(lambda ip: txn.write_part(*ip), list(enumerate(parts)), cores())
+    return [str(w["sha256"]) for w in written]
 
 
 def split_rows(t: Transitions, rows: int) -> Iterable[Transitions]:

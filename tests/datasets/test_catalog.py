@@ -97,9 +97,9 @@ def test_parts_written_by_threads_are_the_files_one_thread_writes(
     catalog: Catalog, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ds = make_dataset(lengths=(4, 6, 3, 8, 2, 7))
-    monkeypatch.setattr(C, "_cores", lambda: 1)
+    monkeypatch.setattr(C, "cores", lambda: 1)
     serial = catalog.manifest(catalog.write("serial", ds, rows_per_part=5))
-    monkeypatch.setattr(C, "_cores", lambda: 4)
+    monkeypatch.setattr(C, "cores", lambda: 4)
     threaded = catalog.manifest(catalog.write("threaded", ds, rows_per_part=5))
     assert len(threaded["parts"]) == 6
     assert threaded["parts"] == serial["parts"] and threaded["content_hash"] == serial["content_hash"]
@@ -112,7 +112,7 @@ def test_content_hash_is_the_same_with_columns_hashed_in_parallel(monkeypatch: p
     serial = C.ContentHasher(ds.info)
     serial.update(ds.transitions)
     monkeypatch.setattr(C, "PARALLEL_HASH_ROWS", 1)
-    monkeypatch.setattr(C, "_cores", lambda: 4)
+    monkeypatch.setattr(C, "cores", lambda: 4)
     threaded = C.ContentHasher(ds.info)
     threaded.update(ds.transitions)
     assert threaded.hexdigest() == serial.hexdigest()
@@ -128,7 +128,7 @@ def test_a_failed_part_in_a_threaded_write_leaves_nothing(
             raise OSError("disk full (injected)")
         return real(self, index, t)
 
-    monkeypatch.setattr(C, "_cores", lambda: 2)
+    monkeypatch.setattr(C, "cores", lambda: 2)
     monkeypatch.setattr(C.Transaction, "write_part", flaky)
     with pytest.raises(OSError, match="injected"):
         catalog.write("toy", make_dataset(lengths=(4, 6, 3, 8, 2, 7)), rows_per_part=5)
@@ -398,7 +398,7 @@ SIGTERM_SCRIPT = textwrap.dedent(
         time.sleep({sleep})
         return out
     C.Transaction.write_part = slow
-    C._cores = lambda: {threads}
+    C.cores = lambda: {threads}
     try:
         C.Catalog({root!r}).write("toy", make_dataset(lengths=(4, 6, 3, 8, 2, 7)), rows_per_part=5)
     except Terminated:
