@@ -54,9 +54,9 @@ EVAL = EvalConfig(sample=4000, horizons=(8,), windows=128, seed=0)
 PLOTS = Path(__file__).resolve().parent / "plots"
 
 
-def plot_path(data: str) -> Path:
-    """The plot of dataset ``data`` (``NAME@N``): one per dataset name, so each table keeps its own."""
-    return PLOTS / f"guidance-{data.split('@')[0].replace('/', '-')}.png"
+def plot_path(name: str) -> Path:
+    """The plot of dataset ``name`` (without its version): one per name, so each table keeps its own."""
+    return PLOTS / f"guidance-{name.replace('/', '-')}.png"
 
 
 def action_scores(pol: D3rlpyPolicy, ds: Dataset) -> dict[str, float]:
@@ -261,7 +261,8 @@ def main() -> None:
         drafts = {
             n: run_target(n, path, drafter, wm, ds, dconds, peak, refiner=gen) for n, path in targets.items()
         }
-    png = plot_path(a.data)
+    data_name = a.data.split("@")[0]
+    png = plot_path(data_name)
     plot({n: rows + [{**r, "condition": f"AR {r['condition']}"} for r in drafts.get(n, [])[1:]]
           for n, rows in results.items()}, png)  # fmt: skip
     used = used_settings(load_generator(gen, device="cpu"), SampleOptions())
@@ -298,9 +299,10 @@ def main() -> None:
     text = "\n".join(body)
     print(text)
     if not a.no_write:
-        name = a.data.split("@")[0]
         write_section(
-            f"guidance {name}", f"Guidance on {name}: target likelihood against dynamics error", text
+            f"guidance {data_name}",
+            f"Guidance on {data_name}: target likelihood against dynamics error",
+            text,
         )
 
 

@@ -18,9 +18,10 @@ from rlsynth.generators.world_model import WorldModelConfig
 # (planned by a 14-minute budget run), and a 64-64 step costs 1.38× that here, so 3,000 steps take about
 # 13 min with data preparation and validation. The model is under-trained at this count (BENCHMARKS.md);
 # ``--steps N`` or ``--budget-minutes M`` trains longer. Width: 64 channels at full resolution, not 32 —
-# the tokens have 20-40 dimensions and 32 channels left little room beside them; at the same training time
-# (3,000 steps against 4,000) the polished one-step error fell 0.52× → 0.40× linear on HalfCheetah and
-# 1.27× → 0.92× on Walker2d, spread unchanged (BENCHMARKS.md, "Trajectory cpu-small: 64 channels").
+# the tokens of both datasets measured have 24 dimensions, and 32 channels left little room beside them;
+# at the same training time (3,000 steps against 4,000) the polished one-step error fell 0.52× → 0.40×
+# linear on HalfCheetah and 1.27× → 0.92× on Walker2d, spread unchanged (BENCHMARKS.md, "Trajectory
+# cpu-small: 64 channels").
 # The learning rate is what the fixed count made matter: 6e-3 cut the polished one-step error 2-3×
 # against 1e-3 on both datasets measured (BENCHMARKS.md, "Trajectory cpu-small learning rate").
 # No weight average: the cosine schedule's last steps already average at a twentieth of the peak rate, and
