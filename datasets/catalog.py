@@ -50,7 +50,9 @@ import shutil
 import stat
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -519,6 +521,29 @@ def part_moments(t: Transitions) -> dict[str, Moments]:
     return out
 
 
+@dataclass(frozen=True)
+class _Episodes:
+    """What a commit needs of one part's rows besides their moments: one value per episode."""
+
+    starts: np.ndarray
+    """The part's episode ids, in order (no id may start in two parts)."""
+    returns: np.ndarray
+    lengths: np.ndarray
+    terminated: int
+    truncated: int
+
+    @classmethod
+    def of(cls, t: Transitions) -> _Episodes:
+        bounds = t.episode_bounds()
+        return cls(
+            starts=t.episode_id[bounds[:-1]],
+            returns=np.add.reduceat(t.rewards.astype(np.float64), bounds[:-1]),
+            lengths=np.diff(bounds),
+            terminated=int(t.terminals.sum()),
+            truncated=int((t.timeouts & ~t.terminals).sum()),
+        )
+
+
 @dataclass
 class _Stats:
     """Per-part running moments (Chan et al.'s pairwise update), so the manifest's stats are merged
@@ -538,16 +563,15 @@ class _Stats:
 
     def update(self, t: Transitions) -> None:
         """Take in one decoded part: its episodes and its moments."""
-        self.add_episodes(t)
+        self.add_episodes(_Episodes.of(t))
         self.merge(len(t), part_moments(t))
 
-    def add_episodes(self, t: Transitions) -> None:
-        """One part's episode returns, lengths and end counts (cheap: one value per episode)."""
-        bounds = t.episode_bounds()
-        self.returns.append(np.add.reduceat(t.rewards.astype(np.float64), bounds[:-1]))
-        self.lengths.append(np.diff(bounds))
-        self.terminated += int(t.terminals.sum())
-        self.truncated += int((t.timeouts & ~t.terminals).sum())
+    def add_episodes(self, e: _Episodes) -> None:
+        """One part's episode returns, lengths and end counts."""
+        self.returns.append(e.returns)
+        self.lengths.append(e.lengths)
+        self.terminated += e.terminated
+        self.truncated += e.truncated
 
     def merge(self, k: int, moments: Mapping[str, Moments]) -> None:
         """Merge the moments of ``k`` more rows (one part's, from :func:`part_moments`)."""
@@ -1166,23 +1190,20 @@ class Catalog:
         files: Mapping[str, str | os.PathLike[str]] | None = None,
         rows_per_part: int = ROWS_PER_PART,
     ) -> VersionRef:
-        """Validate and commit a whole in-memory dataset as the next version of ``name``.
-
-        Parts are written by a pool of threads, one per core (Parquet encoding, hashing and moments run
-        outside the GIL), so a commit's cost is not one core's; the files do not depend on the pool."""
+        """Validate and commit a whole in-memory dataset as the next version of ``name`` (through
+        :meth:`stream`: parts written by one thread per core; the files do not depend on the threads)."""
         validate_transitions(dataset.transitions, dataset.info, f"dataset for '{name}'")
-        txn = self.begin(name, dataset.info)
-        try:
-            parts = list(split_rows(dataset.transitions, rows_per_part))
-            shas = _write_parts(txn, parts)
-            held = {i: _Held(part, sha) for i, (part, sha) in enumerate(zip(parts, shas, strict=True))}
-            for fname, src in (files or {}).items():
-                txn.add_file(fname, src)
-            # The rows are in memory: the commit checks the files but hashes these instead of decoding.
-            return txn._commit(lineage or {}, tags or {}, len(held), None, held)
-        except BaseException:
-            txn.abort()
-            raise
+        with self.stream(name, dataset.info, rows_per_part=rows_per_part) as s:
+            s.add(dataset.transitions)
+            return s.commit(lineage=lineage, tags=tags, files=files)
+
+    def stream(self, name: str, info: DatasetInfo, *, rows_per_part: int = ROWS_PER_PART) -> PartStream:
+        """Open a commit of ``name`` that takes its rows block by block as they are made (a sampler's
+        chunks): use it as a context manager, :meth:`PartStream.add` each block, then
+        :meth:`PartStream.commit`; leaving the ``with`` without a commit, or by an error, writes nothing."""
+        if rows_per_part < 1:
+            raise CatalogError(f"rows_per_part must be positive, got {rows_per_part}")
+        return PartStream(self.begin(name, info), rows_per_part, cores())
 
     def list(self) -> list[dict[str, Any]]:
         """Manifests of every readable version, sorted by name then version (see :meth:`scan`)."""
@@ -1218,13 +1239,6 @@ def _verify_report(
         "expected_content_hash": man.content_hash if man else None,
         "problems": problems,
     }
-
-
-def _write_parts(txn: Transaction, parts: Sequence[Transitions]) -> list[str]:
-    """Write ``parts`` as parts 0.. of ``txn``, one thread per core; their SHA-256s in order. A failed or
-    interrupted write returns once no part is still being written, so the abort that follows is clean."""
-    written = thread_map(lambda ip: txn.write_part(*ip), list(enumerate(parts)), cores())
-    return [str(w["sha256"]) for w in written]
 
 
 def split_rows(t: Transitions, rows: int) -> Iterable[Transitions]:
@@ -1266,10 +1280,125 @@ class _PartSummary:
 
 @dataclass(frozen=True)
 class _Held:
-    """A part's rows held by the process that wrote them, and the SHA-256 its file was written with."""
+    """What the process that wrote a part knows of it: the SHA-256 its file was written with, its row
+    count and its episodes."""
 
-    rows: Transitions
     sha256: str
+    rows: int
+    episodes: _Episodes
+
+
+@dataclass(frozen=True)
+class _HeldParts:
+    """Every part of a commit as its writer knew them, and the content hash it fed them to in order:
+    the commit checks the files against these instead of decoding them."""
+
+    parts: Mapping[int, _Held]
+    content_hash: str
+
+
+class PartStream:
+    """A version written while its rows are still being made (see :meth:`Catalog.stream`).
+
+    Blocks of whole episodes, episode ids increasing from block to block, are cut into the parts
+    :func:`split_rows` cuts from their concatenation, so the files are :meth:`Catalog.write`'s of the
+    same rows. Each part is written on a pool of one thread per core (encoding, SHA-256 and moments run
+    outside the GIL) as soon as the next block shows where it ends, with at most one part per thread in
+    flight: memory holds a few parts, not the version. The content hash is fed the parts in order as they
+    are cut, so the commit checks each file's size and SHA-256 and merges summaries, decoding nothing.
+    On an error or an interrupt, parts not yet started are dropped and running ones finish before the
+    transaction aborts, so the abort never races a write.
+    """
+
+    def __init__(self, txn: Transaction, rows_per_part: int, threads: int) -> None:
+        self._txn, self._rows = txn, rows_per_part
+        self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
+        self._threads = threads
+        self._buffer: list[Transitions] = []
+        self._buffered = 0
+        self._hasher = ContentHasher(txn.info)
+        self._pending: deque[tuple[int, _Episodes, Future[dict[str, Any]]]] = deque()
+        self._held: dict[int, _Held] = {}
+        self._done = False
+
+    @property
+    def transaction(self) -> Transaction:
+        return self._txn
+
+    def __enter__(self) -> PartStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def add(self, t: Transitions) -> None:
+        """Take one block of whole episodes (its rows are not copied until a part is cut from them)."""
+        if self._done:
+            raise CatalogError(f"{self._txn.name}: this stream is closed")
+        if len(t):
+            self._buffer.append(t)
+            self._buffered += len(t)
+        if self._buffered > self._rows:
+            # Every part but the last is where split_rows of the whole would cut it: past it lie more
+            # than a part's rows, so each of its episode bounds is known. The last may still grow.
+            self._write(list(split_rows(_concat(self._buffer), self._rows)), keep_last=True)
+
+    def commit(
+        self,
+        *,
+        lineage: Mapping[str, Any] | None = None,
+        tags: Mapping[str, Any] | None = None,
+        files: Mapping[str, str | os.PathLike[str]] | None = None,
+    ) -> VersionRef:
+        """Write what is left, wait for every part, add ``files`` and publish the version."""
+        if self._done:
+            raise CatalogError(f"{self._txn.name}: this stream is closed")
+        if self._buffer:
+            self._write(list(split_rows(_concat(self._buffer), self._rows)), keep_last=False)
+        while self._pending:
+            self._settle()
+        for fname, src in (files or {}).items():
+            self._txn.add_file(fname, src)
+        held = _HeldParts(dict(self._held), self._hasher.hexdigest())
+        ref = self._txn._commit(lineage or {}, tags or {}, len(self._held), None, held)
+        self._done = True
+        self._shutdown()
+        return ref
+
+    def close(self) -> None:
+        """Abort unless committed (what leaving the ``with`` block does)."""
+        if self._done:
+            return
+        self._done = True
+        try:
+            self._shutdown()
+        finally:
+            self._txn.abort()
+
+    def _shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _write(self, parts: list[Transitions], *, keep_last: bool) -> None:
+        last = parts.pop() if keep_last else None
+        self._buffer = [] if last is None else [last]
+        self._buffered = 0 if last is None else len(last)
+        for part in parts:
+            index = len(self._held) + len(self._pending)
+            self._hasher.update(part)
+            episodes = _Episodes.of(part)
+            if self._pool is None:
+                w = self._txn.write_part(index, part)
+                self._held[index] = _Held(str(w["sha256"]), int(w["rows"]), episodes)
+                continue
+            while len(self._pending) >= self._threads:
+                self._settle()
+            self._pending.append((index, episodes, self._pool.submit(self._txn.write_part, index, part)))
+
+    def _settle(self) -> None:
+        index, episodes, future = self._pending.popleft()
+        w = future.result()
+        self._held[index] = _Held(str(w["sha256"]), int(w["rows"]), episodes)
 
 
 @dataclass(frozen=True)
@@ -1385,7 +1514,7 @@ class Transaction:
         merged from the summaries; across parts, episode ids must be unique. Any failure raises
         :class:`CatalogError` in one line and publishes nothing.
         """
-        return self._commit(lineage or {}, tags or {}, expected_parts, written, {})
+        return self._commit(lineage or {}, tags or {}, expected_parts, written, None)
 
     def _commit(
         self,
@@ -1393,10 +1522,10 @@ class Transaction:
         tags: Mapping[str, Any],
         expected_parts: int | None,
         written: Sequence[Mapping[str, Any]] | None,
-        held: Mapping[int, _Held],
+        held: _HeldParts | None,
     ) -> VersionRef:
-        """:meth:`commit`; the parts in ``held`` (index -> the rows this process wrote there) are checked
-        by size and SHA-256 like every part but not decoded again (:meth:`Catalog.write`)."""
+        """:meth:`commit`; with ``held`` (what this process wrote: :class:`PartStream`), every part is
+        checked by size and SHA-256 against it and none is decoded again."""
         cat = self.catalog()
         parts = self._parts(cat)
         if not parts:
@@ -1487,13 +1616,13 @@ class Transaction:
         except CatalogError as e:
             raise CatalogError(f"{e}; nothing committed") from None
 
-    def _held_part(self, cat: Catalog, fname: str, summary: _PartSummary, held: _Held) -> Transitions:
-        """The rows the caller holds for ``fname`` (as written by :meth:`write_part`, which encoded the
-        staged file from exactly them), once the file is checked to be still the one written: no decode."""
-        if summary.sha256 != held.sha256 or summary.rows != len(held.rows):
+    def _held_part(self, cat: Catalog, fname: str, summary: _PartSummary, held: _Held | None) -> _Episodes:
+        """The episodes of a part this process wrote (:class:`PartStream` encoded the staged file from
+        rows it took them from), once the file is checked to be still the one written: no decode."""
+        if held is None or summary.sha256 != held.sha256 or summary.rows != held.rows:
             raise CatalogError(f"{self.name}: part {fname} is not the one written; nothing committed")
         self._checked_bytes(cat, fname, summary)
-        return held.rows
+        return held.episodes
 
     def _checked_bytes(self, cat: Catalog, fname: str, summary: _PartSummary) -> pa.Buffer:
         label = f"{self.name}: part {fname}"
@@ -1518,7 +1647,7 @@ class Transaction:
         parts: Sequence[tuple[int, str]],
         lineage: Mapping[str, Any],
         tags: Mapping[str, Any],
-        held: Mapping[int, _Held],
+        held: _HeldParts | None,
     ) -> dict[str, Any]:
         sdir = self.staging_dir(cat)
         hasher = ContentHasher(self.info)
@@ -1527,14 +1656,15 @@ class Transaction:
         part_meta = []
         for index, fname in parts:
             summary = self._summary(cat, fname)
-            if index in held:
-                t = self._held_part(cat, fname, summary, held[index])
+            if held is not None:
+                episodes = self._held_part(cat, fname, summary, held.parts.get(index))
             else:
                 t = self._staged_part(cat, fname, summary)
-            hasher.update(t)
-            starts.append(t.episode_id[t.episode_bounds()[:-1]])
-            stats.add_episodes(t)
-            del t  # one decoded part at a time
+                hasher.update(t)
+                episodes = _Episodes.of(t)
+                del t  # one decoded part at a time
+            starts.append(episodes.starts)
+            stats.add_episodes(episodes)
             stats.merge(summary.rows, summary.moments)
             part_meta.append(
                 {"path": fname, "rows": summary.rows, "bytes": summary.bytes, "sha256": summary.sha256}
@@ -1558,7 +1688,7 @@ class Transaction:
             "name": self.name,
             "version": None,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "content_hash": hasher.hexdigest(),
+            "content_hash": hasher.hexdigest() if held is None else held.content_hash,
             "env_id": self.info.env_id,
             "info": self.info.to_json(),
             "schema": schema_json(self.info),
