@@ -82,7 +82,7 @@ from rlsynth.datasets.parquet import (
     read_part,
     table_arrays,
 )
-from rlsynth.datasets.types import Dataset, DatasetInfo, Transitions
+from rlsynth.datasets.types import Dataset, DatasetInfo, Transitions, concat_transitions
 from rlsynth.datasets.validation import validate_transitions
 
 log = logging.getLogger(__name__)
@@ -685,13 +685,6 @@ def _projection(columns: Sequence[str] | None) -> tuple[str, ...]:
     return names
 
 
-def _concat(parts: Sequence[Transitions]) -> Transitions:
-    """Parts end to end (one part is returned as is: no copy)."""
-    if len(parts) == 1:
-        return parts[0]
-    return Transitions(**{c: np.concatenate([getattr(t, c) for t in parts]) for c in Transitions.columns()})
-
-
 class Catalog:
     """A store of immutable dataset versions on a pyarrow filesystem.
 
@@ -959,7 +952,7 @@ class Catalog:
             filled = self._fill_cache(r, man, expected, folder, stamps)
             if filled is not None:
                 return Dataset(info=man.info, transitions=filled, source=str(r))
-        t = _concat(list(self._checked_parts(r, man)))
+        t = concat_transitions(list(self._checked_parts(r, man)))
         return Dataset(info=man.info, transitions=t, source=str(r))
 
     def _fill_cache(
@@ -1197,10 +1190,13 @@ class Catalog:
             s.add(dataset.transitions)
             return s.commit(lineage=lineage, tags=tags, files=files)
 
-    def stream(self, name: str, info: DatasetInfo, *, rows_per_part: int = ROWS_PER_PART) -> PartStream:
+    def stream(self, name: str, info: DatasetInfo, *, rows_per_part: int | None = None) -> PartStream:
         """Open a commit of ``name`` that takes its rows block by block as they are made (a sampler's
         chunks): use it as a context manager, :meth:`PartStream.add` each block, then
-        :meth:`PartStream.commit`; leaving the ``with`` without a commit, or by an error, writes nothing."""
+        :meth:`PartStream.commit`; leaving the ``with`` without a commit, or by an error, writes nothing.
+        Parts of ``rows_per_part`` rows (default :data:`ROWS_PER_PART`)."""
+        if rows_per_part is None:
+            rows_per_part = ROWS_PER_PART
         if rows_per_part < 1:
             raise CatalogError(f"rows_per_part must be positive, got {rows_per_part}")
         return PartStream(self.begin(name, info), rows_per_part, cores())
@@ -1341,7 +1337,7 @@ class PartStream:
         if self._buffered > self._rows:
             # Every part but the last is where split_rows of the whole would cut it: past it lie more
             # than a part's rows, so each of its episode bounds is known. The last may still grow.
-            self._write(list(split_rows(_concat(self._buffer), self._rows)), keep_last=True)
+            self._write(list(split_rows(concat_transitions(self._buffer), self._rows)), keep_last=True)
 
     def commit(
         self,
@@ -1354,7 +1350,7 @@ class PartStream:
         if self._done:
             raise CatalogError(f"{self._txn.name}: this stream is closed")
         if self._buffer:
-            self._write(list(split_rows(_concat(self._buffer), self._rows)), keep_last=False)
+            self._write(list(split_rows(concat_transitions(self._buffer), self._rows)), keep_last=False)
         while self._pending:
             self._settle()
         for fname, src in (files or {}).items():

@@ -238,6 +238,13 @@ class Transitions:
         return np.concatenate([[0], change, [n]]).astype(np.int64)
 
 
+def concat_transitions(parts: Sequence[Transitions]) -> Transitions:
+    """Parts end to end, ids as they are (one part is returned as is: no copy)."""
+    if len(parts) == 1:
+        return parts[0]
+    return Transitions(**{c: np.concatenate([getattr(t, c) for t in parts]) for c in Transitions.columns()})
+
+
 @dataclass(frozen=True)
 class Dataset:
     """A dataset held columnar (fast for millions of rows), with an episode view on demand.

@@ -20,12 +20,13 @@ does not depend on how a caller splits the work.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import replace
 
 import numpy as np
 
 from rlsynth.datasets.errors import RlsynthError
-from rlsynth.datasets.types import Dataset
+from rlsynth.datasets.types import Dataset, concat_transitions
 from rlsynth.datasets.validation import validate_transitions
 from rlsynth.generators.families import (
     FAMILIES,
@@ -44,10 +45,12 @@ from rlsynth.generators.presets import PRESETS, preset
 from rlsynth.generators.regeneration import WarmFrom, WarmPlan, diffused, plan_warm
 from rlsynth.generators.sampling import (
     CHUNKS,
+    Drawn,
     Guide,
     LoadedGenerator,
     SampleOptions,
     codec,
+    episode_count,
     trim,
     used_settings,
 )
@@ -94,6 +97,7 @@ __all__ = [
     "codec",
     "diffused",
     "draw",
+    "draw_chunks",
     "generator_lineage",
     "layout_of",
     "load_generator",
@@ -128,6 +132,24 @@ def draw(
     """Exactly ``n_transitions`` validated transitions from ``gen`` (``source`` gives start states),
     warm-started from ``warm`` when given, and, with ``keep``, the raw samples they were decoded from
     (row i of the samples for episode i of the dataset; what a later warm start needs)."""
+    drawn = list(draw_chunks(gen, source, n_transitions, opts, warm=warm, keep=keep))
+    t = concat_transitions([d.transitions for d in drawn])
+    samples = np.concatenate([d.samples for d in drawn if d.samples is not None]) if keep else None
+    return Dataset(info=gen.info, transitions=t, source=f"{gen.kind} samples"), samples
+
+
+def draw_chunks(
+    gen: LoadedGenerator,
+    source: Dataset,
+    n_transitions: int,
+    opts: SampleOptions | None = None,
+    *,
+    warm: WarmStart | None = None,
+    keep: bool = False,
+) -> Iterator[Drawn]:
+    """:func:`draw`'s transitions chunk by chunk as the family makes them (episode ids numbered on from
+    chunk to chunk, each chunk validated), for a caller that writes them as they come
+    (:meth:`datasets.catalog.Catalog.stream`). A bad request fails here, before anything is sampled."""
     o = opts or SampleOptions()
     if n_transitions < 1:
         raise RlsynthError(f"n_transitions must be positive, got {n_transitions}")
@@ -140,12 +162,22 @@ def draw(
         raise RlsynthError("world-model rollouts are steered by --policy (the agent acts), not by guidance")
     if gen.kind == "autoregressive" and (warm is not None or used_settings(gen, o)["sigma_start"] > 0):
         o = replace(o, refiner=refiner_for(gen, o))
-    drawn = trim(FAMILIES[gen.kind].sample(gen, source, n_transitions, o, warm, keep), n_transitions)
+    return _validated(gen, FAMILIES[gen.kind].chunks(gen, source, n_transitions, o, warm, keep))
+
+
+def _validated(gen: LoadedGenerator, chunks: Iterator[Drawn]) -> Iterator[Drawn]:
     # The families hand their episodes over columnar: the value checks run on the flat view, as the
     # episodes' would have (their structure, one row per step, holds by construction of the block).
-    validate_transitions(drawn.transitions, gen.info, f"{gen.kind} samples")
-    ds = Dataset(info=gen.info, transitions=drawn.transitions, source=f"{gen.kind} samples")
-    return ds, drawn.samples
+    offset = 0
+    for c in chunks:
+        t = (
+            c.transitions
+            if not offset
+            else replace(c.transitions, episode_id=c.transitions.episode_id + offset)
+        )
+        validate_transitions(t, gen.info, f"{gen.kind} samples")
+        offset = episode_count(t)
+        yield Drawn(t, c.samples)
 
 
 def sample(

@@ -3,6 +3,7 @@ and sample from it. A new family subclasses :class:`Family` and joins :data:`FAM
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -37,10 +38,11 @@ from rlsynth.generators.sampling import (
     LoadedGenerator,
     MakeChunk,
     SampleOptions,
+    chunks,
     codec,
-    collect,
     diffuse,
     inpaint_first,
+    trim,
     used_settings,
 )
 from rlsynth.generators.seeds import sample_seeds
@@ -84,7 +86,7 @@ class Family:
     def finish(self, model: nn.Module, data: Data, train_cfg: TrainConfig, out: Path) -> None:
         """Work after training (the world model picks its elites here)."""
 
-    def sample(
+    def chunks(
         self,
         gen: LoadedGenerator,
         source: Dataset,
@@ -92,9 +94,9 @@ class Family:
         opts: SampleOptions,
         warm: WarmStart | None = None,
         keep: bool = False,
-    ) -> Drawn:
-        """At least ``n`` transitions (the caller trims), warm-started from ``warm`` when given; with
-        their raw samples when ``keep``."""
+    ) -> Iterator[Drawn]:
+        """Exactly ``n`` transitions, chunk by chunk as they are made (each chunk's episodes numbered from
+        0), warm-started from ``warm`` when given; with their raw samples when ``keep``."""
         raise NotImplementedError
 
 
@@ -119,7 +121,7 @@ def window_data(
 
 class DiffusedFamily(Family):
     """A family whose samples are diffused tensors (windows or transition features): one sampling loop
-    (:func:`generators.sampling.collect`), cold or warm-started; each family says how to make a chunk."""
+    (:func:`generators.sampling.chunks`), cold or warm-started; each family says how to make a chunk."""
 
     def sample_shape(self, gen: LoadedGenerator) -> tuple[int, ...]:
         """The shape of one raw sample (what :attr:`WarmStart.samples` rows must have)."""
@@ -150,7 +152,7 @@ class DiffusedFamily(Family):
         """The σ schedule warm starts run on and the cold step count whose density they keep."""
         raise NotImplementedError
 
-    def sample(
+    def chunks(
         self,
         gen: LoadedGenerator,
         source: Dataset,
@@ -158,10 +160,10 @@ class DiffusedFamily(Family):
         opts: SampleOptions,
         warm: WarmStart | None = None,
         keep: bool = False,
-    ) -> Drawn:
+    ) -> Iterator[Drawn]:
         if warm is not None:
             self.check_rows(gen, warm.samples, warm.origin or "samples")
-        return collect(
+        return chunks(
             n,
             CHUNKS[self.kind],
             self.maker(gen, source, opts, warm),
@@ -409,7 +411,7 @@ class WorldModelFamily(Family):
         model.select_elites(x.to(device), y.to(device))
         write_tensors(out / "model.safetensors", model.state_dict())
 
-    def sample(
+    def chunks(
         self,
         gen: LoadedGenerator,
         source: Dataset,
@@ -417,7 +419,7 @@ class WorldModelFamily(Family):
         opts: SampleOptions,
         warm: WarmStart | None = None,
         keep: bool = False,
-    ) -> Drawn:
+    ) -> Iterator[Drawn]:
         if warm is not None or keep:
             raise RlsynthError("world-model rollouts are not diffused: they cannot be warm-started or kept")
         norms = WorldModelNormalisers.from_map(gen.norms)
@@ -431,7 +433,8 @@ class WorldModelFamily(Family):
             horizon=opts.horizon,
             policy=opts.policy,
         )
-        return Drawn(episodes_to_transitions(episodes))
+        # Rollouts are made all at once (one batch of start states): one chunk, cut to n.
+        return iter([trim(Drawn(episodes_to_transitions(episodes)), n)])
 
 
 FAMILIES: dict[str, Family] = {

@@ -3,7 +3,7 @@ shared steps of diffusion sampling (the EDM sampler over per-sample noise, chunk
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -184,7 +184,7 @@ def stack_blocks(blocks: Sequence[Transitions]) -> Transitions:
     )
 
 
-def collect(
+def chunks(
     n: int,
     chunk: int,
     make: MakeChunk,
@@ -193,17 +193,16 @@ def collect(
     warm: np.ndarray | None = None,
     steps_per_sample: int = 1,
     keep: bool = False,
-) -> Drawn:
-    """Samples in consecutive chunks until they hold n (≥ 1) transitions.
+) -> Iterator[Drawn]:
+    """Samples in consecutive chunks, each chunk's episodes as it is made (numbered from 0 in each), until
+    they hold exactly n (≥ 1) transitions (the last chunk :func:`trim`-med to what is still missing).
 
     Cold: chunks of ``chunk`` samples, fixed, so a sample's batch never depends on how a caller splits a
     request. Warm: the rows of ``warm`` first (in chunks of at most ``chunk``), then samples from noise
     sized to what is still missing (``steps_per_sample`` transitions each), not rounded up to a chunk.
     """
     if n < 1:
-        raise ValueError(f"collect needs a positive transition count, got {n}")
-    blocks: list[Transitions] = []
-    kept: list[np.ndarray] = []
+        raise ValueError(f"chunks needs a positive transition count, got {n}")
     total, first, empty = 0, 0, 0
     m = 0 if warm is None else len(warm)
     while total < n:
@@ -218,12 +217,11 @@ def collect(
         empty = 0 if len(got) else empty + 1
         if empty >= 10:
             raise RlsynthError("the generator produces no usable transitions (10 chunks in a row)")
-        blocks.append(got)
-        if keep:
-            kept.append(raw[idx])
-        total += len(got)
         first += size
-    return Drawn(stack_blocks(blocks), np.concatenate(kept) if keep else None)
+        if len(got):
+            block = trim(Drawn(got, raw[idx] if keep else None), n - total)
+            total += len(block.transitions)
+            yield block
 
 
 def inpaint_first(known: torch.Tensor) -> Callable[[Denoiser], Denoiser]:

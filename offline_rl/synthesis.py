@@ -9,12 +9,14 @@ because the PGD loop is the lowest layer that samples; ``pipeline`` and ``bench`
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from rlsynth.datasets.catalog import Catalog, VersionRef
 from rlsynth.datasets.errors import RlsynthError
 from rlsynth.datasets.sources import file_sha256
 from rlsynth.datasets.types import Dataset
@@ -25,6 +27,7 @@ from rlsynth.generators.api import (
     WarmPlan,
     WarmStart,
     draw,
+    draw_chunks,
     generator_lineage,
     plan_warm,
     refiner_for,
@@ -80,7 +83,71 @@ def synthesize(
     warm: WarmStart | WarmFrom | None = None,
     keep: bool = False,
 ) -> Synthesis:
-    """Sample ``n_transitions`` from ``generator`` starting from ``source``'s states.
+    """Sample ``n_transitions`` from ``generator`` starting from ``source``'s states, in memory
+    (:func:`plan_synthesis` says what each argument does; ``keep`` returns the raw samples too)."""
+    return plan_synthesis(
+        generator,
+        source,
+        n_transitions,
+        settings,
+        guidance,
+        seed=seed,
+        source_ref=source_ref,
+        actor=actor,
+        refiner=refiner,
+        shard=shard,
+        producer=producer,
+        warm=warm,
+    ).draw(keep=keep)
+
+
+@dataclass(frozen=True)
+class SynthesisPlan:
+    """A checked synthesis request and the lineage its set will record (:func:`plan_synthesis`), drawn
+    in memory (:meth:`draw`) or written to a catalog as it is sampled (:meth:`write`)."""
+
+    generator: LoadedGenerator
+    source: Dataset
+    n_transitions: int
+    opts: SampleOptions
+    warm: WarmStart | None
+    lineage: dict[str, Any]
+
+    def draw(self, *, keep: bool = False) -> Synthesis:
+        ds, samples = draw(
+            self.generator, self.source, self.n_transitions, self.opts, warm=self.warm, keep=keep
+        )
+        return Synthesis(ds, self.lineage, samples)
+
+    def write(self, catalog: Catalog, name: str, *, tags: Mapping[str, Any] | None = None) -> VersionRef:
+        """Commit the set as the next version of ``name``, each chunk handed to the catalog as it is
+        sampled (:meth:`~datasets.catalog.Catalog.stream`): parts are written while sampling goes on,
+        memory holds a few parts rather than the set, and the files and content hash are those of
+        ``catalog.write(name, self.draw().dataset)``. An error or interrupt leaves no version."""
+        g, n = self.generator, self.n_transitions
+        with catalog.stream(name, g.info) as out:
+            for chunk in draw_chunks(g, self.source, n, self.opts, warm=self.warm):
+                out.add(chunk.transitions)
+            return out.commit(lineage=self.lineage, tags=tags)
+
+
+def plan_synthesis(
+    generator: LoadedGenerator,
+    source: Dataset,
+    n_transitions: int,
+    settings: SamplerSettings | None = None,
+    guidance: GuidanceConfig | None = None,
+    *,
+    seed: int = 0,
+    source_ref: dict[str, Any] | None = None,
+    actor: str | Path | None = None,
+    refiner: LoadedGenerator | None = None,
+    shard: Shard | None = None,
+    producer: dict[str, Any] | None = None,
+    warm: WarmStart | WarmFrom | None = None,
+) -> SynthesisPlan:
+    """Check a request to sample ``n_transitions`` from ``generator`` starting from ``source``'s states,
+    and resolve what its set's lineage records; nothing is sampled yet (a warm start's pilots aside).
 
     ``guidance`` names its files (target agent, world model); ``actor`` is the agent that acts in
     world-model rollouts; ``refiner`` overrides the one recorded for autoregressive drafts;
@@ -88,7 +155,7 @@ def synthesize(
     ``producer`` holds what only its maker knows (a PGD round, a run folder), ``name`` first;
     ``warm`` starts from earlier samples, as a :class:`WarmStart` or planned here from a
     :class:`WarmFrom` with this call's guidance (:func:`generators.api.plan_warm`; recorded as
-    ``sampling.warm_start``); ``keep`` returns the raw samples too."""
+    ``sampling.warm_start``)."""
     s = settings if settings is not None else SamplerSettings()
     _check_inputs(generator, n_transitions, s, guidance, seed, actor)
     if shard is not None and not isinstance(shard, Shard):
@@ -110,7 +177,6 @@ def synthesize(
         if isinstance(warm, WarmFrom)
         else WarmPlan(warm, None, "" if warm is None else warm.origin)
     )
-    ds, samples = draw(generator, source, n_transitions, opts, warm=plan.warm, keep=keep)
     lineage = {
         "sources": [source_ref or {"source": source.source}],
         "generator": generator_lineage(generator, ref),
@@ -122,7 +188,7 @@ def synthesize(
         "guidance": None if g is None or guidance is None else _guidance_lineage(guidance, g),
         "producer": producer or {"name": "library"},
     }
-    return Synthesis(ds, lineage, samples)
+    return SynthesisPlan(generator, source, n_transitions, opts, plan.warm, lineage)
 
 
 def _check_inputs(

@@ -167,7 +167,7 @@ def generator_sample_cmd(
     from rlsynth.datasets.catalog import check_name
     from rlsynth.datasets.sources import load_source, source_lineage
     from rlsynth.generators.api import load_generator
-    from rlsynth.offline_rl.synthesis import synthesize
+    from rlsynth.offline_rl.synthesis import plan_synthesis
 
     settings = from_params(SamplerSettings, options)
     check_name(name)
@@ -196,7 +196,7 @@ def generator_sample_cmd(
         if _given(ctx, option) and not diffused:
             raise click.BadParameter("applies to diffusion kinds only", param_hint=f"--{option}")
     explicit = load_generator(refiner) if refiner and gen.kind == "autoregressive" else None
-    made = synthesize(
+    plan = plan_synthesis(
         gen,
         source,
         n_transitions,
@@ -209,7 +209,7 @@ def generator_sample_cmd(
         producer={"name": "generator sample"},
     )
     tags = {"generator": gen.kind, "guidance": "+".join(gcfg.terms) or "none"}
-    r = cat.write(name, made.dataset, lineage=made.lineage, tags=tags)
+    r = plan.write(cat, name, tags=tags)  # parts written as they are sampled
     report_version(cat, r, as_json, "sampled")
 
 

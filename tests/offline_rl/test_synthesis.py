@@ -17,7 +17,7 @@ from rlsynth.datasets.sources import file_sha256, source_lineage
 from rlsynth.generators.api import LoadedGenerator
 from rlsynth.generators.options import SamplerSettings
 from rlsynth.guidance.options import GuidanceConfig
-from rlsynth.offline_rl.synthesis import LINEAGE_KEYS, Shard, combine_shards, synthesize
+from rlsynth.offline_rl.synthesis import LINEAGE_KEYS, Shard, combine_shards, plan_synthesis, synthesize
 
 SETTINGS = SamplerSettings(steps=2)
 
@@ -159,3 +159,53 @@ def test_bad_requests_are_refused_in_one_line(made: dict[str, Any]) -> None:
     with pytest.raises(RlsynthError, match="sampled with other settings"):
         lin = synthesize(made["traj"], source, 10, SETTINGS, shard=Shard(0, 2)).lineage
         combine_shards([lin, {**lin, "shards": {"index": 1, "count": 2}, "seeds": {"sample": 9}}])
+
+
+def test_a_plan_written_as_it_is_sampled_is_the_version_of_its_drawn_set(
+    made: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rlsynth.datasets import catalog as C
+
+    cat, gen = made["catalog"], made["traj"]
+    source = cat.read("hop@1")
+    monkeypatch.setattr(C, "ROWS_PER_PART", 50)  # several parts, cut while chunks still come
+    monkeypatch.setattr("rlsynth.generators.families.CHUNKS", {"trajectory": 4})
+    plan = plan_synthesis(gen, source, 300, SETTINGS, seed=5)
+    streamed = cat.manifest(plan.write(cat, "plan/streamed", tags={"t": 1}))
+    drawn = plan.draw()
+    whole = cat.manifest(cat.write("plan/whole", drawn.dataset, lineage=drawn.lineage, rows_per_part=50))
+    assert len(streamed["parts"]) > 2 and streamed["parts"] == whole["parts"]
+    assert streamed["content_hash"] == whole["content_hash"] and streamed["tags"] == {"t": 1}
+    assert {**streamed["lineage"], "code_version": None} == {**whole["lineage"], "code_version": None}
+
+
+def test_a_sampler_failing_midway_leaves_no_version(
+    made: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rlsynth.datasets import catalog as C
+    from rlsynth.generators import families
+
+    cat, gen = made["catalog"], made["traj"]
+    monkeypatch.setattr(C, "ROWS_PER_PART", 20)
+    monkeypatch.setattr(C, "cores", lambda: 1)  # parts written inline: on disk before the next chunk
+    monkeypatch.setattr(families, "CHUNKS", {"trajectory": 4})
+    plan = plan_synthesis(gen, cat.read("hop@1"), 300, SETTINGS)
+    real = families.TrajectoryFamily.decode_block
+    calls: list[int] = []
+
+    staged: list[int] = []
+
+    def dies_midway(self: Any, g: LoadedGenerator, raw: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 8:
+            # Parts were already written: the failure must take them away too.
+            staged.append(len(list((Path(cat.root) / "plan" / "dies").rglob("part-*.parquet"))))
+            raise RuntimeError("sampler died (injected)")
+        return real(self, g, raw)
+
+    monkeypatch.setattr(families.TrajectoryFamily, "decode_block", dies_midway)
+    with pytest.raises(RuntimeError, match="injected"):
+        plan.write(cat, "plan/dies")
+    assert staged and staged[0] >= 1
+    assert cat.versions("plan/dies") == []
+    assert not list((Path(cat.root) / "plan" / "dies").rglob("part-*"))
