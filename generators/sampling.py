@@ -24,7 +24,9 @@ from rlsynth.generators.tokens import TokenCodec, TokenLayout
 from rlsynth.generators.world_model import ActionFn
 
 # Samples per chunk of work, per family: big enough to keep the network busy. Fixed, so that a sample's
-# randomness and its batch never depend on how a caller splits a request.
+# randomness and its batch never depend on how a caller splits a request: the trajectory U-Net's CPU
+# convolutions give last-bit differences with the batch size, so a chunk sized to the request would make a
+# small request's samples differ from the same samples in a larger or split one.
 CHUNKS = {"trajectory": 256, "transition": 4096, "autoregressive": 1024}
 
 
