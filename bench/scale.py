@@ -332,6 +332,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if a.stage is not None:
         run_stage(a.stage, a.size, Path(a.work), a)
         return
+    if a.work is not None:
+        Path(a.work).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=a.work) as tmp:
         # Measured in a child: torch in this process would raise every later child's peak (see above).
         out = subprocess.run(

@@ -44,7 +44,8 @@ def test_bad_options_are_one_line_errors(capsys: pytest.CaptureFixture[str]) -> 
 def test_the_benchmark_runs_every_stage_end_to_end_at_a_tiny_size(tmp_path: Path) -> None:
     argv = ["--sizes", "400", "--base", "200", "--train-steps", "1", "--kinds", "trajectory"]
     argv += ["--eval-sample", "10", "--sample-n", "64", "--agent-steps", "2"]
-    argv += ["--no-write", "--work", str(tmp_path)]
+    # --work need not exist yet: the benchmark makes it.
+    argv += ["--no-write", "--work", str(tmp_path / "work")]
     out = subprocess.run(
         [sys.executable, str(BENCH / "scale.py"), *argv], capture_output=True, text=True, timeout=300
     )
