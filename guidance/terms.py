@@ -13,9 +13,13 @@ Terms:
   actions; moves the action entries only (policy-guided diffusion);
 * :class:`DynamicsTerm` — J = −½ Σ_t mean_e ‖Δ̂(s_t, s_{t+1}) − μ_e(s_t, a_t)‖², the disagreement of a
   learned dynamics ensemble's elites with the sample's own next states (normalised deltas); moves states
-  and actions;
+  and actions. While sampling, each sampler step k takes the gradient under elite k mod E' alone (the
+  steps of a schedule cycle through the elites; the mean of one cycle is the whole ensemble's gradient),
+  at 1/E' of the ensemble's cost; the dynamics error of the samples was unchanged (BENCHMARKS.md,
+  guidance);
 * :class:`ReturnTerm` — J = Σ_t mean_e r̂_e(s_t, a_t), a learned reward head (the world model's,
-  normalised); moves states and actions toward higher predicted reward.
+  normalised); moves states and actions toward higher predicted reward (one elite per sampler step, as
+  the dynamics term).
 
 Steps after a window's first terminal (absorbing padding) are excluded from every objective.
 
@@ -124,19 +128,27 @@ class Term:
 
     def value_and_gradient(self, point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """J (B,) and ∇J at ``point``, the gradient zero outside the term's entries."""
+        return self._autograd(self.objective, point)
+
+    def _autograd(
+        self, objective: Callable[[torch.Tensor], torch.Tensor], point: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         point = point.detach().requires_grad_(True)
         with torch.enable_grad():
-            j = self.objective(point)
+            j = objective(point)
             (g,) = torch.autograd.grad(j.sum(), point)
         return j.detach(), torch.nan_to_num(g) * self.codec.mask(point, self.part)
 
-    def masked_gradient(self, point: torch.Tensor) -> torch.Tensor:
-        """∇J at ``point``, zero outside the term's entries."""
+    def masked_gradient(self, point: torch.Tensor, step: int | None = None) -> torch.Tensor:
+        """∇J at ``point``, zero outside the term's entries (``step``: the sampler step it is taken at)."""
         return self.value_and_gradient(point)[1]
 
-    def gradient(self, x: torch.Tensor, sigma: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        """∇J at the evaluation point, masked to the term's entries and optionally normalised per sample."""
-        g = self.masked_gradient(x if self.options.at == "noisy" else x0)
+    def gradient(
+        self, x: torch.Tensor, sigma: torch.Tensor, x0: torch.Tensor, step: int | None = None
+    ) -> torch.Tensor:
+        """∇J at the evaluation point, masked to the term's entries and optionally normalised per sample;
+        ``step`` is the sampler step (a world-model term uses one elite per step, see below)."""
+        g = self.masked_gradient(x if self.options.at == "noisy" else x0, step)
         return per_sample_unit(g) if self.options.normalise else g
 
 
@@ -223,24 +235,45 @@ class _WorldModelTerm(Term):
 
         return flat(s.obs), flat(s.act), flat(s.next_obs)
 
-    def elite_means(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+    def elite_means(
+        self, obs: torch.Tensor, act: torch.Tensor, members: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Elite members' mean predictions (E', N, o+1), normalised: [Δŝ, r̂]; inputs on the model's device.
-        Only the elites are evaluated (and back-propagated through), not the whole ensemble."""
+        Only the elites (or ``members``, a subset of them) are evaluated and back-propagated through."""
         x = torch.cat([self.norms.obs.normalise(obs), self.norms.act.normalise(act)], 1)
-        elites = self.model.elite_idx
+        elites = self.model.elite_idx if members is None else members
         mean, _, _ = self.model(x.unsqueeze(0).expand(len(elites), -1, -1), members=elites)
         return mean
+
+    def objective(self, z: torch.Tensor) -> torch.Tensor:
+        return self.objective_of(z, None)
+
+    def objective_of(self, z: torch.Tensor, members: torch.Tensor | None) -> torch.Tensor:
+        """J of the mean over ``members`` (default: every elite)."""
+        raise NotImplementedError
+
+    def masked_gradient(self, point: torch.Tensor, step: int | None = None) -> torch.Tensor:
+        """At sampler step k, the gradient of J under elite k mod E' alone; without a step, under all of
+        them. J is a mean over elites, so over the steps of a schedule each elite pulls in turn and the
+        sum is the whole ensemble's pull at 1/E' of its cost (the ensemble's back-propagation is most of
+        what dynamics guidance costs). The elite depends on the step only, never on the batch, so a
+        sample is the same however a request is split."""
+        if step is None:
+            return super().masked_gradient(point)
+        elites = self.model.elite_idx
+        one = elites[step % len(elites)].reshape(1)
+        return self._autograd(lambda z: self.objective_of(z, one), point)[1]
 
 
 class DynamicsTerm(_WorldModelTerm):
     name = "dynamics"
     uses_next_obs = True
 
-    def objective(self, z: torch.Tensor) -> torch.Tensor:
+    def objective_of(self, z: torch.Tensor, members: torch.Tensor | None) -> torch.Tensor:
         s = self.codec.steps(z)
         b, t = s.valid.shape
         obs, act, nxt = self.flat_steps(s)
-        pred = self.elite_means(obs, act)[..., : self.model.obs_dim]
+        pred = self.elite_means(obs, act, members)[..., : self.model.obs_dim]
         delta = self.norms.delta.normalise(nxt - obs)
         err = ((delta.unsqueeze(0) - pred) ** 2).sum(-1).mean(0).reshape(b, t).to(z.device)
         return -0.5 * (err * s.valid).sum(1)
@@ -249,11 +282,11 @@ class DynamicsTerm(_WorldModelTerm):
 class ReturnTerm(_WorldModelTerm):
     name = "return"
 
-    def objective(self, z: torch.Tensor) -> torch.Tensor:
+    def objective_of(self, z: torch.Tensor, members: torch.Tensor | None) -> torch.Tensor:
         s = self.codec.steps(z)
         b, t = s.valid.shape
         obs, act, _ = self.flat_steps(s)
-        pred = self.elite_means(obs, act)
+        pred = self.elite_means(obs, act, members)
         reward = pred[..., -1].mean(0).reshape(b, t).to(z.device)
         return (reward * s.valid).sum(1)
 
@@ -275,7 +308,7 @@ def guide(terms: Sequence[Term]) -> DenoiserWrap:
             out = x0
             for term, w in zip(terms, weights, strict=True):
                 if w[k] != 0:
-                    out = out + float(w[k]) * term.gradient(x, sigma, x0).to(x0.dtype)
+                    out = out + float(w[k]) * term.gradient(x, sigma, x0, k).to(x0.dtype)
             return out
 
         return guided

@@ -213,11 +213,13 @@ def load_target(config: object) -> D3rlpyPolicy:
     return D3rlpyPolicy(tiny_agent(config, steps=2))
 
 
-def whole_ensemble_elite_means(term: DynamicsTerm, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+def whole_ensemble_elite_means(
+    term: DynamicsTerm, obs: torch.Tensor, act: torch.Tensor, members: torch.Tensor | None = None
+) -> torch.Tensor:
     """The elites' means from the whole ensemble's evaluation (what evaluating only them replaced)."""
     x = torch.cat([term.norms.obs.normalise(obs), term.norms.act.normalise(act)], 1)
     mean, _, _ = term.model(x.unsqueeze(0).expand(term.model.cfg.ensemble, -1, -1))
-    return mean[term.model.elite_idx]
+    return mean[term.model.elite_idx if members is None else members]
 
 
 @pytest.mark.parametrize("cls", [DynamicsTerm, ReturnTerm])
@@ -247,6 +249,28 @@ def test_world_model_gradients_match_finite_differences(cls: type[DynamicsTerm])
     wm, norms = world_model()
     term = cls(c, TermOptions(scale=1, normalise=False), wm, norms)
     check_gradient(term, z, moved=[0, 4, 10, 11, 13], fixed=[14, 15])
+
+
+@pytest.mark.parametrize("cls", [DynamicsTerm, ReturnTerm])
+def test_a_sampler_step_uses_one_elite_and_a_cycle_of_steps_is_the_whole_ensembles_gradient(
+    cls: type[DynamicsTerm],
+) -> None:
+    """J is the mean over elites, so its gradient is the mean of the elites' own: the steps of one cycle
+    (one elite each, k mod E') sum to E' × the all-elites gradient, and step k + E' is step k."""
+    c, z = window_codec()
+    wm = WorldModel(11, 3, WorldModelConfig(ensemble=5, elites=3, hidden=16, layers=2)).double()
+    wm.elite_idx.copy_(torch.tensor([4, 0, 2]))
+    term = cls(c, TermOptions(scale=1), wm, world_model()[1])
+    sigma = torch.ones(len(z))
+    whole = term.gradient(z, sigma, z)
+    per_step = [term.gradient(z, sigma, z, k) for k in range(3)]
+    for k, e in enumerate([4, 0, 2]):
+        one = torch.tensor([e])
+        expected = term._autograd(lambda x, one=one: term.objective_of(x, one), z)[1]
+        torch.testing.assert_close(per_step[k], expected, rtol=0, atol=0)
+    assert not torch.equal(per_step[0], per_step[1])
+    torch.testing.assert_close(term.gradient(z, sigma, z, 3), per_step[0], rtol=0, atol=0)
+    torch.testing.assert_close(sum(per_step) / 3, whole, rtol=1e-12, atol=1e-12 * float(whole.abs().max()))
 
 
 def test_dynamics_objective_is_the_elite_disagreement_in_closed_form() -> None:
