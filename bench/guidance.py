@@ -40,15 +40,22 @@ from rlsynth.generators.api import (
     used_settings,
 )
 from rlsynth.generators.options import SamplerSettings
+from rlsynth.generators.sampling import CHUNKS
 from rlsynth.guidance.policies import D3rlpyPolicy, load_policy
 from rlsynth.guidance.spec import GuidanceConfig
 from rlsynth.offline_rl.synthesis import synthesize
 from rlsynth.offline_rl.train import train_agent
 from rlsynth.pipeline.bench_report import marginal_speed, matmul_gflops, write_section
 
-N = 7936  # one sampling chunk of the trajectory model (256 windows of 31 transitions)
-SMALL = N // 4
-"""The smaller request of the marginal rate (a quarter chunk: chunks are sized to the request)."""
+# A cold request is made in whole chunks (a sample's batch must not depend on how a request is split), so
+# the marginal rate is taken between one chunk and several: trajectory chunks of 256 windows of 31
+# transitions, drafter chunks of 1,024 windows.
+SMALL = CHUNKS["trajectory"] * 31
+"""The smaller request of the marginal rate: one trajectory chunk."""
+N = 4 * SMALL
+"""The larger request, and the samples judged."""
+DRAFT_SIZES = (CHUNKS["autoregressive"] * 31, 2 * CHUNKS["autoregressive"] * 31)
+"""The drafter's two requests: one and two drafting chunks."""
 REPEATS = 3
 EVAL = EvalConfig(sample=4000, horizons=(8,), windows=128, seed=0)
 PLOTS = Path(__file__).resolve().parent / "plots"
@@ -124,7 +131,8 @@ def run_target(
         ) -> Dataset:
             return synthesize(gen, ds, m, settings, guide, seed=0, refiner=ref).dataset
 
-        synth, speed = marginal_speed(run, SMALL, N, REPEATS)
+        small, n = (SMALL, N) if ref is None else DRAFT_SIZES
+        synth, speed = marginal_speed(run, small, n, REPEATS)
         row = {
             "target": name,
             "condition": label,
@@ -266,12 +274,13 @@ def main() -> None:
     plot({n: rows + [{**r, "condition": f"AR {r['condition']}"} for r in drafts.get(n, [])[1:]]
           for n, rows in results.items()}, png)  # fmt: skip
     used = used_settings(load_generator(gen, device="cpu"), SampleOptions())
-    sampler = f"{used['steps']} Heun steps, churn {used['churn']:g}"
+    sampler = f"{used['steps']} Heun steps, churn {used['churn']:g}, polish {used['polish']}"
     body = [
         f"One-core fp32 matmul {speed_1core:.0f} GFLOP/s; on the {torch.get_num_threads()} threads sampling "
         f"uses {peak:.0f} GFLOP/s, the peak of the % column (achieved network FLOP/s: products, "
         "convolutions and attention as torch's FLOP counter counts them, over wall time). Rates are "
-        f"marginal, between requests of {SMALL:,} and {N:,} transitions (medians of {REPEATS} runs each); "
+        f"marginal, between requests of {SMALL:,} and {N:,} transitions (drafts: {DRAFT_SIZES[0]:,} and "
+        f"{DRAFT_SIZES[1]:,}, one and two drafting chunks; medians of {REPEATS} runs each); "
         "cost × unguided is the unguided rate over the row's.",
         "",
         f"Data `{a.data}` ({len(ds.transitions):,} transitions, {ds.info.env_id}); trajectory diffusion "
