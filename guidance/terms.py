@@ -114,6 +114,8 @@ class Term:
 
     name = "term"
     part = "act"
+    bounded = False
+    """Whether the guided denoiser clips this term's move to ±σ per entry (see :class:`_WorldModelTerm`)."""
     uses_next_obs = False
     """Whether J reads a step's next observation (then a drafted token is judged as the previous step's
     successor, not by a step of its own: see :func:`draft_tilt`)."""
@@ -214,7 +216,14 @@ class PolicyTerm(Term):
 
 
 class _WorldModelTerm(Term):
+    """A term on a learned world model. Its move in the guided denoiser is clipped to ±σ (the noise level
+    being removed) per entry: away from the data the model's predictions, and with them the gradient,
+    grow without bound, and at low σ (the last steps and polish iterations, many evaluations at small σ)
+    an unclipped raw gradient fed back on itself drove some HalfCheetah windows to |obs| ≈ 26,000 at
+    d = 0.01; clipped, no window diverged and the dynamics error fell (BENCHMARKS.md, guidance)."""
+
     part = "obs_act"
+    bounded = True
 
     def __init__(
         self, codec: TokenCodec, options: TermOptions, model: WorldModel, norms: WorldModelNormalisers
@@ -295,6 +304,12 @@ DenoiserWrap = Callable[[Denoiser, torch.Tensor], Denoiser]
 TermFactory = Callable[[TokenCodec], Term]
 
 
+def bounded(move: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """``move`` clipped entry by entry to ±σ (σ: one level for the batch, or one per sample)."""
+    level = sigma.to(move.dtype).reshape(-1, *([1] * (move.ndim - 1)))
+    return torch.maximum(torch.minimum(move, level), -level)
+
+
 def guide(terms: Sequence[Term]) -> DenoiserWrap:
     """The guided denoiser for a σ schedule: D(x; σ) + Σ λ_term(step(σ)) g_term."""
 
@@ -308,7 +323,8 @@ def guide(terms: Sequence[Term]) -> DenoiserWrap:
             out = x0
             for term, w in zip(terms, weights, strict=True):
                 if w[k] != 0:
-                    out = out + float(w[k]) * term.gradient(x, sigma, x0, k).to(x0.dtype)
+                    move = float(w[k]) * term.gradient(x, sigma, x0, k).to(x0.dtype)
+                    out = out + (bounded(move, sigma) if term.bounded else move)
             return out
 
         return guided

@@ -570,3 +570,18 @@ def test_cpu_agent_and_world_model_guide_a_cuda_generator(
             obs, act = torch.from_numpy(t.observations), torch.from_numpy(t.actions)
             lls.append(float(pol.log_prob(obs, act).mean()))
     assert lls[1] > lls[0] + 1.0, lls
+
+
+def test_a_world_model_terms_move_is_clipped_to_the_noise_level_and_a_policy_terms_is_not() -> None:
+    c, z = window_codec()
+    wm, norms = world_model()
+    sig = karras_sigmas(4)
+    sigma = sig[2].expand(len(z))
+    dyn = DynamicsTerm(c, TermOptions(scale=1e6, schedule="constant"), wm, norms)
+    raw = 1e6 * dyn.gradient(z, sigma, 0.9 * z, 2)
+    assert float(raw.abs().max()) > float(sig[2])  # the bound binds
+    out = guide([dyn])(lambda x, s: 0.9 * x, sig)(z, sigma)
+    torch.testing.assert_close(out - 0.9 * z, raw.clamp(-float(sig[2]), float(sig[2])), rtol=0, atol=1e-12)
+    pol = PolicyTerm(c, TermOptions(scale=1e3, schedule="constant"), target_policy())
+    moved = guide([pol])(lambda x, s: 0.9 * x, sig)(z, sigma) - 0.9 * z
+    assert float(moved.abs().max()) > float(sig[2])
