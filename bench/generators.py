@@ -38,9 +38,14 @@ from rlsynth.generators.api import (
     train_generator,
 )
 from rlsynth.generators.diffusion import TrajectoryConfig, TransitionConfig
-from rlsynth.generators.sampling import CHUNKS
 from rlsynth.offline_rl.synthesis import synthesize
-from rlsynth.pipeline.bench_report import Speed, marginal_speed, matmul_gflops, write_section
+from rlsynth.pipeline.bench_report import (
+    Speed,
+    chunk_transitions,
+    marginal_speed,
+    matmul_gflops,
+    write_section,
+)
 
 # About one whole sampling chunk of every family (AR: 1024 windows ≈ 31.7k transitions; trajectory:
 # 4 × 256 windows): smaller requests would time work that the trim then throws away.
@@ -53,7 +58,7 @@ SMALL = N_SAMPLES // 4
 """The smaller request of the marginal rate (at least one whole chunk of every diffusion family)."""
 # A cold request is rounded up to whole chunks (a sample's batch must not depend on how a request is
 # split), and one drafter chunk is 1,024 windows: its marginal rate is taken between one and two chunks.
-DRAFT_SIZES = (CHUNKS["autoregressive"] * 31, 2 * CHUNKS["autoregressive"] * 31)
+DRAFT_SIZES = (chunk_transitions("autoregressive"), chunk_transitions("autoregressive", 2))
 # (temperature, sigma_start, K, polish): K = 0 is the raw draft. Settings never competitive in earlier
 # runs (K = 2 at any sigma_start, sigma_start 1.0 with K < 4, K = 4 at sigma_start 0.3 or 1.0: 1.3-1.4x
 # the trajectory error; BENCHMARKS.md) were dropped to keep the run short.

@@ -40,21 +40,17 @@ from rlsynth.generators.api import (
     used_settings,
 )
 from rlsynth.generators.options import SamplerSettings
-from rlsynth.generators.sampling import CHUNKS
 from rlsynth.guidance.policies import D3rlpyPolicy, load_policy
 from rlsynth.guidance.spec import GuidanceConfig
 from rlsynth.offline_rl.synthesis import synthesize
 from rlsynth.offline_rl.train import train_agent
-from rlsynth.pipeline.bench_report import marginal_speed, matmul_gflops, write_section
+from rlsynth.pipeline.bench_report import chunk_transitions, marginal_speed, matmul_gflops, write_section
 
-# A cold request is made in whole chunks (a sample's batch must not depend on how a request is split), so
-# the marginal rate is taken between one chunk and several: trajectory chunks of 256 windows of 31
-# transitions, drafter chunks of 1,024 windows.
-SMALL = CHUNKS["trajectory"] * 31
+SMALL = chunk_transitions("trajectory")
 """The smaller request of the marginal rate: one trajectory chunk."""
-N = 4 * SMALL
+N = chunk_transitions("trajectory", 4)
 """The larger request, and the samples judged."""
-DRAFT_SIZES = (CHUNKS["autoregressive"] * 31, 2 * CHUNKS["autoregressive"] * 31)
+DRAFT_SIZES = (chunk_transitions("autoregressive"), chunk_transitions("autoregressive", 2))
 """The drafter's two requests: one and two drafting chunks."""
 REPEATS = 3
 EVAL = EvalConfig(sample=4000, horizons=(8,), windows=128, seed=0)

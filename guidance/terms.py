@@ -307,7 +307,7 @@ TermFactory = Callable[[TokenCodec], Term]
 def bounded(move: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """``move`` clipped entry by entry to ±σ (σ: one level for the batch, or one per sample)."""
     level = sigma.to(move.dtype).reshape(-1, *([1] * (move.ndim - 1)))
-    return torch.maximum(torch.minimum(move, level), -level)
+    return move.clamp(-level, level)
 
 
 def guide(terms: Sequence[Term]) -> DenoiserWrap:

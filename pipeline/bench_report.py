@@ -119,6 +119,19 @@ class Speed:
         return self.gflops / peak_gflops
 
 
+def chunk_transitions(kind: str, chunks: int = 1) -> int:
+    """Transitions in ``chunks`` whole cold sampling chunks of a window family ("trajectory" or
+    "autoregressive") at the cpu-small horizon. A cold request is made in whole chunks, so a marginal rate
+    between two requests inside one chunk is undefined: benchmarks take it between whole chunks."""
+    # Imported here: bench/scale.py's parent process imports this module and must not load torch.
+    from rlsynth.generators.autoregressive import AutoregressiveConfig
+    from rlsynth.generators.diffusion import TrajectoryConfig
+    from rlsynth.generators.sampling import CHUNKS
+
+    cfg = TrajectoryConfig() if kind == "trajectory" else AutoregressiveConfig()
+    return chunks * CHUNKS[kind] * (cfg.horizon - 1)
+
+
 def marginal_speed(run: Callable[[int], T], small: int, n: int, repeats: int) -> tuple[T, Speed]:
     """``run(n)``'s result and the :class:`Speed` of ``run`` between requests of ``small`` and ``n``
     transitions: medians of ``repeats`` timed runs of each (single timings on these machines vary by

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from rlsynth.pipeline.bench_report import marginal_speed, matmul_gflops, network_flops
+from rlsynth.pipeline.bench_report import chunk_transitions, marginal_speed, matmul_gflops, network_flops
 
 
 def test_network_flops_count_products_and_convolutions_in_closed_form() -> None:
@@ -48,3 +48,10 @@ def test_marginal_speed_cancels_fixed_costs_and_counts_flops_per_marginal_transi
     assert speed.share(speed.gflops * 4) == pytest.approx(0.25)
     with pytest.raises(ValueError, match="need 0 < small < n"):
         marginal_speed(run, 500, 500, repeats=1)
+
+
+def test_chunk_transitions_are_whole_cold_chunks_of_windows() -> None:
+    from rlsynth.generators.sampling import CHUNKS
+
+    assert chunk_transitions("trajectory") == CHUNKS["trajectory"] * 31
+    assert chunk_transitions("autoregressive", 2) == 2 * CHUNKS["autoregressive"] * 31
